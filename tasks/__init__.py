@@ -1,0 +1,1 @@
+"""The download task and the plain code under it."""

@@ -1,0 +1,148 @@
+"""The task's arguments, checked before any connection is made. Each refusal is a PermanentError
+whose message names the argument and the reason."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from tasks.errors import PermanentError
+from tasks.storage import check_dest, default_dest
+
+ARGUMENTS = ("url", "dest", "sha256", "headers", "max_bytes")
+MAX_URL_LENGTH = 8192
+MAX_HEADERS = 50
+MAX_HEADER_BYTES = 8192
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 field-name
+# Headers the downloader sets itself: a caller's value would break resume, sizes or routing.
+OWNED_HEADERS = frozenset(
+    h.lower()
+    for h in (
+        "Host",
+        "Range",
+        "If-Range",
+        "Accept-Encoding",
+        "Content-Length",
+        "Transfer-Encoding",
+        "Connection",
+        "Keep-Alive",
+        "Upgrade",
+        "TE",
+        "Trailer",
+        "Proxy-Authorization",
+        "Proxy-Connection",
+        "If-None-Match",
+        "If-Modified-Since",
+        "Expect",
+    )
+)
+
+
+@dataclass(frozen=True)
+class DownloadRequest:
+    url: str
+    dest: str
+    sha256: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    max_bytes: int | None = None
+
+
+def parse(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> DownloadRequest:
+    """Turn a message's args/kwargs into a DownloadRequest, or raise PermanentError."""
+    if len(args) > len(ARGUMENTS):
+        raise PermanentError(
+            f"at most {len(ARGUMENTS)} positional arguments: {', '.join(ARGUMENTS)}"
+        )
+    values = dict(zip(ARGUMENTS, args, strict=False))
+    for name, value in kwargs.items():
+        if name not in ARGUMENTS:
+            raise PermanentError(
+                f"unknown argument {name!r}; expected some of: {', '.join(ARGUMENTS)}"
+            )
+        if name in values:
+            raise PermanentError(f"argument {name!r} given twice")
+        values[name] = value
+    if "url" not in values or values["url"] is None:
+        raise PermanentError("url: required")
+    url = check_url(values["url"])
+    dest = values.get("dest")
+    if dest is None:
+        dest = default_dest(url)
+    elif not isinstance(dest, str):
+        raise PermanentError(f"dest: expected a string, got {type(dest).__name__}")
+    check_dest(dest)
+    return DownloadRequest(
+        url=url,
+        dest=dest,
+        sha256=_check_sha256(values.get("sha256")),
+        headers=_check_headers(values.get("headers")),
+        max_bytes=_check_max_bytes(values.get("max_bytes")),
+    )
+
+
+def check_url(url: Any) -> str:
+    if not isinstance(url, str):
+        raise PermanentError(f"url: expected a string, got {type(url).__name__}")
+    if len(url) > MAX_URL_LENGTH:
+        raise PermanentError(f"url: longer than {MAX_URL_LENGTH} characters")
+    if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in url):
+        raise PermanentError("url: must not contain whitespace or control characters")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise PermanentError(f"url: not a valid URL ({exc})") from None
+    if parts.scheme.lower() not in ("http", "https"):
+        raise PermanentError(f"url: scheme must be http or https, not {parts.scheme or 'none'!r}")
+    if not parts.hostname:
+        raise PermanentError("url: has no host")
+    if port == 0:
+        raise PermanentError("url: port 0 is not a port")
+    return url
+
+
+def _check_sha256(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _SHA256.fullmatch(value):
+        raise PermanentError("sha256: expected 64 hexadecimal digits")
+    return value.lower()
+
+
+def _check_max_bytes(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise PermanentError("max_bytes: expected a positive integer")
+    return value
+
+
+def _check_headers(value: Any) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise PermanentError(f"headers: expected an object of strings, got {type(value).__name__}")
+    if len(value) > MAX_HEADERS:
+        raise PermanentError(f"headers: more than {MAX_HEADERS} headers")
+    total = 0
+    for name, val in value.items():
+        if not isinstance(name, str) or not _TOKEN.fullmatch(name):
+            raise PermanentError(f"headers: {name!r} is not a valid header name")
+        if not isinstance(val, str):
+            raise PermanentError(f"headers: the value of {name!r} must be a string")
+        if any(c in val for c in "\r\n\x00"):
+            raise PermanentError(f"headers: the value of {name!r} contains CR, LF or NUL")
+        try:
+            val.encode("latin-1")
+        except UnicodeEncodeError:
+            raise PermanentError(f"headers: the value of {name!r} is not Latin-1 text") from None
+        if name.lower() in OWNED_HEADERS:
+            raise PermanentError(f"headers: {name!r} is set by the downloader and cannot be given")
+        total += len(name) + len(val.encode("utf-8", "surrogatepass"))
+    if total > MAX_HEADER_BYTES:
+        raise PermanentError(f"headers: more than {MAX_HEADER_BYTES} bytes in all")
+    return dict(value)

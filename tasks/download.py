@@ -1,0 +1,321 @@
+"""Stream one URL into one file with a given session: redirects checked hop by hop, resume with
+Range + If-Range, bytes hashed on the way, size caps, and the file published only when complete."""
+
+from __future__ import annotations
+
+import contextlib
+import email.utils
+import http.client
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+import requests
+import urllib3.exceptions
+
+from tasks.arguments import DownloadRequest, check_url
+from tasks.errors import PermanentError, TransientError
+from tasks.redact import redact_url
+from tasks.storage import Record, Target, disk_error
+
+Progress = Callable[[int, int | None], None]
+RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+MAX_REDIRECTS = 10
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+# Errors of the network and of a body cut short; the download may work when tried again.
+_NETWORK_ERRORS = (
+    requests.ConnectionError,
+    requests.Timeout,
+    requests.exceptions.ChunkedEncodingError,
+    urllib3.exceptions.HTTPError,
+    http.client.HTTPException,
+    ConnectionError,
+    TimeoutError,
+)
+
+
+@dataclass(frozen=True)
+class Limits:
+    connect_timeout: float
+    read_timeout: float
+    max_bytes: int
+    chunk_size: int
+
+
+@dataclass(frozen=True)
+class Outcome:
+    final_url: str
+    path: str
+    size: int
+    sha256: str
+    content_type: str | None
+    http_status: int | None
+    resumed_from: int
+    skipped: bool
+
+
+def download(
+    session: requests.Session,
+    request: DownloadRequest,
+    root: Path,
+    limits: Limits,
+    on_progress: Progress = lambda done, total: None,
+) -> Outcome:
+    """Download `request.url` to `root / request.dest`, resuming what an earlier attempt left."""
+    target = Target(root, request.dest, request.url)
+    with target.locked():
+        if request.sha256:
+            existing = target.existing_sha256()
+            if existing and existing[0] == request.sha256:
+                return Outcome(
+                    request.url, request.dest, existing[1], existing[0], None, None, 0, skipped=True
+                )
+        return _transfer(session, request, target, limits, on_progress)
+
+
+def _transfer(
+    session: requests.Session,
+    request: DownloadRequest,
+    target: Target,
+    limits: Limits,
+    on_progress: Progress,
+) -> Outcome:
+    record = target.load_record()
+    headers = dict(request.headers)
+    offset = target.partial_size() if record.validator and not record.complete else 0
+    conditional = record.complete and _unchanged(target, record)
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+        headers["If-Range"] = record.validator or ""
+    elif conditional:
+        if record.etag:
+            headers["If-None-Match"] = record.etag
+        if record.last_modified:
+            headers["If-Modified-Since"] = record.last_modified
+
+    with _get(session, request.url, headers, limits) as response:
+        if (
+            response.status_code == 304
+            and conditional
+            and record.sha256
+            and record.size is not None
+        ):
+            return Outcome(
+                response.url,
+                request.dest,
+                record.size,
+                record.sha256,
+                record.content_type,
+                304,
+                0,
+                skipped=True,
+            )
+        try:
+            _raise_for_status(response, offset)
+            start = _start_offset(response, offset)
+        except TransientError:
+            if offset:
+                target.discard()  # the server disagrees about our partial: start over next time
+            raise
+        total = _expected_total(response, start)
+        cap = min(limits.max_bytes, request.max_bytes or limits.max_bytes)
+        if total is not None and total > cap:
+            target.discard()
+            raise PermanentError(f"the body is {total} bytes, over the {cap}-byte limit")
+        new_record = Record(
+            etag=response.headers.get("ETag"),
+            last_modified=response.headers.get("Last-Modified"),
+            content_type=response.headers.get("Content-Type"),
+        )
+        target.save_record(new_record)
+        f, hasher = target.open_partial(start)
+        try:
+            done = _stream(response, f, hasher, start, total, cap, limits.chunk_size, on_progress)
+        except PermanentError:
+            f.close()
+            target.discard()
+            raise
+        except BaseException:
+            f.close()
+            if not new_record.validator:
+                target.discard()  # without a validator the bytes can never be resumed
+            raise
+
+    if total is not None and done != total:
+        f.close()
+        target.discard()
+        raise TransientError(f"the body ended after {done} of {total} bytes")
+    digest = hasher.hexdigest()
+    if request.sha256 and digest != request.sha256:
+        f.close()
+        target.discard()
+        raise PermanentError(f"sha256 mismatch: expected {request.sha256}, got {digest}")
+    st = target.publish(f)
+    target.save_record(
+        Record(
+            new_record.etag,
+            new_record.last_modified,
+            True,
+            digest,
+            done,
+            st.st_mtime_ns,
+            new_record.content_type,
+        )
+    )
+    return Outcome(
+        response.url,
+        request.dest,
+        done,
+        digest,
+        new_record.content_type,
+        response.status_code,
+        start,
+        skipped=False,
+    )
+
+
+def _unchanged(target: Target, record: Record) -> bool:
+    st = target.existing_stat()
+    return st is not None and st.st_size == record.size and st.st_mtime_ns == record.mtime_ns
+
+
+@contextlib.contextmanager
+def _get(
+    session: requests.Session, url: str, headers: dict[str, str], limits: Limits
+) -> Iterator[requests.Response]:
+    """GET with redirects followed here, so each hop's URL is checked and the caller's headers
+    go only to the origin they were given for (aria2#1176)."""
+    origin = _origin(url)
+    caller = {k: v for k, v in headers.items() if k not in ("Range", "If-Range")}
+    ours = {k: v for k, v in headers.items() if k in ("Range", "If-Range")}
+    for _ in range(MAX_REDIRECTS + 1):
+        hop_headers = {**caller, **ours} if _origin(url) == origin else ours
+        response = _send(session, url, hop_headers, limits)
+        if not response.is_redirect:
+            try:
+                yield response
+            except _NETWORK_ERRORS as exc:
+                raise TransientError(
+                    f"connection failed during the body: {_describe(exc)}"
+                ) from None
+            finally:
+                response.close()
+            return
+        location = response.headers["Location"]
+        response.close()
+        try:
+            url = check_url(urljoin(response.url, location))
+        except PermanentError as exc:
+            raise PermanentError(f"redirect refused: {exc}") from None
+    raise PermanentError(f"more than {MAX_REDIRECTS} redirects")
+
+
+def _send(
+    session: requests.Session, url: str, headers: dict[str, str], limits: Limits
+) -> requests.Response:
+    try:
+        return session.get(
+            url,
+            headers=headers,
+            stream=True,
+            allow_redirects=False,
+            timeout=(limits.connect_timeout, limits.read_timeout),
+        )
+    except (
+        requests.exceptions.InvalidURL,
+        requests.exceptions.InvalidSchema,
+        requests.exceptions.MissingSchema,
+        requests.exceptions.InvalidHeader,
+    ) as exc:
+        raise PermanentError(f"request refused: {_describe(exc)}") from None
+    except _NETWORK_ERRORS as exc:
+        raise TransientError(f"cannot reach {redact_url(url)}: {_describe(exc)}") from None
+
+
+def _describe(exc: BaseException) -> str:
+    """A short cause without the URL (which may hold a token) that requests puts in messages."""
+    while exc.__context__ is not None and isinstance(exc, requests.RequestException):
+        exc = exc.__context__
+    name = type(exc).__name__
+    text = str(exc)
+    text = re.sub(r"https?://\S+", "<url>", text)
+    text = re.sub(r"(url|host)='?[^,)']*'?", r"\1=<redacted>", text)
+    return f"{name}: {text}"[:300]
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    return scheme, (parts.hostname or ""), parts.port or (443 if scheme == "https" else 80)
+
+
+def _raise_for_status(response: requests.Response, offset: int) -> None:
+    status = response.status_code
+    if status in (200, 206):
+        return
+    if status in RETRY_STATUSES or (status == 416 and offset):
+        raise TransientError(f"HTTP {status} {response.reason}", _retry_after(response))
+    raise PermanentError(f"HTTP {status} {response.reason}")
+
+
+def _retry_after(response: requests.Response) -> float | None:
+    """Retry-After as seconds from now; it may be a number of seconds or an HTTP date."""
+    value = response.headers.get("Retry-After", "").strip()
+    if not value:
+        return None
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _start_offset(response: requests.Response, offset: int) -> int:
+    """Where this body starts in the file: the resume offset for a matching 206, else 0."""
+    if response.status_code != 206:
+        return 0
+    match = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", "").strip())
+    if not offset or not match or int(match.group(1)) != offset:
+        raise TransientError("the server answered a range we did not ask for; starting over")
+    return offset
+
+
+def _expected_total(response: requests.Response, start: int) -> int | None:
+    length = response.headers.get("Content-Length")
+    if length is None or not length.strip().isdigit():
+        return None
+    return start + int(length)
+
+
+def _stream(
+    response: requests.Response,
+    f: Any,
+    hasher: Any,
+    done: int,
+    total: int | None,
+    cap: int,
+    chunk_size: int,
+    on_progress: Progress,
+) -> int:
+    """Copy the raw body (never decoded: no gzip can inflate here) to `f`; return the size."""
+    raw = response.raw
+    while True:
+        chunk = raw.read1(chunk_size, decode_content=False)
+        if not chunk:
+            break
+        done += len(chunk)
+        if done > cap:
+            raise PermanentError(f"the body passed the {cap}-byte limit")
+        hasher.update(chunk)
+        try:
+            f.write(chunk)
+        except OSError as exc:
+            raise disk_error(exc, "writing the body") from exc
+        on_progress(done, total)
+    return done

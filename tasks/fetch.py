@@ -1,0 +1,155 @@
+"""The `downloads.fetch` task: Celery concerns only (arguments, retries, progress, redelivery
+guard, the result). The HTTP and the disk are in `tasks.download`."""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import Any
+
+from celery import Task
+from celery.exceptions import SoftTimeLimitExceeded
+from celery.worker.request import Request
+
+from tasks import arguments
+from tasks.download import Limits, Outcome, download
+from tasks.errors import PermanentError, TransientError
+from tasks.redact import redact_kwargs, redact_url
+from worker import lifecycle
+from worker.app import app, settings
+
+TASK_NAME = "downloads.fetch"
+RESULT_KEYS = (
+    "url",
+    "final_url",
+    "path",
+    "size",
+    "sha256",
+    "content_type",
+    "http_status",
+    "attempts",
+    "resumed_from",
+    "skipped",
+    "elapsed_s",
+    "worker",
+)
+
+
+class RedactedRequest(Request):  # type: ignore[misc]
+    """What the worker shows of a task (task-received events, `inspect active`, so Flower) has
+    header values and URL tokens masked, whatever the producer put in argsrepr/kwargsrepr."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._argsrepr = repr([redact_url(a) if isinstance(a, str) else "***" for a in self._args])
+        self._kwargsrepr = repr(redact_kwargs(self._kwargs))
+
+    def info(self, safe: bool = False) -> dict[str, Any]:
+        return super().info(safe=True)  # type: ignore[no-any-return]
+
+
+class FetchTask(Task):  # type: ignore[misc]
+    Request = RedactedRequest
+
+
+def retry_delay(retries: int, retry_after: float | None) -> float:
+    """Seconds before the next try: the server's Retry-After, or exponential backoff with full
+    jitter; both capped by DOWNLOAD_RETRY_BACKOFF_MAX."""
+    cap = settings.retry_backoff_max
+    if retry_after is not None:
+        return min(retry_after, cap)
+    return random.uniform(0, min(cap, settings.retry_backoff * 2**retries))
+
+
+def _count_delivery(task: Task) -> int:
+    """Count this run in Redis; return the runs so far. A message whose child dies every time
+    (a poison URL) is redelivered forever by acks_late: it fails after DOWNLOAD_MAX_DELIVERIES."""
+    client = getattr(task.backend, "client", None)
+    if client is None:
+        return task.request.retries + 1  # type: ignore[no-any-return]
+    tid = task.request.id
+    deliveries = f"downloads:deliveries:{tid}:{task.request.retries}"
+    attempts = f"downloads:attempts:{tid}"
+    pipe = client.pipeline()
+    pipe.incr(deliveries).expire(deliveries, settings.result_expires)
+    pipe.incr(attempts).expire(attempts, settings.result_expires)
+    delivered, _, attempt, _ = pipe.execute()
+    if delivered > settings.max_deliveries:
+        raise PermanentError(
+            f"the download was started {delivered - 1} times and its worker process died each "
+            "time (killed or out of memory); giving up"
+        )
+    return int(attempt)
+
+
+class _Progress:
+    """Reports PROGRESS at most every DOWNLOAD_PROGRESS_INTERVAL seconds: to the result backend
+    for pollers, and as a task-progress event for Flower (update_state alone is invisible there)."""
+
+    def __init__(self, task: Task) -> None:
+        self.task = task
+        self.next = time.monotonic() + settings.progress_interval
+
+    def __call__(self, done: int, total: int | None) -> None:
+        now = time.monotonic()
+        if now < self.next:
+            return
+        self.next = now + settings.progress_interval
+        self.task.update_state(state="PROGRESS", meta={"bytes": done, "total": total})
+        self.task.send_event("task-progress", bytes=done, total=total)
+
+
+def _result(
+    task: Task, outcome: Outcome, url: str, attempts: int, started: float
+) -> dict[str, Any]:
+    return {
+        "url": redact_url(url),
+        "final_url": redact_url(outcome.final_url),
+        "path": outcome.path,
+        "size": outcome.size,
+        "sha256": outcome.sha256,
+        "content_type": outcome.content_type,
+        "http_status": outcome.http_status,
+        "attempts": attempts,
+        "resumed_from": outcome.resumed_from,
+        "skipped": outcome.skipped,
+        "elapsed_s": round(time.monotonic() - started, 3),
+        "worker": task.request.hostname,
+    }
+
+
+LIMITS = Limits(
+    settings.connect_timeout, settings.read_timeout, settings.max_bytes, settings.chunk_size
+)
+
+
+@app.task(
+    name=TASK_NAME,
+    bind=True,
+    base=FetchTask,
+    typing=False,
+    throws=(PermanentError,),
+)
+def fetch(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Download one URL to DOWNLOAD_DIR. Arguments and result: see the README's contract."""
+    started = time.monotonic()
+    request = arguments.parse(args, kwargs)
+    attempts = _count_delivery(self)
+    try:
+        outcome = download(
+            lifecycle.session(), request, settings.download_dir, LIMITS, _Progress(self)
+        )
+    except TransientError as exc:
+        if self.request.retries >= settings.max_retries:
+            raise TransientError(f"gave up after {attempts} attempts: {exc}") from None
+        raise self.retry(
+            exc=exc,
+            countdown=retry_delay(self.request.retries, exc.retry_after),
+            max_retries=settings.max_retries,
+        ) from None
+    except SoftTimeLimitExceeded:
+        raise PermanentError(
+            f"stopped after DOWNLOAD_SOFT_TIME_LIMIT ({settings.soft_time_limit:g}s); the bytes "
+            "received so far are kept, so submitting it again resumes"
+        ) from None
+    return _result(self, outcome, request.url, attempts, started)

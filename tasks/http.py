@@ -1,0 +1,120 @@
+"""Building the per-process `requests.Session`: pool sizes, no hidden retries or proxies, identity
+encoding, and an address check made at connect time, on the address actually dialled."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from typing import Any
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import NewConnectionError
+from urllib3.util.retry import Retry
+
+from tasks.errors import BlockedAddressError
+
+USER_AGENT = "download-workers/0.1 (+requests)"
+
+
+def address_allowed(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """True for a globally routable unicast address; false for loopback, private, link-local,
+    multicast, reserved, unspecified and shared (CGNAT) space, also behind an IPv4-mapped IPv6."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        mapped = ip.ipv4_mapped or ip.sixtofour
+        if mapped is not None:
+            return address_allowed(mapped)
+        if ip.teredo is not None:
+            return False
+    return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_unspecified)
+
+
+def resolve_checked(host: str, port: int, allow_private: bool) -> list[tuple[int, str]]:
+    """Resolve `host` and return (family, address) pairs to dial. Refuses the whole host if any
+    address is not allowed, so a name cannot mix a public and an internal address."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    pairs: list[tuple[int, str]] = []
+    for family, _, _, _, sockaddr in infos:
+        address = str(sockaddr[0])
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+        if not allow_private and not address_allowed(ip):
+            raise BlockedAddressError(
+                f"refused to connect to {host!r}: it resolves to {ip}, which is not a public "
+                "address (set DOWNLOAD_ALLOW_PRIVATE=true to allow internal hosts)"
+            )
+        if (family, address) not in pairs:
+            pairs.append((family, address))
+    return pairs
+
+
+class _CheckedConnectionMixin:
+    """Resolves once, checks every address, then dials only the checked addresses: a second DNS
+    answer (rebinding) can never reach the socket."""
+
+    allow_private = False
+    _dns_host: str
+    host: str
+    port: int
+
+    def _new_conn(self) -> socket.socket:
+        try:
+            pairs = resolve_checked(self._dns_host, self.port, self.allow_private)
+        except socket.gaierror:
+            return super()._new_conn()  # type: ignore[misc, no-any-return]  # urllib3's error
+        name = self._dns_host
+        last: Exception | None = None
+        try:
+            for _, address in pairs:
+                self._dns_host = address
+                try:
+                    return super()._new_conn()  # type: ignore[misc, no-any-return]
+                except NewConnectionError as exc:
+                    last = exc
+        finally:
+            self._dns_host = name
+        assert last is not None
+        raise last
+
+
+class CheckedHTTPConnection(_CheckedConnectionMixin, HTTPConnection):
+    pass
+
+
+class CheckedHTTPSConnection(_CheckedConnectionMixin, HTTPSConnection):
+    pass
+
+
+class CheckedAdapter(HTTPAdapter):
+    """An HTTPAdapter whose pools dial through the address check."""
+
+    def __init__(self, allow_private: bool, **kwargs: Any) -> None:
+        self._allow_private = allow_private
+        super().__init__(**kwargs)
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        allow = self._allow_private
+        http_conn = type("Conn", (CheckedHTTPConnection,), {"allow_private": allow})
+        https_conn = type("Conn", (CheckedHTTPSConnection,), {"allow_private": allow})
+        http = type("Pool", (HTTPConnectionPool,), {"ConnectionCls": http_conn})
+        https = type("Pool", (HTTPSConnectionPool,), {"ConnectionCls": https_conn})
+        self.poolmanager.pool_classes_by_scheme = {"http": http, "https": https}
+
+
+def new_session(allow_private: bool, pool_maxsize: int = 4) -> requests.Session:
+    """The one session a worker process (or thread) uses for all its downloads."""
+    session = requests.Session()
+    # Proxies and .netrc from the environment would route around the address check.
+    session.trust_env = False
+    session.headers.update({"User-Agent": USER_AGENT, "Accept-Encoding": "identity"})
+    # No urllib3 retries: Celery retries and schedules waits instead of a child sleeping for
+    # Retry-After; redirects are followed by the download code so each hop is checked.
+    retries = Retry(total=0, redirect=False, respect_retry_after_header=False)
+    adapter = CheckedAdapter(
+        allow_private, pool_connections=16, pool_maxsize=pool_maxsize, max_retries=retries
+    )
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session

@@ -1,0 +1,48 @@
+"""Keeping secrets out of logs, events, Flower and results: URL credentials, token-like query
+parameters and every caller-supplied header value."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+MASK = "***"
+# Query parameter names that carry credentials in signed or tokenised URLs (S3, GCS, Azure SAS...).
+_SECRET_PARAM = re.compile(
+    r"(token|secret|passw|pwd|auth|sig|signature|credential|key|session|^code$|^sv$|^se$|^sp$)",
+    re.IGNORECASE,
+)
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password and token-like query values replaced by ***."""
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if "@" in netloc:
+            userinfo, _, hostport = netloc.rpartition("@")
+            user = userinfo.split(":", 1)[0]
+            netloc = f"{user}:{MASK}@{hostport}" if ":" in userinfo else f"{MASK}@{hostport}"
+        query = parts.query
+        if query:
+            pairs = parse_qsl(query, keep_blank_values=True)
+            query = urlencode(
+                [(k, MASK if _SECRET_PARAM.search(k) else v) for k, v in pairs], safe="*"
+            )
+        return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+    except ValueError:
+        return "<unparseable url>"
+
+
+def redact_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The task's kwargs as they may be shown: header values masked, the URL redacted."""
+    shown = dict(kwargs)
+    if isinstance(shown.get("url"), str):
+        shown["url"] = redact_url(shown["url"])
+    headers = shown.get("headers")
+    if isinstance(headers, dict):
+        shown["headers"] = {str(k): MASK for k in headers}
+    elif headers is not None:
+        shown["headers"] = MASK
+    return shown

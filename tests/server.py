@@ -1,0 +1,280 @@
+"""A small threaded HTTP/1.1 origin on 127.0.0.1 for tests, the demo and the benchmark.
+
+Bodies are deterministic: GET /bytes/<n>?seed=<s> returns `body(n, s)`, with a strong ETag,
+Last-Modified, Range/If-Range and If-None-Match support. Query parameters switch on faults:
+
+  status=<code>        answer that status (with retry_after=<s> as Retry-After)
+  flaky=<n>            the first n requests for this key answer 503 (fail=<code> to change it)
+  cut=<k>              send the headers for the whole body, then drop the connection after k bytes
+                       (cut_times=<n>: only the first n requests; default every request)
+  short=<k>            Content-Length says n, the body stops at k and the connection closes
+  stall=<s>            sleep s seconds after the headers, before the body
+  rate=<bytes/s>       send the body slowly
+  endless=1            an endless body without Content-Length
+  gzip=1               Content-Encoding: gzip of n zero bytes (a small bomb), unasked
+  redirect=<n>         a chain of n redirects before the body (to=<url> for the last hop)
+  noetag=1, nolm=1     leave out the ETag / Last-Modified validators
+  norange=1            ignore Range (answer 200 with the whole body)
+  flood=<n>            add n junk headers
+  ctype=<type>         Content-Type (default application/octet-stream)
+  key=<k>              the counter flaky and cut_times use (default: the path)
+Every request is logged (path, query, headers) and every accepted connection counted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import os
+import socket
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from email.utils import formatdate
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+LAST_MODIFIED = formatdate(1_700_000_000, usegmt=True)
+_BLOCKS: dict[str, bytes] = {}
+
+
+def body(n: int, seed: str = "0") -> bytes:
+    """The deterministic body of /bytes/<n>?seed=<seed>."""
+    return _block(seed) * (n // 65536) + _block(seed)[: n % 65536]
+
+
+def _block(seed: str) -> bytes:
+    if seed not in _BLOCKS:
+        h = hashlib.sha256(seed.encode()).digest()
+        _BLOCKS[seed] = b"".join(
+            hashlib.sha256(h + i.to_bytes(4, "big")).digest() for i in range(2048)
+        )
+    return _BLOCKS[seed]
+
+
+def body_sha256(n: int, seed: str = "0") -> str:
+    return hashlib.sha256(body(n, seed)).hexdigest()
+
+
+@dataclass
+class Logged:
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+
+
+@dataclass
+class Stats:
+    connections: int = 0
+    requests: list[Logged] = field(default_factory=list)
+    hits: Counter[str] = field(default_factory=Counter)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def count(self, path_prefix: str = "") -> int:
+        with self.lock:
+            return sum(1 for r in self.requests if r.path.startswith(path_prefix))
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: OriginServer
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        parts = urlsplit(self.path)
+        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        stats = self.server.stats
+        key = query.get("key", parts.path)
+        with stats.lock:
+            stats.requests.append(Logged("GET", parts.path, query, dict(self.headers.items())))
+            stats.hits[key] += 1
+            hit = stats.hits[key]
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            self._route(parts.path, query, hit)
+
+    def _route(self, path: str, q: dict[str, str], hit: int) -> None:
+        if "redirect" in q and int(q["redirect"]) > 0:
+            left = int(q["redirect"]) - 1
+            nxt = q.get("to") if left == 0 and "to" in q else None
+            if nxt is None:
+                rest = "&".join(f"{k}={v}" for k, v in q.items() if k != "redirect")
+                nxt = f"{path}?redirect={left}&{rest}"
+            return self._send(302, b"", {"Location": nxt})
+        if "flaky" in q and hit <= int(q["flaky"]):
+            return self._send(int(q.get("fail", "503")), b"try again\n", self._retry_after(q))
+        if "status" in q:
+            return self._send(int(q["status"]), b"status\n", self._retry_after(q))
+        if path.startswith("/bytes/"):
+            return self._bytes(int(path.split("/")[2]), q, hit)
+        if path.startswith("/files/") and self.server.files_dir is not None:
+            return self._file(path[len("/files/") :])
+        return self._send(404, b"not found\n")
+
+    def _retry_after(self, q: dict[str, str]) -> dict[str, str]:
+        return {"Retry-After": q["retry_after"]} if "retry_after" in q else {}
+
+    def _file(self, name: str) -> None:
+        root = self.server.files_dir
+        assert root is not None
+        path = (root / name).resolve()
+        if root.resolve() not in path.parents or not path.is_file():
+            return self._send(404, b"not found\n")
+        ctype = "image/png" if name.endswith(".png") else "application/octet-stream"
+        return self._send(200, path.read_bytes(), {"Content-Type": ctype})
+
+    def _bytes(self, n: int, q: dict[str, str], hit: int) -> None:
+        seed = q.get("seed", "0")
+        etag = f'"{seed}-{n}"'
+        headers = {"Content-Type": q.get("ctype", "application/octet-stream")}
+        if "noetag" not in q:
+            headers["ETag"] = etag
+        if "nolm" not in q:
+            headers["Last-Modified"] = LAST_MODIFIED
+        for i in range(int(q.get("flood", "0"))):
+            headers[f"X-Flood-{i}"] = "x" * 64
+        if "endless" in q:
+            return self._endless(headers)
+        if "gzip" in q:
+            headers["Content-Encoding"] = "gzip"
+            return self._send(200, gzip.compress(b"\0" * n, 9), headers)
+        if self.headers.get("If-None-Match") == etag and "noetag" not in q:
+            return self._send(304, b"", {"ETag": etag}, no_body=True)
+        status, start, data = 200, 0, body(n, seed)
+        rng = self.headers.get("Range")
+        if rng and "norange" not in q and self._if_range_ok(etag):
+            start = int(rng.removeprefix("bytes=").split("-")[0])
+            if start >= n:
+                return self._send(416, b"", {"Content-Range": f"bytes */{n}"})
+            status, data = 206, data[start:]
+            headers["Content-Range"] = f"bytes {start}-{n - 1}/{n}"
+        cut = int(q["cut"]) if "cut" in q and hit <= int(q.get("cut_times", "1000000")) else None
+        short = int(q["short"]) if "short" in q else None
+        self._send(
+            status,
+            data,
+            headers,
+            cut=cut if cut is None else max(0, cut - start),
+            short=short,
+            stall=float(q.get("stall", "0")),
+            rate=float(q.get("rate", "0")),
+        )
+
+    def _if_range_ok(self, etag: str) -> bool:
+        cond = self.headers.get("If-Range")
+        return cond is None or cond in (etag, LAST_MODIFIED)
+
+    def _endless(self, headers: dict[str, str]) -> None:
+        self.send_response(200)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.send_header("Connection", "close")
+        self.end_headers()
+        block = _block("endless")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not self.server.stopping.is_set():
+            self.wfile.write(block)
+        self.close_connection = True
+
+    def _send(
+        self,
+        status: int,
+        data: bytes,
+        headers: dict[str, str] | None = None,
+        *,
+        no_body: bool = False,
+        cut: int | None = None,
+        short: int | None = None,
+        stall: float = 0,
+        rate: float = 0,
+    ) -> None:
+        self.send_response(status)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        if not no_body:
+            self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if stall:
+            self.server.stopping.wait(stall)
+        if short is not None:
+            data, cut = data[:short], short
+        if cut is not None:
+            self.wfile.write(data[:cut])
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)
+            self.close_connection = True
+            return
+        if rate:
+            step = max(1, int(rate / 20))
+            for i in range(0, len(data), step):
+                if self.server.stopping.is_set():
+                    break
+                self.wfile.write(data[i : i + step])
+                self.wfile.flush()
+                time.sleep(step / rate)
+            return
+        if not no_body:
+            self.wfile.write(data)
+
+
+class OriginServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        files_dir: Path | None = None,
+        family: socket.AddressFamily = socket.AF_INET,
+    ) -> None:
+        self.address_family = family
+        self.stats = Stats()
+        self.stopping = threading.Event()
+        self.files_dir = files_dir
+        super().__init__((host, port), Handler)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        conn = super().get_request()
+        with self.stats.lock:
+            self.stats.connections += 1
+        return conn
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        host = f"[{host}]" if ":" in str(host) else host
+        return f"http://{host}:{port}"
+
+    def start(self) -> OriginServer:
+        threading.Thread(target=self.serve_forever, daemon=True, name="origin").start()
+        return self
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.shutdown()
+        self.server_close()
+
+
+def main() -> None:
+    """`python -m tests.server [port] [files_dir]`: serve until interrupted."""
+    import sys
+
+    port = int(sys.argv[1]) if len(sys.argv) > 1 else 8099
+    files = Path(sys.argv[2]) if len(sys.argv) > 2 else None
+    server = OriginServer(port=port, files_dir=files).start()
+    print(f"serving on {server.url} (pid {os.getpid()})", flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
