@@ -1,0 +1,46 @@
+# Developer actions. Everything installs itself into .venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export PYTHONPATH := $(CURDIR)
+
+.PHONY: help install run worker flower test lint fmt demo bench clean
+
+help:
+	@echo "make run    the whole stack in the foreground: Redis (if none answers), worker, Flower"
+	@echo "make test   the test suite (real Redis, real worker, loopback HTTP server)"
+	@echo "make lint   ruff and mypy"
+	@echo "make demo   50 generated images through the real stack, with a summary"
+	@echo "make bench  the benchmark report (docs/benchmarks.md)"
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -U pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	@bash scripts/stack.sh
+
+test: install
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+fmt: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+demo: install
+	$(PY) -m scripts.demo
+
+bench: install
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) .run build *.egg-info .pytest_cache .mypy_cache .ruff_cache

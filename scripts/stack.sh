@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# `make run`: Redis (the one at CELERY_BROKER_URL if it answers, else a private redis-server),
+# one worker and Flower (basic auth, 127.0.0.1), all in the foreground; Ctrl-C stops everything.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+RUN=.run
+mkdir -p "$RUN"
+export CELERY_BROKER_URL=${CELERY_BROKER_URL:-redis://localhost:6379/0}
+export CELERY_RESULT_BACKEND=${CELERY_RESULT_BACKEND:-redis://localhost:6379/1}
+FLOWER_PORT=${FLOWER_PORT:-5555}
+
+pids=()
+stop() {
+  trap - INT TERM EXIT
+  echo; echo "stopping: ${pids[*]:-nothing}"
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  echo "stopped"
+}
+trap stop INT TERM EXIT
+
+pings() { "$PY" -c 'import sys, redis; redis.Redis.from_url(sys.argv[1], socket_timeout=1).ping()' "$1" 2>/dev/null; }
+
+if pings "$CELERY_BROKER_URL"; then
+  echo "redis: using the one answering at $CELERY_BROKER_URL"
+else
+  port=$("$PY" -c 'import sys; from urllib.parse import urlsplit; u = urlsplit(sys.argv[1]); print(u.port or 6379 if u.hostname in ("localhost", "127.0.0.1") else "")' "$CELERY_BROKER_URL")
+  if [ -z "$port" ]; then
+    echo "error: nothing answers at $CELERY_BROKER_URL and it is not a local address I can start." >&2
+    exit 1
+  fi
+  if ! command -v redis-server >/dev/null; then
+    echo "error: no Redis answers at $CELERY_BROKER_URL and redis-server is not installed." >&2
+    echo "  Debian/Ubuntu: sudo apt-get install redis-server   macOS: brew install redis" >&2
+    echo "  or run the whole stack in containers: docker compose up" >&2
+    exit 1
+  fi
+  echo "redis: starting a private redis-server on 127.0.0.1:$port (data in $RUN/)"
+  redis-server --port "$port" --bind 127.0.0.1 --dir "$RUN" --appendonly yes \
+    --maxmemory-policy noeviction --logfile "$RUN/redis.log" &
+  pids+=($!)
+  for _ in $(seq 50); do pings "$CELERY_BROKER_URL" && break; sleep 0.1; done
+  pings "$CELERY_BROKER_URL" || { echo "error: redis-server did not start, see $RUN/redis.log" >&2; exit 1; }
+fi
+
+if [ -z "${FLOWER_BASIC_AUTH:-}" ]; then
+  [ -s "$RUN/flower-password" ] || "$PY" -c 'import secrets; print(secrets.token_urlsafe(12))' > "$RUN/flower-password"
+  export FLOWER_BASIC_AUTH="admin:$(cat "$RUN/flower-password")"
+fi
+
+"$PY" -m celery -A worker worker -l info &
+pids+=($!)
+"$PY" -m celery -A worker flower --address=127.0.0.1 --port="$FLOWER_PORT" \
+  --basic-auth="$FLOWER_BASIC_AUTH" --logging=warning &
+pids+=($!)
+
+cat <<EOT
+
+  worker:  celery -A worker worker   (downloads go to ${DOWNLOAD_DIR:-./downloads})
+  flower:  http://127.0.0.1:$FLOWER_PORT   user/password: $FLOWER_BASIC_AUTH
+  submit:  .venv/bin/downloads submit https://example.com/file --wait
+  Ctrl-C stops all of it.
+
+EOT
+wait -n "${pids[@]}"

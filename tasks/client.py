@@ -1,0 +1,102 @@
+"""Submitting downloads from Python and waiting for them. Only the task's name travels: this is
+what any service does with a plain Celery client, plus redaction and progress polling."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from celery import Celery
+from celery.result import AsyncResult
+
+from tasks.redact import redact_kwargs
+from worker.settings import Settings
+
+TASK_NAME = "downloads.fetch"
+DONE_STATES = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
+ProgressHook = Callable[[AsyncResult, str, Any], None]
+
+
+def connect(settings: Settings | None = None) -> Celery:
+    """A producer app for the configured broker and backend; it imports none of the tasks."""
+    s = settings or Settings.from_env()
+    app = Celery("downloads-client", broker=s.broker_url, backend=s.result_backend)
+    app.conf.update(
+        accept_content=["json"],
+        task_serializer="json",
+        result_serializer="json",
+        task_send_sent_event=True,  # read on the producer side: Flower sees the task as sent
+        broker_transport_options={"visibility_timeout": s.visibility_timeout},
+        result_backend_transport_options={"visibility_timeout": s.visibility_timeout},
+        broker_connection_retry=False,
+        broker_connection_max_retries=1,
+    )
+    return app
+
+
+def submit(
+    app: Celery,
+    url: str,
+    dest: str | None = None,
+    sha256: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    max_bytes: int | None = None,
+    queue: str | None = None,
+) -> AsyncResult:
+    """Queue one download; the returned AsyncResult's id is the download's id."""
+    kwargs: dict[str, Any] = {"url": url}
+    for name, value in (("dest", dest), ("sha256", sha256), ("max_bytes", max_bytes)):
+        if value is not None:
+            kwargs[name] = value
+    if headers:
+        kwargs["headers"] = dict(headers)
+    return app.send_task(
+        TASK_NAME,
+        kwargs=kwargs,
+        queue=queue,
+        argsrepr="()",
+        kwargsrepr=repr(redact_kwargs(kwargs)),  # what task-sent events (Flower) may show
+    )
+
+
+def submit_many(
+    app: Celery, items: Iterable[str | Mapping[str, Any]], **common: Any
+) -> list[AsyncResult]:
+    """Queue many downloads: each item is a URL or a dict of the task's arguments."""
+    results = []
+    for item in items:
+        args = {"url": item} if isinstance(item, str) else dict(item)
+        results.append(submit(app, **{**common, **args}))
+    return results
+
+
+def wait(
+    results: Iterable[AsyncResult],
+    timeout: float | None = None,
+    on_update: ProgressHook | None = None,
+    interval: float = 0.2,
+) -> dict[str, AsyncResult]:
+    """Poll until every result is done (or `timeout` passes); call `on_update(result, state,
+    info)` whenever a state or PROGRESS figure changes. One failure never hides the others:
+    return every result by id, done or not."""
+    pending = {r.id: r for r in results}
+    everything = dict(pending)
+    seen: dict[str, tuple[str, Any]] = {}
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while pending:
+        for rid, result in list(pending.items()):
+            state, info = result.state, result.info
+            if on_update is not None and seen.get(rid) != (state, _hashable(info)):
+                on_update(result, state, info)
+            seen[rid] = (state, _hashable(info))
+            if state in DONE_STATES:
+                del pending[rid]
+        if not pending or (deadline is not None and time.monotonic() > deadline):
+            break
+        time.sleep(interval)
+    return everything
+
+
+def _hashable(info: Any) -> Any:
+    return repr(info)
