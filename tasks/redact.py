@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 MASK = "***"
 # Query parameter names that carry credentials in signed or tokenised URLs (S3, GCS, Azure SAS...).
@@ -24,15 +24,17 @@ def redact_url(url: str) -> str:
             userinfo, _, hostport = netloc.rpartition("@")
             user = userinfo.split(":", 1)[0]
             netloc = f"{user}:{MASK}@{hostport}" if ":" in userinfo else f"{MASK}@{hostport}"
-        query = parts.query
-        if query:
-            pairs = parse_qsl(query, keep_blank_values=True)
-            query = urlencode(
-                [(k, MASK if _SECRET_PARAM.search(k) else v) for k, v in pairs], safe="*"
-            )
+        query = "&".join(_redact_param(p) for p in parts.query.split("&")) if parts.query else ""
         return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
     except ValueError:
         return "<unparseable url>"
+
+
+def _redact_param(param: str) -> str:
+    """One `name=value` of a query string, its value masked if the name looks like a secret;
+    everything else is kept byte for byte."""
+    name, eq, _ = param.partition("=")
+    return f"{name}={MASK}" if eq and _SECRET_PARAM.search(unquote(name)) else param
 
 
 def redact_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:

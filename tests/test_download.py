@@ -1,0 +1,217 @@
+"""The plain download code against the loopback origin, without Celery."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from tasks.arguments import DownloadRequest
+from tasks.download import Limits, download
+from tasks.errors import PermanentError, TransientError
+from tasks.http import new_session
+from tasks.storage import Target
+from tests.server import OriginServer, body, body_sha256
+
+LIMITS = Limits(connect_timeout=2, read_timeout=2, max_bytes=10 * 1024 * 1024, chunk_size=65536)
+
+
+@pytest.fixture
+def session() -> Iterator[requests.Session]:
+    s = new_session(allow_private=True)
+    yield s
+    s.close()
+
+
+def fetch(session: requests.Session, root: Path, url: str, dest: str = "f.bin", **kw: object):
+    return download(session, DownloadRequest(url=url, dest=dest, **kw), root, LIMITS)  # type: ignore[arg-type]
+
+
+def partials(root: Path) -> list[Path]:
+    return sorted((root / ".partial").glob("*.part"))
+
+
+def test_streams_the_body_to_its_destination(session, tmp_path, origin: OriginServer):
+    out = fetch(session, tmp_path, f"{origin.url}/bytes/300000?seed=a", "x/y/f.bin")
+    assert (tmp_path / "x/y/f.bin").read_bytes() == body(300000, "a")
+    assert (out.size, out.sha256, out.http_status) == (300000, body_sha256(300000, "a"), 200)
+    assert out.resumed_from == 0 and not out.skipped
+    assert out.content_type == "application/octet-stream"
+    assert partials(tmp_path) == []
+
+
+def test_reports_progress_with_the_total(session, tmp_path, origin):
+    seen: list[tuple[int, int | None]] = []
+    request = DownloadRequest(url=f"{origin.url}/bytes/200000", dest="p.bin")
+    download(session, request, tmp_path, LIMITS, lambda done, total: seen.append((done, total)))
+    assert seen[-1] == (200000, 200000)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+
+def test_a_cut_connection_keeps_the_partial_and_the_next_try_resumes(session, tmp_path, origin):
+    url = f"{origin.url}/bytes/500000?seed=r&cut=200000&cut_times=1&key=resume-unit"
+    with pytest.raises(TransientError, match="connection"):
+        fetch(session, tmp_path, url)
+    assert not (tmp_path / "f.bin").exists()
+    [part] = partials(tmp_path)
+    assert part.stat().st_size == 200000
+    out = fetch(session, tmp_path, url)
+    assert out.resumed_from == 200000 and out.http_status == 206
+    assert out.sha256 == body_sha256(500000, "r")
+    last = origin.stats.requests[-1]
+    assert last.headers["Range"] == "bytes=200000-" and last.headers["If-Range"] == '"r-500000"'
+    assert partials(tmp_path) == []
+
+
+def test_a_server_that_ignores_range_starts_over(session, tmp_path, origin):
+    url = f"{origin.url}/bytes/300000?seed=n&cut=100000&cut_times=1&norange=1&key=norange-unit"
+    with pytest.raises(TransientError):
+        fetch(session, tmp_path, url)
+    out = fetch(session, tmp_path, url)
+    assert out.resumed_from == 0 and out.http_status == 200
+    assert (tmp_path / "f.bin").read_bytes() == body(300000, "n")
+
+
+def test_without_validators_a_partial_is_not_kept(session, tmp_path, origin):
+    url = f"{origin.url}/bytes/300000?noetag=1&nolm=1&cut=100000&cut_times=1&key=noval-unit"
+    with pytest.raises(TransientError):
+        fetch(session, tmp_path, url)
+    assert partials(tmp_path) == []
+
+
+def test_a_body_shorter_than_its_length_is_never_published(session, tmp_path, origin):
+    with pytest.raises(TransientError):
+        fetch(session, tmp_path, f"{origin.url}/bytes/300000?short=1000&noetag=1&nolm=1")
+    assert not (tmp_path / "f.bin").exists() and partials(tmp_path) == []
+
+
+def test_checksum_mismatch_fails_and_leaves_nothing(session, tmp_path, origin):
+    with pytest.raises(PermanentError, match="sha256 mismatch"):
+        fetch(session, tmp_path, f"{origin.url}/bytes/1000", sha256="0" * 64)
+    assert not (tmp_path / "f.bin").exists() and partials(tmp_path) == []
+
+
+def test_matching_checksum_on_disk_skips_without_a_request(session, tmp_path, origin):
+    url = f"{origin.url}/bytes/4000?seed=s"
+    fetch(session, tmp_path, url)
+    before = origin.stats.count()
+    out = fetch(session, tmp_path, url, sha256=body_sha256(4000, "s"))
+    assert out.skipped and out.sha256 == body_sha256(4000, "s") and out.http_status is None
+    assert origin.stats.count() == before
+
+
+def test_an_unchanged_file_is_not_downloaded_again(session, tmp_path, origin):
+    url = f"{origin.url}/bytes/4000?seed=c"
+    fetch(session, tmp_path, url)
+    out = fetch(session, tmp_path, url)
+    assert out.skipped and out.http_status == 304 and out.size == 4000
+    assert origin.stats.requests[-1].headers["If-None-Match"] == '"c-4000"'
+
+
+def test_a_changed_file_on_disk_is_downloaded_again(session, tmp_path, origin):
+    url = f"{origin.url}/bytes/4000?seed=d"
+    fetch(session, tmp_path, url)
+    (tmp_path / "f.bin").write_bytes(b"changed by someone")
+    out = fetch(session, tmp_path, url)
+    assert not out.skipped and (tmp_path / "f.bin").read_bytes() == body(4000, "d")
+
+
+def test_size_cap_from_content_length_fails_before_the_body(session, tmp_path, origin):
+    with pytest.raises(PermanentError, match="over the 1000-byte limit"):
+        fetch(session, tmp_path, f"{origin.url}/bytes/5000", max_bytes=1000)
+    assert partials(tmp_path) == []
+
+
+def test_size_cap_on_an_endless_body(session, tmp_path, origin):
+    with pytest.raises(PermanentError, match="passed the 100000-byte limit"):
+        fetch(session, tmp_path, f"{origin.url}/bytes/1?endless=1", max_bytes=100000)
+    assert not (tmp_path / "f.bin").exists() and partials(tmp_path) == []
+
+
+def test_an_unasked_gzip_body_is_stored_as_sent(session, tmp_path, origin):
+    out = fetch(session, tmp_path, f"{origin.url}/bytes/5000000?gzip=1", max_bytes=100000)
+    raw = (tmp_path / "f.bin").read_bytes()
+    assert raw[:2] == b"\x1f\x8b" and out.size == len(raw) < 100000
+    assert origin.stats.requests[-1].headers["Accept-Encoding"] == "identity"
+
+
+@pytest.mark.parametrize(
+    ("query", "error", "match"),
+    [
+        ("status=404", PermanentError, "HTTP 404"),
+        ("status=403", PermanentError, "HTTP 403"),
+        ("status=500", TransientError, "HTTP 500"),
+        ("status=503", TransientError, "HTTP 503"),
+        ("status=429", TransientError, "HTTP 429"),
+        ("status=408", TransientError, "HTTP 408"),
+    ],
+)
+def test_statuses_are_transient_or_permanent(session, tmp_path, origin, query, error, match):
+    with pytest.raises(error, match=match):
+        fetch(session, tmp_path, f"{origin.url}/bytes/10?{query}")
+
+
+def test_retry_after_in_seconds_and_as_a_date(session, tmp_path, origin):
+    with pytest.raises(TransientError) as seconds:
+        fetch(session, tmp_path, f"{origin.url}/bytes/10?status=429&retry_after=7")
+    assert seconds.value.retry_after == 7
+    date = "Wed, 21 Oct 2015 07:28:00 GMT"
+    with pytest.raises(TransientError) as past:
+        fetch(session, tmp_path, f"{origin.url}/bytes/10?status=503&retry_after={date}")
+    assert past.value.retry_after == 0
+
+
+def test_redirects_are_followed_and_reported(session, tmp_path, origin):
+    out = fetch(session, tmp_path, f"{origin.url}/bytes/3000?redirect=3&seed=z")
+    assert out.sha256 == body_sha256(3000, "z") and "redirect=0" in out.final_url
+
+
+def test_more_than_ten_redirects_fail(session, tmp_path, origin):
+    with pytest.raises(PermanentError, match="more than 10 redirects"):
+        fetch(session, tmp_path, f"{origin.url}/bytes/3000?redirect=11")
+
+
+def test_a_connection_refused_is_transient(session, tmp_path):
+    from tests.conftest import free_port
+
+    with pytest.raises(TransientError, match="cannot reach"):
+        fetch(session, tmp_path, f"http://127.0.0.1:{free_port()}/x")
+
+
+def test_a_stall_after_the_headers_times_out(session, tmp_path, origin):
+    limits = Limits(connect_timeout=1, read_timeout=0.3, max_bytes=10**6, chunk_size=65536)
+    request = DownloadRequest(url=f"{origin.url}/bytes/1000?stall=3&noetag=1&nolm=1", dest="s")
+    with pytest.raises(TransientError, match="Timeout|timed out"):
+        download(session, request, tmp_path, limits)
+    assert partials(tmp_path) == []
+
+
+def test_a_destination_busy_in_another_task_is_transient(session, tmp_path, origin):
+    url = f"{origin.url}/bytes/10"
+    with (
+        Target(tmp_path, "f.bin", "other").locked(),
+        pytest.raises(TransientError, match="another task"),
+    ):
+        fetch(session, tmp_path, url)
+
+
+def test_one_session_reuses_one_connection(tmp_path):
+    server = OriginServer().start()
+    try:
+        s = new_session(allow_private=True)
+        for i in range(20):
+            fetch(s, tmp_path, f"{server.url}/bytes/1000?seed={i}", f"{i}.bin")
+        assert server.stats.connections == 1
+    finally:
+        server.stop()
+
+
+def test_hash_covers_the_resumed_prefix(session, tmp_path, origin):
+    url = f"{origin.url}/bytes/400000?seed=h&cut=150000&cut_times=1&key=hash-unit"
+    with pytest.raises(TransientError):
+        fetch(session, tmp_path, url)
+    out = fetch(session, tmp_path, url)
+    assert out.sha256 == hashlib.sha256((tmp_path / "f.bin").read_bytes()).hexdigest()

@@ -1,0 +1,94 @@
+"""The settings object and the public surface other services depend on."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from worker.settings import Settings, SettingsError, documented
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_defaults_are_the_documented_ones():
+    s = Settings.from_env({})
+    assert s.broker_url == "redis://localhost:6379/0"
+    assert s.result_backend == "redis://localhost:6379/1"
+    assert s.download_dir == Path("downloads") and s.allow_private is False
+    assert s.max_memory_per_child == 262144 and s.max_tasks_per_child == 1000
+    assert s.partial_dir == Path("downloads/.partial")
+
+
+def test_every_setting_is_in_the_readme_table_with_its_default():
+    readme = (ROOT / "README.md").read_text()
+    for var, default in documented():
+        assert re.search(rf"\| `{var}` \| `{re.escape(default)}` \|", readme), var
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"DOWNLOAD_READ_TIMEOUT": "soon"}, "DOWNLOAD_READ_TIMEOUT='soon'"),
+        ({"DOWNLOAD_MAX_BYTES": "0"}, "must be greater than 0"),
+        ({"DOWNLOAD_MAX_RETRIES": "-1"}, "must be 0 or more"),
+        ({"DOWNLOAD_ALLOW_PRIVATE": "maybe"}, "expected true/false"),
+        ({"DOWNLOAD_SOFT_TIME_LIMIT": "100", "DOWNLOAD_TIME_LIMIT": "50"}, "below"),
+        ({"DOWNLOAD_VISIBILITY_TIMEOUT": "3000"}, "VISIBILITY_TIMEOUT must exceed"),
+    ],
+)
+def test_bad_values_are_refused_naming_the_variable(env, message):
+    with pytest.raises(SettingsError, match=re.escape(message)):
+        Settings.from_env(env)
+
+
+def test_booleans_and_numbers_parse():
+    s = Settings.from_env({"DOWNLOAD_ALLOW_PRIVATE": "yes", "WORKER_MAX_TASKS_PER_CHILD": "0"})
+    assert s.allow_private is True and s.max_tasks_per_child == 0
+
+
+def test_celery_configuration_is_safe_by_construction():
+    from worker.app import celery_config
+
+    conf = celery_config(Settings.from_env({}))
+    assert conf["accept_content"] == ["json"] and conf["task_serializer"] == "json"
+    assert conf["task_acks_late"] and conf["task_reject_on_worker_lost"]
+    assert conf["worker_prefetch_multiplier"] == 1
+    assert conf["worker_send_task_events"] and conf["task_track_started"]
+    vt = conf["broker_transport_options"]["visibility_timeout"]
+    assert vt == conf["result_backend_transport_options"]["visibility_timeout"]
+    assert vt > conf["task_time_limit"] > conf["task_soft_time_limit"]
+    assert conf["worker_max_memory_per_child"] == 262144
+
+
+def test_the_public_task_name_and_result_keys_are_pinned():
+    from tasks.fetch import RESULT_KEYS, TASK_NAME, fetch
+    from worker import app
+
+    assert TASK_NAME == "downloads.fetch" and fetch.name == TASK_NAME
+    assert TASK_NAME in app.tasks
+    assert RESULT_KEYS == (
+        "url",
+        "final_url",
+        "path",
+        "size",
+        "sha256",
+        "content_type",
+        "http_status",
+        "attempts",
+        "resumed_from",
+        "skipped",
+        "elapsed_s",
+        "worker",
+    )
+
+
+def test_default_destinations_are_readable_and_never_collide():
+    from tasks.storage import default_dest
+
+    a = default_dest("https://example.com/img/cat.jpg")
+    b = default_dest("https://example.com/other/cat.jpg")
+    assert re.fullmatch(r"cat-[0-9a-f]{10}\.jpg", a) and a != b
+    assert re.fullmatch(r"download-[0-9a-f]{10}", default_dest("https://example.com/"))
+    assert "/" not in default_dest("https://example.com/a/..%2F..%2Fetc%2Fpasswd")
