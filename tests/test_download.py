@@ -184,7 +184,7 @@ def test_a_connection_refused_is_transient(session, tmp_path):
 def test_a_stall_after_the_headers_times_out(session, tmp_path, origin):
     limits = Limits(connect_timeout=1, read_timeout=0.3, max_bytes=10**6, chunk_size=65536)
     request = DownloadRequest(url=f"{origin.url}/bytes/1000?stall=3&noetag=1&nolm=1", dest="s")
-    with pytest.raises(TransientError, match="Timeout|timed out"):
+    with pytest.raises(TransientError, match=r"Timeout|timed out"):
         download(session, request, tmp_path, limits)
     assert partials(tmp_path) == []
 
