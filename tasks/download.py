@@ -126,6 +126,8 @@ def _transfer(
         if total is not None and total > cap:
             target.discard()
             raise PermanentError(f"the body is {total} bytes, over the {cap}-byte limit")
+        if total is not None:
+            target.check_free_space(total - start)
         new_record = Record(
             etag=response.headers.get("ETag"),
             last_modified=response.headers.get("Last-Modified"),

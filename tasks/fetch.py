@@ -3,21 +3,26 @@ guard, the result). The HTTP and the disk are in `tasks.download`."""
 
 from __future__ import annotations
 
+import logging
 import random
+import threading
 import time
 from typing import Any
 
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
+from celery.signals import task_revoked
 from celery.worker.request import Request
 
 from tasks import arguments
 from tasks.download import Limits, Outcome, download
-from tasks.errors import PermanentError, TransientError
+from tasks.errors import DestinationBusyError, DownloadError, PermanentError, TransientError
 from tasks.redact import redact_kwargs, redact_url
+from tasks.storage import Target
 from worker import lifecycle
 from worker.app import app, settings
 
+log = logging.getLogger(__name__)
 TASK_NAME = "downloads.fetch"
 RESULT_KEYS = (
     "url",
@@ -139,6 +144,10 @@ def fetch(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
         outcome = download(
             lifecycle.session(), request, settings.download_dir, LIMITS, _Progress(self)
         )
+    except DestinationBusyError as exc:
+        # Not the download's fault: wait for the other task without spending the retry budget;
+        # the other task ends within its time limit, so this cannot loop forever.
+        raise self.retry(exc=exc, countdown=retry_delay(0, None) + 0.5, max_retries=None) from None
     except TransientError as exc:
         if self.request.retries >= settings.max_retries:
             raise TransientError(f"gave up after {attempts} attempts: {exc}") from None
@@ -153,3 +162,24 @@ def fetch(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
             "received so far are kept, so submitting it again resumes"
         ) from None
     return _result(self, outcome, request.url, attempts, started)
+
+
+@task_revoked.connect(sender=fetch)
+def discard_revoked_partial(request: Any = None, terminated: bool = False, **_: Any) -> None:
+    """A cancelled download leaves nothing behind: once the killed child has let go of the
+    destination's lock, its partial file and record are removed (in a thread: this runs in the
+    worker's main process, which must keep consuming)."""
+    try:
+        args = arguments.parse(tuple(request.args or ()), request.kwargs or {})
+    except (PermanentError, AttributeError):
+        return
+    target = Target(settings.download_dir, args.dest, args.url)
+
+    def discard() -> None:
+        try:
+            with target.locked(wait=settings.time_limit):
+                target.discard()
+        except (DownloadError, OSError) as exc:
+            log.warning("could not remove the partial of revoked task %s: %s", request.id, exc)
+
+    threading.Thread(target=discard, name="discard-revoked", daemon=True).start()

@@ -116,17 +116,23 @@ class Target:
 
     # -- locking ---------------------------------------------------------------------------
     @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        """Exclusive use of the destination across processes; busy means retry later."""
+    def locked(self, wait: float = 0) -> Iterator[None]:
+        """Exclusive use of the destination across processes, waiting up to `wait` seconds;
+        busy means retry later. The kernel releases the lock of a process that dies."""
         self._ensure_partial_dir()
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise DestinationBusyError(
-                    f"another task is downloading to {self.dest} right now"
-                ) from None
+            deadline = time.monotonic() + wait
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise DestinationBusyError(
+                            f"another task is downloading to {self.dest} right now"
+                        ) from None
+                    time.sleep(0.05)
             yield
         finally:
             os.close(fd)
@@ -187,6 +193,17 @@ class Target:
         except OSError as exc:
             raise disk_error(exc, "opening the partial file") from exc
         return f, hasher
+
+    def check_free_space(self, needed: int) -> None:
+        """Refuse before the body when the disk cannot hold it (a full disk fails anyway, but
+        only after writing what fits)."""
+        st = os.statvfs(self.partial_dir)
+        free = st.f_bavail * st.f_frsize
+        if needed > free:
+            self.discard()
+            raise PermanentError(
+                f"disk full: the body needs {needed} bytes, {free} are free in {self.root}"
+            )
 
     def discard(self) -> None:
         for path in (self.part_path, self.record_path):

@@ -226,13 +226,15 @@ def start_worker(
         download_dir: Path | None = None,
         extra: list[str] | None = None,
         queue: str | None = None,
+        concurrency: int = 2,
         **overrides: str,
     ) -> Worker:
         name = f"w{len(started)}-{uuid.uuid4().hex[:6]}"
         ddir = download_dir or tmp_path_factory.mktemp(f"downloads-{name}")
         env = worker_env(redis_server.url, ddir, **overrides)
         logs = tmp_path_factory.mktemp("logs")
-        worker = Worker(env, name, queue or name, logs / f"{name}.log", ddir, extra or [])
+        extra = [*(extra or []), "-c", str(concurrency)]
+        worker = Worker(env, name, queue or name, logs / f"{name}.log", ddir, extra)
         started.append(worker)
         return worker.start(client)
 
@@ -270,3 +272,33 @@ def failure(client: Celery, worker: Worker, timeout: float = 30, **kwargs: Any) 
 @pytest.fixture
 def dest() -> str:
     return f"t/{uuid.uuid4().hex}.bin"
+
+
+@pytest.fixture
+def key() -> str:
+    """A fresh counter key for the origin's flaky/cut/stall modes."""
+    return uuid.uuid4().hex
+
+
+def partials(download_dir: Path) -> list[Path]:
+    return sorted((Path(download_dir) / ".partial").glob("*.part"))
+
+
+def partial_of(download_dir: Path, dest: str, url: str) -> Path:
+    """Where the in-progress bytes of (url, dest) live."""
+    from tasks.storage import Target
+
+    return Target(Path(download_dir), dest, url).part_path
+
+
+def active_pid(client: Celery, worker: Worker, task_id: str, timeout: float = 30) -> int:
+    """The pid of the child running `task_id` (from `inspect active`)."""
+
+    def find() -> int | None:
+        replies = client.control.inspect([worker.hostname], timeout=0.5).active() or {}
+        for task in replies.get(worker.hostname, []):
+            if task["id"] == task_id and task.get("worker_pid"):
+                return int(task["worker_pid"])
+        return None
+
+    return int(wait_for(find, timeout, f"task {task_id} to be active"))

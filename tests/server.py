@@ -8,7 +8,8 @@ Last-Modified, Range/If-Range and If-None-Match support. Query parameters switch
   cut=<k>              send the headers for the whole body, then drop the connection after k bytes
                        (cut_times=<n>: only the first n requests; default every request)
   short=<k>            Content-Length says n, the body stops at k and the connection closes
-  stall=<s>            sleep s seconds after the headers, before the body
+  stall=<s>            sleep s seconds after the headers, before the body (stall_times=<n>:
+                       only the first n requests)
   rate=<bytes/s>       send the body slowly
   endless=1            an endless body without Content-Length
   gzip=1               Content-Encoding: gzip of n zero bytes (a small bomb), unasked
@@ -66,6 +67,7 @@ class Logged:
     path: str
     query: dict[str, str]
     headers: dict[str, str]
+    at: float = 0.0
 
 
 @dataclass
@@ -78,6 +80,11 @@ class Stats:
     def count(self, path_prefix: str = "") -> int:
         with self.lock:
             return sum(1 for r in self.requests if r.path.startswith(path_prefix))
+
+    def for_key(self, key: str) -> list[Logged]:
+        """The requests made with ?key=<key>, in order."""
+        with self.lock:
+            return [r for r in self.requests if r.query.get("key") == key]
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -93,7 +100,8 @@ class Handler(BaseHTTPRequestHandler):
         stats = self.server.stats
         key = query.get("key", parts.path)
         with stats.lock:
-            stats.requests.append(Logged("GET", parts.path, query, dict(self.headers.items())))
+            headers = dict(self.headers.items())
+            stats.requests.append(Logged("GET", parts.path, query, headers, time.monotonic()))
             stats.hits[key] += 1
             hit = stats.hits[key]
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
@@ -156,13 +164,14 @@ class Handler(BaseHTTPRequestHandler):
             headers["Content-Range"] = f"bytes {start}-{n - 1}/{n}"
         cut = int(q["cut"]) if "cut" in q and hit <= int(q.get("cut_times", "1000000")) else None
         short = int(q["short"]) if "short" in q else None
+        stalls = "stall" in q and hit <= int(q.get("stall_times", "1000000"))
         self._send(
             status,
             data,
             headers,
             cut=cut if cut is None else max(0, cut - start),
             short=short,
-            stall=float(q.get("stall", "0")),
+            stall=float(q["stall"]) if stalls else 0,
             rate=float(q.get("rate", "0")),
         )
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from tests.conftest import run, submit, wait_for
+from tests.conftest import partial_of, run, submit, wait_for
 from tests.server import body_sha256
 
 
@@ -25,7 +25,7 @@ def test_a_download_lands_complete_with_every_result_field(client, worker, origi
     assert result["attempts"] == 1 and result["resumed_from"] == 0
     assert result["skipped"] is False and result["elapsed_s"] >= 0
     assert result["worker"] == worker.hostname
-    assert not list((Path(worker.download_dir) / ".partial").glob("*.part"))
+    assert not partial_of(worker.download_dir, dest, url).exists()
 
 
 def test_default_destination_from_the_url(client, worker, origin):
