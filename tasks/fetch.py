@@ -9,10 +9,12 @@ import threading
 import time
 from typing import Any
 
+import redis
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import task_revoked
 from celery.worker.request import Request
+from kombu.exceptions import KombuError
 
 from tasks import arguments
 from tasks.download import Limits, Outcome, download
@@ -23,6 +25,7 @@ from worker import lifecycle
 from worker.app import app, settings
 
 log = logging.getLogger(__name__)
+_BROKER_ERRORS = (redis.RedisError, KombuError, OSError)
 TASK_NAME = "downloads.fetch"
 RESULT_KEYS = (
     "url",
@@ -78,7 +81,11 @@ def _count_delivery(task: Task) -> int:
     pipe = client.pipeline()
     pipe.incr(deliveries).expire(deliveries, settings.result_expires)
     pipe.incr(attempts).expire(attempts, settings.result_expires)
-    delivered, _, attempt, _ = pipe.execute()
+    try:
+        delivered, _, attempt, _ = pipe.execute()
+    except _BROKER_ERRORS as exc:
+        log.warning("deliveries not counted (%s)", exc)
+        return task.request.retries + 1  # type: ignore[no-any-return]
     if delivered > settings.max_deliveries:
         raise PermanentError(
             f"the download was started {delivered - 1} times and its worker process died each "
@@ -100,8 +107,12 @@ class _Progress:
         if now < self.next:
             return
         self.next = now + settings.progress_interval
-        self.task.update_state(state="PROGRESS", meta={"bytes": done, "total": total})
-        self.task.send_event("task-progress", bytes=done, total=total)
+        try:
+            self.task.update_state(state="PROGRESS", meta={"bytes": done, "total": total})
+            self.task.send_event("task-progress", bytes=done, total=total)
+        except _BROKER_ERRORS as exc:
+            # Progress is a courtesy: a Redis outage must not fail the download itself.
+            log.warning("progress not reported (%s); the download goes on", exc)
 
 
 def _result(

@@ -47,9 +47,14 @@ def wait_for(check: Callable[[], Any], timeout: float = 30, what: str = "conditi
 class RedisServer:
     """A private redis-server this test session owns; it can be stopped and started again."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, persistent: bool = False) -> None:
         self.port = free_port()
         self.workdir = workdir
+        self.persistence = (
+            ["--appendonly", "yes", "--appendfsync", "always"]
+            if persistent
+            else ["--appendonly", "no"]
+        )
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -69,8 +74,7 @@ class RedisServer:
                 "127.0.0.1",
                 "--save",
                 "",
-                "--appendonly",
-                "no",
+                *self.persistence,
                 "--dir",
                 str(self.workdir),
             ],

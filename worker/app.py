@@ -27,9 +27,12 @@ def celery_config(s: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
-        # After a broker connection loss, unacked messages are redelivered: cancel the running
-        # copies rather than run them twice.
-        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # Left off on purpose. Cancelling running tasks on a broker connection loss writes their
+        # RETRY state to Redis; in a real Redis outage that write fails and Celery then records the
+        # task as REVOKED, so the redelivered copy is skipped and the download is lost (seen in
+        # tests/test_redis_outage_e2e.py). Running downloads finish instead; the redelivered copy
+        # waits on the destination lock and then finds the file unchanged (304): no double write.
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         "broker_connection_retry_on_startup": True,
         "broker_transport_options": transport,
         "result_backend_transport_options": transport,
