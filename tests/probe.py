@@ -4,6 +4,7 @@ runs it and which process made that process's session."""
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any
 
 from worker import lifecycle
@@ -18,4 +19,5 @@ def session_info() -> dict[str, Any]:
         "parent": os.getppid(),
         "session_made_in": lifecycle.session_created_in(),
         "session_id": id(session),
+        "thread": threading.get_ident(),
     }

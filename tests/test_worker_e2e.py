@@ -92,6 +92,22 @@ def test_each_child_makes_its_own_session_after_fork(client, start_worker):
     assert all(len(ids) == 1 for ids in by_pid.values()), "one session per child, reused"
 
 
+def test_a_threads_pool_gives_each_thread_its_own_session(client, start_worker, origin):
+    w = start_worker(extra=["-P", "threads", "--include", "tests.probe"])
+    infos = [
+        client.send_task("tests.probe.session_info", queue=w.queue).get(timeout=30)
+        for _ in range(10)
+    ]
+    assert {i["pid"] for i in infos} == {w.proc.pid}  # no children in this pool
+    assert all(i["session_made_in"] is None for i in infos)
+    by_thread: dict[int, set[int]] = {}
+    for info in infos:
+        by_thread.setdefault(info["thread"], set()).add(info["session_id"])
+    assert all(len(ids) == 1 for ids in by_thread.values())
+    assert len({next(iter(ids)) for ids in by_thread.values()}) == len(by_thread)
+    assert run(client, w, url=f"{origin.url}/bytes/5000", dest="threads.bin")["size"] == 5000
+
+
 def _pids(client, w, n):
     """Run n probe tasks one after another; return the pid of the child that ran each."""
     return [
