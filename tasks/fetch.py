@@ -95,8 +95,10 @@ class _Progress:
         if now < self.next:
             return
         self.next = now + settings.progress_interval
-        self.task.update_state(state="PROGRESS", meta={"bytes": done, "total": total})
-        self.task.send_event("task-progress", bytes=done, total=total)
+        meta = {"bytes": done, "total": total}
+        self.task.update_state(state="PROGRESS", meta=meta)
+        # `result` is a field Flower keeps and shows (task page, /api/task/info): the figures.
+        self.task.send_event("task-progress", bytes=done, total=total, result=repr(meta))
 
 
 def _result(
