@@ -49,8 +49,12 @@ def test_every_setting_reaches_the_worker_with_its_documented_default(compose):
 def test_flower_shares_the_settings_and_needs_basic_auth(compose):
     flower = compose["services"]["flower"]
     env = flower["environment"]
-    assert {k: v for k, v in env.items() if k != "FLOWER_BASIC_AUTH"} == compose["x-settings"]
+    assert {k: v for k, v in env.items() if not k.startswith("FLOWER_")} == compose["x-settings"]
     assert env["FLOWER_BASIC_AUTH"].startswith("${FLOWER_BASIC_AUTH:?")  # no default password
+    buckets = [float(b) for b in env["FLOWER_TASK_RUNTIME_METRIC_BUCKETS"].split(",")]
+    assert buckets == sorted(buckets) and buckets[-1] >= float(
+        dict(documented())["DOWNLOAD_TIME_LIMIT"]
+    )
     assert all(p.startswith("127.0.0.1:") for p in flower["ports"])
     assert flower["depends_on"] == {"worker": {"condition": "service_healthy"}}
     assert "flower" in flower["command"]
