@@ -226,10 +226,10 @@ def _status(args: argparse.Namespace, out: TextIO) -> int:
     with app.connection_for_write() as conn:
         conn.ensure_connection(max_retries=1)
         depth = conn.default_channel.client.llen(args.queue)
-    inspect = app.control.inspect(timeout=1.0)
-    pings = app.control.ping(timeout=1.0)
-    workers = sorted(name for reply in pings for name in reply)
-    active = inspect.active() or {}
+    # One broadcast: every worker that answers `active` is online (a ping would cost another
+    # second of waiting for replies).
+    active = app.control.inspect(timeout=1.0).active() or {}
+    workers = sorted(active)
     downloads = [
         {"worker": w, "id": t["id"], "kwargs": t.get("kwargs")}
         for w, tasks in active.items()

@@ -187,7 +187,9 @@ def test_secrets_never_shown(flower, worker, origin, client, redis_server, tmp_p
 
 
 def test_metrics_flower_and_ours(flower, start_worker, origin, client):
-    w = start_worker(extra=["-c", "1"], WORKER_MAX_TASKS_PER_CHILD="1")
+    # A child per download, each replaced after its one task (a replacement takes seconds to
+    # come up: three children, so no download waits for one).
+    w = start_worker(extra=["-c", "3"], WORKER_MAX_TASKS_PER_CHILD="1")
     sizes = (10_000, 30_000)
     good = [
         client.send_task(TASK, kwargs={"url": f"{origin.url}/bytes/{n}"}, queue=w.queue)
