@@ -4,11 +4,16 @@ metrics and queue length (a real `celery -A worker flower` with basic auth, real
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
 import subprocess
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
+import pytest
 from celery.result import AsyncResult
 
 from tasks.client import connect, submit
@@ -240,3 +245,44 @@ def test_two_hosts_one_queue(start_worker, origin, client):
     assert {d["worker"] for d in done} == set(dirs)
     for d in done:  # per-host directories: `worker` in the result says where the file is
         assert (dirs[d["worker"]] / d["path"]).stat().st_size == 100000
+
+
+def test_readme_curl_examples_work(flower, worker, origin):
+    """The README's curl block, command by command, against the real Flower."""
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Submitting over HTTP (Flower's REST API)")[1].split("\n## ")[0]
+    block = section.split("```sh\n")[1].split("```")[0]
+    commands = [
+        c.strip()
+        for c in re.sub(r"\\\n\s*", "", block).splitlines()
+        if c.startswith("curl ")  # comments and the FLOWER=, AUTH=, ID= placeholders left out
+    ]
+    assert [c.split('"$FLOWER')[1].split("/$ID")[0].split('"')[0] for c in commands] == [
+        f"/api/task/send-task/{TASK}",
+        "/api/task/result",
+        "/api/task/info",
+        "/api/task/revoke",
+    ]
+    slow = f"{origin.url}/bytes/5000000?rate=100000&seed=readme"
+    env = {"PATH": os.environ["PATH"], "FLOWER": flower.url, "AUTH": ":".join(flower.auth)}
+
+    def sh(command: str) -> Any:
+        done = subprocess.run(
+            ["bash", "-c", command.replace("https://example.com/a.png", slow)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    env["ID"] = sh(commands[0])["task-id"]
+    flower.wait_state(env["ID"], "PROGRESS")
+    assert sh(commands[1])["state"] == "PROGRESS"
+    assert sh(commands[2])["result"].startswith("{'bytes': ")
+    assert "message" in sh(commands[3])
+    assert flower.wait_result(env["ID"])["state"] == "REVOKED"
+    assert not (worker.download_dir / "img/a.png").exists()
