@@ -9,7 +9,9 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +134,28 @@ def test_progress_is_throttled(flower, start_worker, origin, client):
     assert sent < chunks / 20
 
 
-def test_secrets_never_shown(flower, worker, origin, client, redis_server, tmp_path):
+@pytest.fixture
+def event_log(client) -> Iterator[list[dict[str, Any]]]:
+    """Every event on the bus while the test runs (what any monitor, not only Flower, gets)."""
+    events: list[dict[str, Any]] = []
+    with client.connection() as conn:
+        receiver = client.events.Receiver(conn, handlers={"*": events.append})
+        thread = threading.Thread(target=receiver.capture, kwargs={"wakeup": False}, daemon=True)
+        thread.start()
+        probe = f"probe-{uuid.uuid4().hex}"
+
+        def captured() -> bool:
+            with client.events.default_dispatcher() as dispatcher:
+                dispatcher.send("test-probe", probe=probe)
+            return any(e.get("probe") == probe for e in list(events))
+
+        wait_for(captured, 30, "the event receiver to subscribe")
+        yield events
+        receiver.should_stop = True
+        thread.join(10)
+
+
+def test_secrets_never_shown(flower, worker, origin, client, redis_server, tmp_path, event_log):
     headers = {"Authorization": SECRET_HEADER}
     url = f"{origin.url}/bytes/20000?token={SECRET_TOKEN}"
     parked = f"parked-{uuid.uuid4().hex[:6]}"  # nobody consumes it: only task-sent is seen
@@ -148,6 +171,10 @@ def test_secrets_never_shown(flower, worker, origin, client, redis_server, tmp_p
         rest("send-task"),
         submit(ours, url, headers=headers).id,
         client.send_task(TASK, kwargs={"url": url, "headers": headers}).id,  # a foreign client
+        # Its retry is published by the worker, with a task-sent event of its own.
+        client.send_task(
+            TASK, kwargs={"url": f"{url}&flaky=1&key={uuid.uuid4().hex}", "headers": headers}
+        ).id,
     ]
     header = f"Authorization: {SECRET_HEADER}"
     cli = subprocess.run(
@@ -191,6 +218,11 @@ def test_secrets_never_shown(flower, worker, origin, client, redis_server, tmp_p
     for path in ("/api/tasks", "/api/queues/length", "/tasks", "/workers", "/dashboard"):
         seen.append(flower.get(path).text)
     seen += [flower.get("/metrics").text, cli.stdout, cli.stderr, flower.log(), worker.log()]
+    retried = [e for e in event_log if e["type"] == "task-retried" and e["uuid"] == run[-1]]
+    assert retried, "the flaky download was not retried"
+    sent = [e for e in event_log if e["type"] == "task-sent" and e.get("name") == TASK]
+    assert {e["uuid"] for e in sent} >= {run[0], run[1], run[2], run[4], *waiting}  # 4: retry
+    seen.append(json.dumps(event_log, default=str))
     everything = "\n".join(seen)
     assert "***" in everything
     assert SECRET_HEADER.split()[1] not in everything
