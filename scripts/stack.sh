@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-RUN=.run
+RUN="$PWD/.run"  # absolute: redis-server resolves --logfile after changing to --dir
 mkdir -p "$RUN"
 export CELERY_BROKER_URL=${CELERY_BROKER_URL:-redis://localhost:6379/0}
 export CELERY_RESULT_BACKEND=${CELERY_RESULT_BACKEND:-redis://localhost:6379/1}

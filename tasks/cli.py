@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from typing import Any, TextIO
 
 from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
+from redis.exceptions import RedisError
 
-from tasks.client import TASK_NAME, connect, submit, wait
+from tasks.client import RUNNING_STATES as RUNNING
+from tasks.client import TASK_NAME, BatchProgress, connect, submit, wait
 from tasks.redact import redact_url
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_TIMEOUT = 0, 1, 2, 3, 4
@@ -49,6 +52,10 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+class UsageError(Exception):
+    """Bad arguments: exit code 2."""
+
+
 def main(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -57,27 +64,29 @@ def main(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:
         if args.command == "status":
             return _status(args, out)
         return _results(args, out)
-    except OperationalError as exc:
-        print(f"error: cannot reach the broker: {exc}", file=sys.stderr)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (OperationalError, RedisError) as exc:
+        print(f"error: cannot reach the broker or the result backend: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
 
 
 def _headers(pairs: list[str]) -> dict[str, str]:
     headers = {}
-    for pair in pairs:
+    for n, pair in enumerate(pairs, 1):
         name, sep, value = pair.partition(":")
-        if not sep or not name.strip():
-            raise SystemExit(f"downloads: --header {pair!r}: expected NAME:VALUE")
+        if not sep or not name.strip():  # not echoed: it may be a credential missing its colon
+            raise UsageError(f"--header number {n}: expected NAME:VALUE")
         headers[name.strip()] = value.strip()
     return headers
 
 
 def _submit(args: argparse.Namespace, out: TextIO) -> int:
     if len(args.urls) > 1 and (args.dest or args.sha256):
-        print("error: --dest and --sha256 name one file: give one URL with them", file=sys.stderr)
-        return EXIT_USAGE
-    app = connect()
+        raise UsageError("--dest and --sha256 name one file: give one URL with them")
     headers = _headers(args.header)
+    app = connect()
     results = [
         submit(
             app,
@@ -99,7 +108,7 @@ def _submit(args: argparse.Namespace, out: TextIO) -> int:
             for r in results:
                 out.write(f"{r.id}  {urls[r.id]}\n")
         return EXIT_OK
-    view = _ProgressView(urls, out, live=not args.json and out.isatty())
+    view = _ProgressView(urls, BatchProgress(results), out, live=not args.json and out.isatty())
     done = wait(results, timeout=args.timeout, on_update=view.update)
     rows = [_row(r, urls[r.id]) for r in done.values()]
     if args.json:
@@ -126,15 +135,17 @@ def _row(result: AsyncResult, url: str) -> dict[str, Any]:
 
 
 class _ProgressView:
-    """One line per download; redrawn in place on a terminal, appended otherwise."""
+    """On a terminal: one line per download and a line for the whole batch, redrawn in place
+    (at most 10 times a second). Elsewhere nothing until the summary table."""
 
-    def __init__(self, urls: dict[str, str], out: TextIO, live: bool) -> None:
-        self.urls, self.out, self.live = urls, out, live
+    def __init__(self, urls: dict[str, str], batch: BatchProgress, out: TextIO, live: bool) -> None:
+        self.urls, self.batch, self.out, self.live = urls, batch, out, live
         self.lines: dict[str, str] = {rid: "PENDING" for rid in urls}
         self.drawn = 0
         self.last = 0.0
 
     def update(self, result: AsyncResult, state: str, info: Any) -> None:
+        self.batch.update(result, state, info)
         if state == "PROGRESS" and isinstance(info, dict):
             self.lines[result.id] = _bar(info.get("bytes", 0), info.get("total"))
         elif state == "SUCCESS" and isinstance(info, dict):
@@ -150,16 +161,30 @@ class _ProgressView:
         self._draw()
 
     def _draw(self) -> None:
-        if self.drawn:
-            self.out.write(f"\x1b[{self.drawn}F")
-        for rid, line in self.lines.items():
-            self.out.write(f"\x1b[2K{_short(self.urls[rid], 50):50}  {line}\n")
-        self.drawn = len(self.lines)
+        if self.drawn:  # back to the first line drawn, and clear everything below it
+            self.out.write(f"\x1b[{self.drawn}F\x1b[J")
+        shown = list(self.lines.items())
+        room = shutil.get_terminal_size().lines - 2
+        if len(shown) > room:  # a line that scrolled away cannot be redrawn: running ones only
+            running = [(rid, line) for rid, line in shown if self.batch.states[rid] in RUNNING]
+            shown = running[: max(room, 0)]
+        for rid, line in shown:
+            self.out.write(f"{_short(self.urls[rid], 50):50}  {line}\n")
+        self.out.write(f"{_batch_line(self.batch.summary())}\n")
+        self.drawn = len(shown) + 1
         self.out.flush()
 
     def finish(self) -> None:
         if self.live:
             self._draw()
+
+
+def _batch_line(s: dict[str, int]) -> str:
+    return (
+        f"{s['succeeded'] + s['failed']}/{s['total']} done ({s['succeeded']} succeeded, "
+        f"{s['failed']} failed), {s['running']} running, {s['waiting']} waiting, "
+        f"{_size(s['bytes'])}"
+    )
 
 
 def _bar(done: int, total: int | None, width: int = 24) -> str:
@@ -201,16 +226,20 @@ def _status(args: argparse.Namespace, out: TextIO) -> int:
     with app.connection_for_write() as conn:
         conn.ensure_connection(max_retries=1)
         depth = conn.default_channel.client.llen(args.queue)
-    inspect = app.control.inspect(timeout=1.0)
-    pings = app.control.ping(timeout=1.0)
-    workers = sorted(name for reply in pings for name in reply)
-    active = inspect.active() or {}
+    # One broadcast: every worker that answers `active` is online (a ping would cost another
+    # second of waiting for replies).
+    active = app.control.inspect(timeout=1.0).active() or {}
+    workers = sorted(active)
     downloads = [
         {"worker": w, "id": t["id"], "kwargs": t.get("kwargs")}
         for w, tasks in active.items()
         for t in tasks
         if t.get("name") == TASK_NAME
     ]
+    for d in downloads:  # bytes and total from the result backend, as pollers see them
+        meta = app.backend.get_task_meta(d["id"])
+        info = meta.get("result") if meta.get("status") == "PROGRESS" else None
+        d["progress"] = info if isinstance(info, dict) else None
     status = {"workers": workers, "queue": args.queue, "queue_depth": depth, "active": downloads}
     if args.json:
         json.dump(status, out)
@@ -222,7 +251,9 @@ def _status(args: argparse.Namespace, out: TextIO) -> int:
         out.write(f"queue {args.queue!r}: {depth} waiting\n")
         out.write(f"active downloads: {len(downloads)}\n")
         for d in downloads:
-            out.write(f"  {d['id']}  {d['worker']}  {d['kwargs']}\n")
+            progress = d["progress"] or {}
+            figures = _bar(progress.get("bytes") or 0, progress.get("total")) if progress else ""
+            out.write(f"  {d['id']}  {d['worker']}  {figures}  {d['kwargs']}\n")
     return EXIT_OK if workers else EXIT_UNREACHABLE
 
 

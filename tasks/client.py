@@ -86,7 +86,7 @@ def wait(
     deadline = None if timeout is None else time.monotonic() + timeout
     while pending:
         for rid, result in list(pending.items()):
-            state, info = result.state, result.info
+            state, info = _read(result)
             if on_update is not None and seen.get(rid) != (state, _hashable(info)):
                 on_update(result, state, info)
             seen[rid] = (state, _hashable(info))
@@ -98,5 +98,43 @@ def wait(
     return everything
 
 
+def _read(result: AsyncResult) -> tuple[str, Any]:
+    """State and info from one backend read: two reads can straddle a change (PROGRESS, then
+    the final result as if it were progress figures)."""
+    meta = result.backend.get_task_meta(result.id)
+    return meta["status"], meta.get("result")
+
+
 def _hashable(info: Any) -> Any:
     return repr(info)
+
+
+RUNNING_STATES = frozenset({"RECEIVED", "STARTED", "PROGRESS", "RETRY"})
+
+
+class BatchProgress:
+    """The combined view of a batch, fed by `wait(..., on_update=batch.update)`: how many
+    succeeded, failed, run and wait, and the bytes received so far (one failure never hides
+    the rest)."""
+
+    def __init__(self, results: Iterable[AsyncResult]) -> None:
+        self.states: dict[str, str] = {r.id: "PENDING" for r in results}
+        self.bytes: dict[str, int] = {}
+
+    def update(self, result: AsyncResult, state: str, info: Any) -> None:
+        self.states[result.id] = state
+        if state == "PROGRESS" and isinstance(info, dict):
+            self.bytes[result.id] = int(info.get("bytes") or 0)
+        elif state == "SUCCESS" and isinstance(info, dict):
+            self.bytes[result.id] = int(info.get("size") or 0)
+
+    def summary(self) -> dict[str, int]:
+        states = list(self.states.values())
+        return {
+            "total": len(states),
+            "succeeded": states.count("SUCCESS"),
+            "failed": sum(s in ("FAILURE", "REVOKED") for s in states),
+            "running": sum(s in RUNNING_STATES for s in states),
+            "waiting": sum(s not in DONE_STATES and s not in RUNNING_STATES for s in states),
+            "bytes": sum(self.bytes.values()),
+        }

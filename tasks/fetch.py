@@ -107,9 +107,11 @@ class _Progress:
         if now < self.next:
             return
         self.next = now + settings.progress_interval
+        meta = {"bytes": done, "total": total}
         try:
-            self.task.update_state(state="PROGRESS", meta={"bytes": done, "total": total})
-            self.task.send_event("task-progress", bytes=done, total=total)
+            self.task.update_state(state="PROGRESS", meta=meta)
+            # `result` is a field Flower keeps and shows (task page, /api/task/info): the figures.
+            self.task.send_event("task-progress", bytes=done, total=total, result=repr(meta))
         except _BROKER_ERRORS as exc:
             # Progress is a courtesy: a Redis outage must not fail the download itself.
             log.warning("progress not reported (%s); the download goes on", exc)

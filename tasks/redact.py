@@ -48,3 +48,12 @@ def redact_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     elif headers is not None:
         shown["headers"] = MASK
     return shown
+
+
+def redact_reprs(args: Any, kwargs: Any) -> tuple[str, str]:
+    """argsrepr and kwargsrepr of a downloads.fetch call, as events and Flower may show them."""
+    shown_args: Any = MASK
+    if isinstance(args, list | tuple):
+        shown_args = [redact_url(a) if isinstance(a, str) else MASK for a in args]
+    shown_kwargs = redact_kwargs(kwargs) if isinstance(kwargs, dict) else MASK
+    return repr(shown_args), repr(shown_kwargs)

@@ -243,6 +243,9 @@ def start_worker(
         return worker.start(client)
 
     yield start
+    for w in started:  # all warm shutdowns at once, then wait for each
+        if w.proc is not None and w.proc.poll() is None:
+            w.proc.send_signal(signal.SIGTERM)
     for w in started:
         w.stop()
 
@@ -306,3 +309,15 @@ def active_pid(client: Celery, worker: Worker, task_id: str, timeout: float = 30
         return None
 
     return int(wait_for(find, timeout, f"task {task_id} to be active"))
+
+
+@pytest.fixture(scope="session")
+def flower(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real `celery -A worker flower` on a free 127.0.0.1 port with basic auth, receiving
+    events before any test that asks for it submits (tests/flower_process.py)."""
+    from tests.flower_process import Flower
+
+    env = worker_env(redis_server.url, tmp_path_factory.mktemp("flower-downloads"))
+    proc = Flower(env, tmp_path_factory.mktemp("flower") / "flower.log").start()
+    yield proc
+    proc.stop()

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery import Celery
+from celery import Celery, states
 
+from tasks.redact import redact_reprs
 from worker.settings import Settings
 
 settings = Settings.from_env()
@@ -50,7 +51,25 @@ def celery_config(s: Settings) -> dict[str, Any]:
     }
 
 
-app = Celery("downloads", include=["tasks.fetch"])
+class DownloadsCelery(Celery):  # type: ignore[misc]
+    """Whoever publishes `downloads.fetch` through this app (Flower's REST API runs `-A worker`;
+    the worker's own retries) sends redacted argsrepr/kwargsrepr: the task-sent event carries
+    them, and Flower shows them for as long as the task waits in the queue."""
+
+    def send_task(self, name: str, *args: Any, **options: Any) -> Any:
+        if name == "downloads.fetch" and options.get("kwargsrepr") is None:
+            call_args = options.get("args", args[0] if args else None) or ()
+            call_kwargs = options.get("kwargs", args[1] if len(args) > 1 else None) or {}
+            options["argsrepr"], options["kwargsrepr"] = redact_reprs(call_args, call_kwargs)
+        return super().send_task(name, *args, **options)
+
+
+# Event monitors (Flower) rank a custom state above REVOKED and keep showing PROGRESS for a
+# download revoked while it ran: rank PROGRESS with STARTED, which everything final overrides.
+states.PRECEDENCE_LOOKUP.setdefault("PROGRESS", states.precedence(states.STARTED))
+
+app = DownloadsCelery("downloads", include=["tasks.fetch"])
 app.conf.update(celery_config(settings))
 
 import worker.lifecycle  # noqa: E402, F401  (connects the per-process signal handlers)
+import worker.metrics as _metrics  # noqa: E402, F401  (bytes and recycled children for /metrics)

@@ -1,0 +1,118 @@
+"""The two figures operators need that Flower's /metrics lacks: bytes downloaded and worker
+children recycled.
+
+Workers count them in Redis (the result backend's database), one hash field per worker:
+`downloads:metrics:bytes` after each successful download (bytes received by that run: its size
+minus what it resumed from, 0 when skipped) and `downloads:metrics:recycled` when a prefork child
+exits because it reached WORKER_MAX_TASKS_PER_CHILD or WORKER_MAX_MEMORY_PER_CHILD. Every process
+that loads the app registers a collector in prometheus_client's default registry, so Flower
+(`celery -A worker flower`) serves them on its own /metrics, beside flower_*:
+
+    downloads_bytes_total{worker="celery@host"}
+    downloads_worker_children_recycled_total{worker="celery@host"}
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from billiard.pool import EX_RECYCLE
+from celery.signals import task_success, worker_process_shutdown
+from prometheus_client.core import REGISTRY, CounterMetricFamily
+from prometheus_client.registry import Collector
+from redis.exceptions import RedisError
+
+from worker.app import app
+
+log = logging.getLogger(__name__)
+TASK_NAME = "downloads.fetch"
+BYTES_KEY = "downloads:metrics:bytes"
+RECYCLED_KEY = "downloads:metrics:recycled"
+
+
+def _redis() -> Any:
+    """The result backend's Redis client (None when the backend is not Redis)."""
+    return getattr(app.backend, "client", None)
+
+
+def received_bytes(result: Any) -> int:
+    """Bytes a finished download received over the network in its last run."""
+    if not isinstance(result, dict) or result.get("skipped"):
+        return 0
+    return max(0, int(result.get("size") or 0) - int(result.get("resumed_from") or 0))
+
+
+@task_success.connect
+def count_bytes(sender: Any = None, result: Any = None, **_: Any) -> None:
+    if getattr(sender, "name", None) != TASK_NAME:
+        return
+    n = received_bytes(result)
+    worker = result.get("worker") if isinstance(result, dict) else None
+    _incr(BYTES_KEY, str(worker or "unknown"), n)
+
+
+@worker_process_shutdown.connect
+def count_recycled(sender: Any = None, exitcode: int | None = None, **_: Any) -> None:
+    if exitcode == EX_RECYCLE:
+        _incr(RECYCLED_KEY, str(sender or "unknown"), 1)
+
+
+def _incr(key: str, worker: str, n: int) -> None:
+    client = _redis()
+    if client is None or n <= 0:
+        return
+    try:
+        client.hincrby(key, worker, n)
+    except RedisError as exc:  # a metric is never worth failing a download or a child's exit
+        log.warning("could not count %s for %s: %s", key, worker, exc)
+
+
+class DownloadsCollector(Collector):
+    """Reads the counters from Redis at each scrape (one round trip)."""
+
+    def __init__(self, client: Callable[[], Any] = _redis) -> None:
+        self.client = client
+
+    def _families(self) -> tuple[CounterMetricFamily, CounterMetricFamily]:
+        return (
+            CounterMetricFamily(
+                "downloads_bytes",
+                "Bytes received by successful downloads.fetch runs",
+                labels=["worker"],
+            ),
+            CounterMetricFamily(
+                "downloads_worker_children_recycled",
+                "Worker children replaced after max tasks or max memory per child",
+                labels=["worker"],
+            ),
+        )
+
+    def describe(self) -> Iterator[CounterMetricFamily]:
+        yield from self._families()  # names only: registering must not touch Redis
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        families = self._families()
+        client = self.client()
+        if client is None:
+            return
+        try:
+            pipe = client.pipeline()
+            pipe.hgetall(BYTES_KEY).hgetall(RECYCLED_KEY)
+            counts = pipe.execute()
+        except RedisError as exc:
+            log.warning("downloads metrics unavailable: %s", exc)
+            return
+        for family, values in zip(families, counts, strict=True):
+            for worker, value in sorted(values.items()):
+                family.add_metric([_text(worker)], float(value))
+            yield family
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+COLLECTOR = DownloadsCollector()
+REGISTRY.register(COLLECTOR)
