@@ -107,7 +107,7 @@ def test_python_client_batch_of_50(env, worker, origin):
 
 def test_status_shows_workers_queue_depth_and_active(env, start_worker, origin, client):
     queue = f"status-{uuid.uuid4().hex[:6]}"
-    w = start_worker(queue=queue, extra=["-c", "1"])
+    w = start_worker(queue=queue, concurrency=1)
     slow_url = f"{origin.url}/bytes/4000000?rate=200000&token=sekrit-{uuid.uuid4().hex}"
     slow = client.send_task(TASK, kwargs={"url": slow_url}, queue=queue)
     wait_for(lambda: slow.state == "PROGRESS", 30, "the slow download to run")

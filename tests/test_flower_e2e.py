@@ -73,7 +73,7 @@ def test_rest_submit_poll_and_listing(flower, worker, origin):
 
 def test_rest_revoke_queued_and_running_and_queue_length(flower, start_worker, origin):
     queue = f"revoke-{uuid.uuid4().hex[:6]}"
-    start_worker(queue=queue, extra=["-c", "1"])
+    start_worker(queue=queue, concurrency=1)
     slow = flower.post(
         f"/api/task/send-task/{TASK}",
         {**fetch_body(f"{origin.url}/bytes/5000000?rate=50000&seed=slow"), "queue": queue},
@@ -232,7 +232,7 @@ def test_secrets_never_shown(flower, worker, origin, client, redis_server, tmp_p
 def test_metrics_flower_and_ours(flower, start_worker, origin, client):
     # A child per download, each replaced after its one task (a replacement takes seconds to
     # come up: three children, so no download waits for one).
-    w = start_worker(extra=["-c", "3"], WORKER_MAX_TASKS_PER_CHILD="1")
+    w = start_worker(concurrency=3, WORKER_MAX_TASKS_PER_CHILD="1")
     sizes = (10_000, 30_000)
     good = [
         client.send_task(TASK, kwargs={"url": f"{origin.url}/bytes/{n}"}, queue=w.queue)
