@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 from tasks.client import RUNNING_STATES as RUNNING
 from tasks.client import TASK_NAME, BatchProgress, connect, submit, wait
 from tasks.redact import redact_url
+from worker.settings import SettingsError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_TIMEOUT = 0, 1, 2, 3, 4
 
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:
         if args.command == "status":
             return _status(args, out)
         return _results(args, out)
-    except UsageError as exc:
+    except (UsageError, SettingsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (OperationalError, RedisError) as exc:

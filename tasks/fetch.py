@@ -22,7 +22,7 @@ from tasks.errors import DestinationBusyError, DownloadError, PermanentError, Tr
 from tasks.redact import redact_kwargs, redact_url
 from tasks.storage import Target
 from worker import lifecycle
-from worker.app import app, settings
+from worker.celery_app import app, settings
 
 log = logging.getLogger(__name__)
 _BROKER_ERRORS = (redis.RedisError, KombuError, OSError)

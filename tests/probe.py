@@ -8,7 +8,7 @@ import threading
 from typing import Any
 
 from worker import lifecycle
-from worker.app import app
+from worker.celery_app import app
 
 
 @app.task(name="tests.probe.session_info")

@@ -140,6 +140,9 @@ def test_exit_codes(env, worker, origin, client):
     bad_header = cli(env, "submit", url, "--header", "no-colon-here")
     assert bad_header.returncode == 2 and "NAME:VALUE" in bad_header.stderr
     assert cli(env).returncode == 2
+    bad_setting = cli({**env, "DOWNLOAD_READ_TIMEOUT": "soon"}, "status")
+    assert bad_setting.returncode == 2 and "DOWNLOAD_READ_TIMEOUT='soon'" in bad_setting.stderr
+    assert "Traceback" not in bad_setting.stderr
 
     nowhere = {**env, "CELERY_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0"}
     for args in (("status",), ("submit", url)):

@@ -49,7 +49,7 @@ def test_booleans_and_numbers_parse():
 
 
 def test_celery_configuration_is_safe_by_construction():
-    from worker.app import celery_config
+    from worker.celery_app import celery_config
 
     conf = celery_config(Settings.from_env({}))
     assert conf["accept_content"] == ["json"] and conf["task_serializer"] == "json"

@@ -15,7 +15,7 @@ from celery.signals import worker_process_init, worker_process_shutdown, worker_
 
 from tasks.http import new_session
 from tasks.storage import sweep_partials
-from worker.app import settings
+from worker.celery_app import settings
 
 log = logging.getLogger(__name__)
 _process: dict[str, Any] = {"session": None, "pid": None}

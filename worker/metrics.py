@@ -24,7 +24,7 @@ from prometheus_client.core import REGISTRY, CounterMetricFamily
 from prometheus_client.registry import Collector
 from redis.exceptions import RedisError
 
-from worker.app import app
+from worker.celery_app import app
 
 log = logging.getLogger(__name__)
 TASK_NAME = "downloads.fetch"

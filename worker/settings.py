@@ -1,5 +1,5 @@
 """One typed settings object, read from the environment. Every default is documented here and in
-the README's settings table; the Celery configuration is derived from it in `worker.app`."""
+the README's settings table; the Celery configuration is derived from it in `worker.celery_app`."""
 
 from __future__ import annotations
 
