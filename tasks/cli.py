@@ -219,6 +219,8 @@ def _table(rows: list[dict[str, Any]], out: TextIO) -> None:
         else:
             detail, size = row.get("error", row["state"]), ""
         out.write(f"{row['state']:8}  {size:>10}  {_short(detail, 40):40}  {row['url']}\n")
+        if len(detail) > 40:  # an error is read whole: its cause is often at the end
+            out.write(f"{'':10}  {detail}\n")
     out.write(f"{len(ok)} of {len(rows)} succeeded, {_size(total)}\n")
 
 
