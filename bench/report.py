@@ -223,7 +223,8 @@ def _small(s: Mapping[str, Any], plotted: bool) -> str:
         "events, late acks, prefetch 1, results stored, recycling after 1,000 tasks), so "
         "configuration, broker and concurrency are the same by construction. Celery clients "
         "submit in a loop, as a producer would; their time runs from the first `send_task` to "
-        "the last result's `date_done`. TCP connections are nginx's accept count.",
+        "the last result's `date_done`. TCP connections are nginx's accept count: the worker "
+        "opens one per child, and one more each time a child is replaced after its 1,000th task.",
         "",
     ]
     if plotted:

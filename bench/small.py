@@ -3,6 +3,7 @@ and a no-op task on the same worker, broker and configuration (Celery's own ceil
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -58,6 +59,7 @@ def run(stack: Stack, cfg: Config, nginx: Nginx) -> dict[str, Any]:
             for name in rotated(order, r):
                 out = stack.work / "p3" / f"{r}-{order.index(name)}"
                 out.mkdir(parents=True)  # a new directory each run (ext4 after deletes is slow)
+                os.sync()  # not timed: no run starts with the previous run's dirty pages
                 before = nginx.accepts()
                 seconds = clients[name](out, r)
                 conns[name].append(nginx.accepts() - before - 1)
