@@ -95,13 +95,13 @@ class Nginx:
 
     def accepts(self) -> int:
         """TCP connections nginx has accepted so far (stub_status; its own request included)."""
-        self.status_calls += 1
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
         try:
             conn.request("GET", "/nginx-status", headers={"Connection": "close"})
             text = conn.getresponse().read().decode()
         finally:
             conn.close()
+        self.status_calls += 1  # only answered ones: a refused probe leaves no socket behind
         return int(text.splitlines()[2].split()[0])
 
     def stop(self) -> None:
