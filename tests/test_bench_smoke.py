@@ -1,0 +1,123 @@
+"""The benchmark's own code, without measuring anything: the report from made-up figures, and the
+profile parser on a made-up py-spy output. (`make bench` itself is the real check.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from bench import profile, report
+from bench.stats import fmt, ratios, summary
+
+
+def _s(*values: float) -> dict[str, float]:
+    return summary(list(values))
+
+
+def fake_results() -> dict[str, Any]:
+    variant = {
+        "key": "a",
+        "label": "this worker",
+        "downloads": 400,
+        "samples": [{"downloads": 0, "rss": [50.0, 50.1]}, {"downloads": 400, "rss": [51.0, 51.2]}],
+        "idle_mib": [50.0, 50.1],
+        "growth_from_idle_mib": [1.0, 1.1],
+        "growth_after_first_batch_mib": [0.0, 0.1],
+        "children_seen": 2,
+        "connections": 2,
+        "time_wait": 0,
+        "cpu_ms_per_download": 2.0,
+        "parent_cpu_ms_per_download": 1.0,
+        "downloads_per_s": 300.0,
+        "parent_peak_mib": 60.0,
+        "final_max_mib": 51.2,
+        "recycle_kib": 0,
+    }
+    anti = {**variant, "key": "b", "label": "anti", "connections": 400, "time_wait": 400}
+    on = {**variant, "key": "c-on", "label": "leak, on", "growth_from_idle_mib": []}
+    off = {**variant, "key": "c-off", "label": "leak, off", "children_seen": 5}
+    return {
+        "machine": {
+            "date": "2026-01-01 00:00 UTC",
+            "nproc": 2,
+            "cpu": "cpu",
+            "memory_gib": 24,
+            "kernel": "6",
+            "python": "3.11",
+            "packages": {"celery": "5.7.0"},
+            "tools": {"curl": "curl 8"},
+            "load_at_start": "0 0 0",
+        },
+        "config": {"quick": True},
+        "load_at_end": "1 1 1",
+        "duration_s": 60.0,
+        "memory": {"downloads": 400, "batch": 200, "variants": [variant, anti, off, on]},
+        "large": {
+            "bytes": 2**30,
+            "runs": 2,
+            "memory": "warm",
+            "missing": ["wget"],
+            "mb_per_s": {"worker": _s(700, 720), "curl": _s(800, 900)},
+            "peak_rss_mib": {"worker": _s(60, 61), "curl": _s(10, 10)},
+            "rss_growth_mib": {"worker": _s(3, 4)},
+            "worker_vs": {"curl": ratios([700, 720], [800, 900])},
+            "raw": {"worker": [700, 720], "curl": [800, 900]},
+        },
+        "small": {
+            "files": 100,
+            "runs": 2,
+            "missing": [],
+            "files_per_s": {"worker": _s(300, 310), "no-op task": _s(500, 520)},
+            "connections": {"worker": _s(2, 2), "no-op task": _s(0, 0)},
+            "worker_vs_noop": ratios([300, 310], [500, 520]),
+            "worker_vs": {"no-op task": ratios([300, 310], [500, 520])},
+        },
+        "profile": {
+            **profile.summarise(profile.parse(COLLAPSED)),
+            "downloads": 10,
+            "hashing": {"1024 KiB chunks": 1700.0},
+            "hashing_reading": "ok.",
+            "progress": {
+                "check_ns": 100.0,
+                "report_ms": 0.5,
+                "reports_per_gib": 3.0,
+                "share_per_gib": 0.001,
+                "every_chunk_ms_per_gib": 512.0,
+            },
+        },
+    }
+
+
+_T = "trace_task (/v/site-packages/celery/app/trace.py:400)"
+_F = f"fetch ({profile.ROOT}tasks/fetch.py:150)"
+_R = "execute (/v/site-packages/redis/client.py:10)"
+COLLAPSED = f"""\
+process 1:"celery";{_T};{_F};download ({profile.ROOT}tasks/download.py:70) 30
+process 1:"celery";{_T};{_F};_count_delivery ({profile.ROOT}tasks/fetch.py:80);{_R} 10
+process 1:"celery";{_T};store_result (/v/site-packages/celery/backends/base.py:5) 20
+"""
+
+
+def test_profile_parser_names_the_path() -> None:
+    figures = profile.summarise(profile.parse(COLLAPSED))
+    assert figures["samples"] == 60
+    shares = dict(figures["path"])
+    assert shares["fetch (tasks/fetch.py)"] == 40 / 60
+    layers = dict(figures["layers"])
+    assert layers["this project: tasks/, worker/ (disk calls included)"] == 30 / 60
+
+
+def test_report_renders_targets_and_sections(tmp_path: Path) -> None:
+    text = report.render(fake_results(), plotted=False)
+    assert "| 1 GiB: speed against curl | >= 0.7 x | 0.84 (0.80-0.88) x | met |" in text
+    assert "files/s against the no-op task | >= 0.5 x | 0.60 (0.60-0.60) x | met |" in text
+    for heading in ("## 1.", "## 2.", "## 3.", "## 4."):
+        assert heading in text
+    assert "Not measured (not installed): wget." in text
+    assert report.write(fake_results(), tmp_path).read_text().startswith("# Benchmarks")
+
+
+def test_fmt_prints_median_and_range() -> None:
+    assert fmt(summary([3.0, 1.0, 2.0])) == "2 (1-3)"
+    assert fmt(summary([2.5]), 1) == "2.5"
+    assert fmt(None) == "n/a"
