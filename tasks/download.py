@@ -25,6 +25,7 @@ from tasks.storage import Record, Target, disk_error
 Progress = Callable[[int, int | None], None]
 RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 MAX_REDIRECTS = 10
+RESUME_MIN_BYTES = 256 * 1024
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 # Errors of the network and of a body cut short; the download may work when tried again.
 _NETWORK_ERRORS = (
@@ -133,7 +134,13 @@ def _transfer(
             last_modified=response.headers.get("Last-Modified"),
             content_type=response.headers.get("Content-Type"),
         )
-        target.save_record(new_record)
+        # Keep the validators beside the partial when the body is worth resuming; a small one is
+        # fetched again whole, which saves a file write on every small download.
+        resumable = bool(new_record.validator) and (
+            total is None or total - start > RESUME_MIN_BYTES
+        )
+        if resumable:
+            target.save_record(new_record)
         f, hasher = target.open_partial(start)
         try:
             done = _stream(response, f, hasher, start, total, cap, limits.chunk_size, on_progress)
@@ -143,8 +150,8 @@ def _transfer(
             raise
         except BaseException:
             f.close()
-            if not new_record.validator:
-                target.discard()  # without a validator the bytes can never be resumed
+            if not resumable:
+                target.discard()  # without a saved validator the bytes can never be resumed
             raise
 
     if total is not None and done != total:
