@@ -11,9 +11,10 @@ from typing import Any
 
 import redis
 from celery import Task
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import InvalidTaskError, SoftTimeLimitExceeded
 from celery.signals import task_revoked
 from celery.worker.request import Request
+from celery.worker.strategy import default as default_strategy
 from kombu.exceptions import KombuError
 
 from tasks import arguments
@@ -56,8 +57,36 @@ class RedactedRequest(Request):  # type: ignore[misc]
         return super().info(safe=True)  # type: ignore[no-any-return]
 
 
+def checked_strategy(task: Task, app: Any, consumer: Any, **kwargs: Any) -> Any:
+    """Celery's default strategy behind a gate. The consumer refuses pickle and the like, but
+    passes `application/data` and `application/text` through undecoded, and a body that is not
+    `[args, kwargs, embed]` raises inside the strategy: either one stops the whole worker
+    ("Unrecoverable error"), and the message, never acked, is restored to stop the next one.
+    Here such a message is an InvalidTaskError: logged and discarded."""
+    handler = default_strategy(task, app, consumer, **kwargs)
+
+    def gate(message: Any, body: Any, *args: Any, **kw: Any) -> Any:
+        if message.content_type != "application/json":
+            raise InvalidTaskError(
+                f"refused a message of content type {message.content_type!r}: only JSON"
+            )
+        payload = message.payload
+        if not (
+            isinstance(payload, list | tuple)
+            and len(payload) == 3
+            and isinstance(payload[0], list | tuple)
+            and isinstance(payload[1], dict)
+            and isinstance(payload[2], dict)
+        ):
+            raise InvalidTaskError("refused a message whose body is not [args, kwargs, embed]")
+        return handler(message, body, *args, **kw)
+
+    return gate
+
+
 class FetchTask(Task):  # type: ignore[misc]
     Request = RedactedRequest
+    Strategy = "tasks.fetch:checked_strategy"
 
 
 def retry_delay(retries: int, retry_after: float | None) -> float:
