@@ -45,6 +45,11 @@ def check_dest(dest: str) -> PurePosixPath:
         raise PermanentError("dest: must not contain control characters")
     if dest.startswith("/"):
         raise PermanentError("dest: must be relative to DOWNLOAD_DIR, not absolute")
+    try:
+        dest.encode("utf-8")
+    except UnicodeEncodeError:
+        # The file system call would raise it after the whole body was fetched.
+        raise PermanentError("dest: must be valid Unicode (it holds a lone surrogate)") from None
     if dest.endswith("/"):
         raise PermanentError("dest: must name a file, not a directory (trailing '/')")
     if len(dest.encode("utf-8", "surrogatepass")) > MAX_DEST_BYTES:
