@@ -68,6 +68,7 @@ def download(
     """Download `request.url` to `root / request.dest`, resuming what an earlier attempt left."""
     target = Target(root, request.dest, request.url)
     with target.locked():
+        target.check_path()
         if request.sha256:
             existing = target.existing_sha256()
             if existing and existing[0] == request.sha256:
@@ -156,7 +157,11 @@ def _transfer(
         f.close()
         target.discard()
         raise PermanentError(f"sha256 mismatch: expected {request.sha256}, got {digest}")
-    st = target.publish(f)
+    try:
+        st = target.publish(f)
+    except PermanentError:
+        target.discard()  # the way to dest changed under us (a symlink): nothing to resume
+        raise
     target.save_record(
         Record(
             new_record.etag,
