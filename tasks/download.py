@@ -64,8 +64,10 @@ def download(
     root: Path,
     limits: Limits,
     on_progress: Progress = lambda done, total: None,
+    last_attempt: bool = False,
 ) -> Outcome:
-    """Download `request.url` to `root / request.dest`, resuming what an earlier attempt left."""
+    """Download `request.url` to `root / request.dest`, resuming what an earlier attempt left.
+    On the last attempt a transient failure also drops the partial: no retry will resume it."""
     target = Target(root, request.dest, request.url)
     with target.locked():
         target.check_path()
@@ -75,7 +77,12 @@ def download(
                 return Outcome(
                     request.url, request.dest, existing[1], existing[0], None, None, 0, skipped=True
                 )
-        return _transfer(session, request, target, limits, on_progress)
+        try:
+            return _transfer(session, request, target, limits, on_progress)
+        except TransientError:
+            if last_attempt:
+                target.discard()
+            raise
 
 
 def _transfer(

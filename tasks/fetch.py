@@ -184,7 +184,12 @@ def fetch(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     attempts = _count_delivery(self)
     try:
         outcome = download(
-            lifecycle.session(), request, settings.download_dir, LIMITS, _Progress(self)
+            lifecycle.session(),
+            request,
+            settings.download_dir,
+            LIMITS,
+            _Progress(self),
+            last_attempt=self.request.retries >= settings.max_retries,
         )
     except DestinationBusyError as exc:
         # Not the download's fault: wait for the other task without spending the retry budget;
