@@ -247,7 +247,27 @@ def _send(
     ) as exc:
         raise PermanentError(f"request refused: {_describe(exc)}") from None
     except _NETWORK_ERRORS as exc:
+        malformed = _malformed_head(exc)
+        if malformed is not None:
+            raise PermanentError(f"the server's response is malformed: {malformed}") from None
         raise TransientError(f"cannot reach {redact_url(url)}: {_describe(exc)}") from None
+
+
+def _malformed_head(exc: BaseException) -> http.client.HTTPException | None:
+    """http.client's refusal of a response head past its limits (over 100 header lines, a line
+    over 64 KiB): the server answers the same way every time, so a retry cannot help. urllib3
+    carries it as ProtocolError('Connection aborted.', <it>) inside MaxRetryError.reason."""
+    todo: list[object] = [exc]
+    for _ in range(16):  # a chain can loop
+        if not todo:
+            break
+        seen = todo.pop()
+        if not isinstance(seen, BaseException):
+            continue
+        if isinstance(seen, http.client.LineTooLong) or type(seen) is http.client.HTTPException:
+            return seen
+        todo += [seen.__cause__, seen.__context__, getattr(seen, "reason", None), *seen.args]
+    return None
 
 
 def _describe(exc: BaseException) -> str:
