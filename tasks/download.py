@@ -277,6 +277,7 @@ def _describe(exc: BaseException) -> str:
     name = type(exc).__name__
     text = str(exc)
     text = re.sub(r"https?://\S+", "<url>", text)
+    text = re.sub(r"with url: \S+", "with url: <url>", text)  # urllib3's path and query
     text = re.sub(r"(url|host)='?[^,)']*'?", r"\1=<redacted>", text)
     return f"{name}: {text}"[:300]
 
