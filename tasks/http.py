@@ -11,7 +11,7 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.exceptions import NewConnectionError
+from urllib3.exceptions import NameResolutionError, NewConnectionError
 from urllib3.util.retry import Retry
 
 from tasks.errors import BlockedAddressError
@@ -61,8 +61,10 @@ class _CheckedConnectionMixin:
     def _new_conn(self) -> socket.socket:
         try:
             pairs = resolve_checked(self._dns_host, self.port, self.allow_private)
-        except socket.gaierror:
-            return super()._new_conn()  # type: ignore[misc, no-any-return]  # urllib3's error
+        except socket.gaierror as exc:
+            # urllib3's error, raised here: letting urllib3 resolve again would dial an answer
+            # nothing checked (a failed lookup followed by an internal one).
+            raise NameResolutionError(self.host, self, exc) from exc  # type: ignore[arg-type]
         name = self._dns_host
         last: Exception | None = None
         try:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -106,16 +106,6 @@ def test_resolve_checked_refuses_a_name_mixing_public_and_internal(
         resolve_checked("mixed.test", 80, allow_private=False)
 
 
-@pytest.fixture
-def origin6() -> Iterator[OriginServer]:
-    try:
-        server = OriginServer(host="::1", family=socket.AF_INET6).start()
-    except OSError as exc:
-        pytest.skip(f"no IPv6 loopback here: {exc}")
-    yield server
-    server.stop()
-
-
 def test_rebinding_to_loopback_is_refused_at_connect(
     monkeypatch: pytest.MonkeyPatch, origin: OriginServer
 ) -> None:
@@ -140,6 +130,19 @@ def test_the_checked_answer_is_the_one_dialled(
         response = session.get(f"http://rebind.test:{port}/bytes/10")
     assert response.status_code == 200
     assert origin6.stats.connections == origin6_conns
+
+
+def test_a_failed_lookup_is_not_retried_unchecked(
+    monkeypatch: pytest.MonkeyPatch, origin: OriginServer
+) -> None:
+    """The first answer fails, the next is loopback: the failure must not fall back to a lookup
+    that nothing checks."""
+    answers = {"flaky.test": ["NXDOMAIN", "127.0.0.1"]}
+    monkeypatch.setattr(socket, "getaddrinfo", _answers(answers))
+    before = origin.stats.connections
+    with pytest.raises(requests.ConnectionError, match=r"resolve|Name or service"):
+        new_session(allow_private=False).get(f"http://flaky.test:{origin.server_address[1]}/")
+    assert origin.stats.connections == before
 
 
 def test_each_redirect_hop_is_checked_at_connect(
