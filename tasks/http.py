@@ -3,6 +3,7 @@ encoding, and an address check made at connect time, on the address actually dia
 
 from __future__ import annotations
 
+import http.cookiejar
 import ipaddress
 import socket
 from typing import Any
@@ -110,6 +111,9 @@ def new_session(allow_private: bool, pool_maxsize: int = 4) -> requests.Session:
     session = requests.Session()
     # Proxies and .netrc from the environment would route around the address check.
     session.trust_env = False
+    # One session serves every caller's tasks in this process: a cookie a server set during one
+    # download must never go out with another caller's request. Callers send their own Cookie.
+    session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
     session.headers.update({"User-Agent": USER_AGENT, "Accept-Encoding": "identity"})
     # No urllib3 retries: Celery retries and schedules waits instead of a child sleeping for
     # Retry-After; redirects are followed by the download code so each hop is checked.

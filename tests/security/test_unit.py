@@ -17,7 +17,7 @@ from tasks.download import Limits, _describe, _get
 from tasks.errors import BlockedAddressError
 from tasks.http import address_allowed, new_session, resolve_checked
 from tasks.redact import redact_url
-from tests.server import OriginServer
+from tests.server import Handler, OriginServer
 
 REFUSED = [
     "127.0.0.1",
@@ -161,6 +161,28 @@ def test_each_redirect_hop_is_checked_at_connect(
     ):
         pass
     assert origin6.stats.connections == before
+
+
+def test_cookies_set_by_a_server_are_never_sent_back(
+    monkeypatch: pytest.MonkeyPatch, origin: OriginServer
+) -> None:
+    """One session serves every task of a process: a cookie one server set for one caller's
+    download must not ride along with the next caller's request."""
+    send = Handler._send
+
+    def with_cookie(
+        self: Handler, status: int, data: bytes, headers: Any = None, **kw: Any
+    ) -> None:
+        send(self, status, data, {**(headers or {}), "Set-Cookie": "sid=THEIRS; Path=/"}, **kw)
+
+    session = new_session(allow_private=True)
+    monkeypatch.setattr(Handler, "_send", with_cookie)
+    session.get(f"{origin.url}/bytes/10?redirect=1").close()
+    monkeypatch.setattr(Handler, "_send", send)
+    session.get(f"{origin.url}/bytes/10?m=after-cookie").close()
+    last = origin.stats.requests[-1]
+    assert last.query == {"m": "after-cookie"} and "Cookie" not in last.headers
+    assert len(session.cookies) == 0
 
 
 def test_error_messages_carry_no_url_path_or_query() -> None:
