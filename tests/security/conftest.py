@@ -22,7 +22,7 @@ from celery import Celery
 from tests.conftest import Worker, failure, run
 from tests.server import OriginServer, body_sha256
 
-SECRET_FREE_DEST = "ok/ready.bin"
+READY_DEST = "ok/ready.bin"
 
 
 def mark() -> str:
@@ -54,7 +54,7 @@ class Sandbox:
         self.root.mkdir()
         self.outside.mkdir()
         (self.root / "ok").mkdir()
-        (self.root / SECRET_FREE_DEST).write_bytes(b"ready\n")
+        (self.root / READY_DEST).write_bytes(b"ready\n")
         (self.root / "link").symlink_to(self.outside)  # a directory symlink leading out
         (self.root / "file").write_bytes(b"a file, not a directory\n")
         (self.root / "adir").mkdir()
@@ -81,7 +81,7 @@ class Sandbox:
                 client,
                 worker,
                 url=f"{self.origin.url}/never",
-                dest=SECRET_FREE_DEST,
+                dest=READY_DEST,
                 sha256=hashlib.sha256(b"ready\n").hexdigest(),
             )
             assert done["skipped"] is True
