@@ -20,7 +20,7 @@ from kombu.exceptions import KombuError
 from tasks import arguments
 from tasks.download import Limits, Outcome, download
 from tasks.errors import DestinationBusyError, DownloadError, PermanentError, TransientError
-from tasks.redact import redact_kwargs, redact_url
+from tasks.redact import redact_reprs, redact_url
 from tasks.storage import Target
 from worker import lifecycle
 from worker.celery_app import app, settings
@@ -44,13 +44,6 @@ RESULT_KEYS = (
 )
 
 
-def shown(args: Any, kwargs: dict[str, Any]) -> tuple[str, str]:
-    """(argsrepr, kwargsrepr) that may be shown: URL tokens and header values masked."""
-    return repr([redact_url(a) if isinstance(a, str) else "***" for a in args]), repr(
-        redact_kwargs(kwargs)
-    )
-
-
 class RedactedRequest(Request):  # type: ignore[misc]
     """What the worker shows of a task (task-received events, `inspect active`, so Flower) has
     header values and URL tokens masked, whatever the producer put in argsrepr/kwargsrepr. The
@@ -58,7 +51,7 @@ class RedactedRequest(Request):  # type: ignore[misc]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._argsrepr, self._kwargsrepr = shown(self._args, self._kwargs)
+        self._argsrepr, self._kwargsrepr = redact_reprs(self._args, self._kwargs)
         self._request_dict["argsrepr"] = self._argsrepr
         self._request_dict["kwargsrepr"] = self._kwargsrepr
 
@@ -96,14 +89,6 @@ def checked_strategy(task: Task, app: Any, consumer: Any, **kwargs: Any) -> Any:
 class FetchTask(Task):  # type: ignore[misc]
     Request = RedactedRequest
     Strategy = "tasks.fetch:checked_strategy"
-
-    def apply_async(
-        self, args: Any = None, kwargs: dict[str, Any] | None = None, **options: Any
-    ) -> Any:
-        """Messages this task sends itself (its retries) carry redacted argsrepr/kwargsrepr:
-        Celery would fill them with the full arguments, and they travel in task-sent events."""
-        options["argsrepr"], options["kwargsrepr"] = shown(args or (), kwargs or {})
-        return super().apply_async(args, kwargs, **options)
 
 
 def retry_delay(retries: int, retry_after: float | None) -> float:

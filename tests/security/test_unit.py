@@ -208,7 +208,7 @@ def test_error_messages_carry_no_url_path_or_query() -> None:
             "https://h.test/a?access_token=t&api_key=k&sig=s&password=p",
             "https://h.test/a?access_token=***&api_key=***&sig=***&password=***",
         ),
-        ("https://h.test/a?%73ig=s", "https://h.test/a?sig=***"),
+        ("https://h.test/a?%73ig=s", "https://h.test/a?%73ig=***"),
         ("https://h.test/a?q=1#token=frag", "https://h.test/a?q=1"),
     ],
 )
