@@ -91,6 +91,11 @@ def check_url(url: Any) -> str:
         raise PermanentError(f"url: longer than {MAX_URL_LENGTH} characters")
     if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in url):
         raise PermanentError("url: must not contain whitespace or control characters")
+    if "\\" in url:
+        # urlsplit reads http://a\@b/ as host b, urllib3 (which connects) as host a.
+        raise PermanentError("url: must not contain a backslash")
+    if not _encodes(url):
+        raise PermanentError("url: must be valid Unicode (it holds a lone surrogate)")
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -100,9 +105,20 @@ def check_url(url: Any) -> str:
         raise PermanentError(f"url: scheme must be http or https, not {parts.scheme or 'none'!r}")
     if not parts.hostname:
         raise PermanentError("url: has no host")
+    if "%" in parts.hostname:
+        # urllib3 decodes it (a%2ecom is a.com.): the host we check must be the one dialled.
+        raise PermanentError("url: the host must not be percent-encoded")
     if port == 0:
         raise PermanentError("url: port 0 is not a port")
     return url
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check_sha256(value: Any) -> str | None:

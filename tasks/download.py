@@ -65,17 +65,25 @@ def download(
     root: Path,
     limits: Limits,
     on_progress: Progress = lambda done, total: None,
+    last_attempt: bool = False,
 ) -> Outcome:
-    """Download `request.url` to `root / request.dest`, resuming what an earlier attempt left."""
+    """Download `request.url` to `root / request.dest`, resuming what an earlier attempt left.
+    On the last attempt a transient failure also drops the partial: no retry will resume it."""
     target = Target(root, request.dest, request.url)
     with target.locked():
+        target.check_path()
         if request.sha256:
             existing = target.existing_sha256()
             if existing and existing[0] == request.sha256:
                 return Outcome(
                     request.url, request.dest, existing[1], existing[0], None, None, 0, skipped=True
                 )
-        return _transfer(session, request, target, limits, on_progress)
+        try:
+            return _transfer(session, request, target, limits, on_progress)
+        except TransientError:
+            if last_attempt:
+                target.discard()
+            raise
 
 
 def _transfer(
@@ -163,7 +171,11 @@ def _transfer(
         f.close()
         target.discard()
         raise PermanentError(f"sha256 mismatch: expected {request.sha256}, got {digest}")
-    st = target.publish(f)
+    try:
+        st = target.publish(f)
+    except PermanentError:
+        target.discard()  # the way to dest changed under us (a symlink): nothing to resume
+        raise
     target.save_record(
         Record(
             new_record.etag,
@@ -242,7 +254,27 @@ def _send(
     ) as exc:
         raise PermanentError(f"request refused: {_describe(exc)}") from None
     except _NETWORK_ERRORS as exc:
+        malformed = _malformed_head(exc)
+        if malformed is not None:
+            raise PermanentError(f"the server's response is malformed: {malformed}") from None
         raise TransientError(f"cannot reach {redact_url(url)}: {_describe(exc)}") from None
+
+
+def _malformed_head(exc: BaseException) -> http.client.HTTPException | None:
+    """http.client's refusal of a response head past its limits (over 100 header lines, a line
+    over 64 KiB): the server answers the same way every time, so a retry cannot help. urllib3
+    carries it as ProtocolError('Connection aborted.', <it>) inside MaxRetryError.reason."""
+    todo: list[object] = [exc]
+    for _ in range(16):  # a chain can loop
+        if not todo:
+            break
+        seen = todo.pop()
+        if not isinstance(seen, BaseException):
+            continue
+        if isinstance(seen, http.client.LineTooLong) or type(seen) is http.client.HTTPException:
+            return seen
+        todo += [seen.__cause__, seen.__context__, getattr(seen, "reason", None), *seen.args]
+    return None
 
 
 def _describe(exc: BaseException) -> str:
@@ -252,6 +284,7 @@ def _describe(exc: BaseException) -> str:
     name = type(exc).__name__
     text = str(exc)
     text = re.sub(r"https?://\S+", "<url>", text)
+    text = re.sub(r"with url: \S+", "with url: <url>", text)  # urllib3's path and query
     text = re.sub(r"(url|host)='?[^,)']*'?", r"\1=<redacted>", text)
     return f"{name}: {text}"[:300]
 

@@ -11,15 +11,16 @@ from typing import Any
 
 import redis
 from celery import Task
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import InvalidTaskError, SoftTimeLimitExceeded
 from celery.signals import task_revoked
 from celery.worker.request import Request
+from celery.worker.strategy import default as default_strategy
 from kombu.exceptions import KombuError
 
 from tasks import arguments
 from tasks.download import Limits, Outcome, download
 from tasks.errors import DestinationBusyError, DownloadError, PermanentError, TransientError
-from tasks.redact import redact_kwargs, redact_url
+from tasks.redact import redact_reprs, redact_url
 from tasks.storage import Target
 from worker import lifecycle
 from worker.celery_app import app, settings
@@ -45,19 +46,49 @@ RESULT_KEYS = (
 
 class RedactedRequest(Request):  # type: ignore[misc]
     """What the worker shows of a task (task-received events, `inspect active`, so Flower) has
-    header values and URL tokens masked, whatever the producer put in argsrepr/kwargsrepr."""
+    header values and URL tokens masked, whatever the producer put in argsrepr/kwargsrepr. The
+    request dict gets the same: the task's context (log records' extra data) is built from it."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._argsrepr = repr([redact_url(a) if isinstance(a, str) else "***" for a in self._args])
-        self._kwargsrepr = repr(redact_kwargs(self._kwargs))
+        self._argsrepr, self._kwargsrepr = redact_reprs(self._args, self._kwargs)
+        self._request_dict["argsrepr"] = self._argsrepr
+        self._request_dict["kwargsrepr"] = self._kwargsrepr
 
     def info(self, safe: bool = False) -> dict[str, Any]:
         return super().info(safe=True)  # type: ignore[no-any-return]
 
 
+def checked_strategy(task: Task, app: Any, consumer: Any, **kwargs: Any) -> Any:
+    """Celery's default strategy behind a gate. The consumer refuses pickle and the like, but
+    passes `application/data` and `application/text` through undecoded, and a body that is not
+    `[args, kwargs, embed]` raises inside the strategy: either one stops the whole worker
+    ("Unrecoverable error"), and the message, never acked, is restored to stop the next one.
+    Here such a message is an InvalidTaskError: logged and discarded."""
+    handler = default_strategy(task, app, consumer, **kwargs)
+
+    def gate(message: Any, body: Any, *args: Any, **kw: Any) -> Any:
+        if message.content_type != "application/json":
+            raise InvalidTaskError(
+                f"refused a message of content type {message.content_type!r}: only JSON"
+            )
+        payload = message.payload
+        if not (
+            isinstance(payload, list | tuple)
+            and len(payload) == 3
+            and isinstance(payload[0], list | tuple)
+            and isinstance(payload[1], dict)
+            and isinstance(payload[2], dict)
+        ):
+            raise InvalidTaskError("refused a message whose body is not [args, kwargs, embed]")
+        return handler(message, body, *args, **kw)
+
+    return gate
+
+
 class FetchTask(Task):  # type: ignore[misc]
     Request = RedactedRequest
+    Strategy = "tasks.fetch:checked_strategy"
 
 
 def retry_delay(retries: int, retry_after: float | None) -> float:
@@ -155,7 +186,12 @@ def fetch(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     attempts = _count_delivery(self)
     try:
         outcome = download(
-            lifecycle.session(), request, settings.download_dir, LIMITS, _Progress(self)
+            lifecycle.session(),
+            request,
+            settings.download_dir,
+            LIMITS,
+            _Progress(self),
+            last_attempt=self.request.retries >= settings.max_retries,
         )
     except DestinationBusyError as exc:
         # Not the download's fault: wait for the other task without spending the retry budget;

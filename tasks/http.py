@@ -3,6 +3,7 @@ encoding, and an address check made at connect time, on the address actually dia
 
 from __future__ import annotations
 
+import http.cookiejar
 import ipaddress
 import socket
 from typing import Any
@@ -11,7 +12,7 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.exceptions import NewConnectionError
+from urllib3.exceptions import NameResolutionError, NewConnectionError
 from urllib3.util.retry import Retry
 
 from tasks.errors import BlockedAddressError
@@ -61,8 +62,10 @@ class _CheckedConnectionMixin:
     def _new_conn(self) -> socket.socket:
         try:
             pairs = resolve_checked(self._dns_host, self.port, self.allow_private)
-        except socket.gaierror:
-            return super()._new_conn()  # type: ignore[misc, no-any-return]  # urllib3's error
+        except socket.gaierror as exc:
+            # urllib3's error, raised here: letting urllib3 resolve again would dial an answer
+            # nothing checked (a failed lookup followed by an internal one).
+            raise NameResolutionError(self.host, self, exc) from exc  # type: ignore[arg-type]
         name = self._dns_host
         last: Exception | None = None
         try:
@@ -108,6 +111,9 @@ def new_session(allow_private: bool, pool_maxsize: int = 4) -> requests.Session:
     session = requests.Session()
     # Proxies and .netrc from the environment would route around the address check.
     session.trust_env = False
+    # One session serves every caller's tasks in this process: a cookie a server set during one
+    # download must never go out with another caller's request. Callers send their own Cookie.
+    session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
     session.headers.update({"User-Agent": USER_AGENT, "Accept-Encoding": "identity"})
     # No urllib3 retries: Celery retries and schedules waits instead of a child sleeping for
     # Retry-After; redirects are followed by the download code so each hop is checked.

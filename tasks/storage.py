@@ -45,6 +45,11 @@ def check_dest(dest: str) -> PurePosixPath:
         raise PermanentError("dest: must not contain control characters")
     if dest.startswith("/"):
         raise PermanentError("dest: must be relative to DOWNLOAD_DIR, not absolute")
+    try:
+        dest.encode("utf-8")
+    except UnicodeEncodeError:
+        # The file system call would raise it after the whole body was fetched.
+        raise PermanentError("dest: must be valid Unicode (it holds a lone surrogate)") from None
     if dest.endswith("/"):
         raise PermanentError("dest: must name a file, not a directory (trailing '/')")
     if len(dest.encode("utf-8", "surrogatepass")) > MAX_DEST_BYTES:
@@ -239,6 +244,21 @@ class Target:
         finally:
             os.close(fd)
 
+    def check_path(self) -> None:
+        """Before any byte is fetched: refuse a destination whose existing directories include a
+        symlink or a file, or that is a directory. publish() walks again (the path may change)."""
+        try:
+            with self._parent_fd(create=False) as parent:
+                self._refuse_directory(parent)
+        except FileNotFoundError:
+            pass  # missing directories are made at publish
+        except OSError as exc:
+            raise disk_error(exc, f"checking the way to {self.dest}") from exc
+
+    def _refuse_directory(self, parent: int) -> None:
+        if _is_dir_at(parent, self.dest.name):
+            raise PermanentError(f"dest: {self.dest} is an existing directory")
+
     def existing_sha256(self) -> tuple[str, int] | None:
         """(sha256, size) of the regular file at the destination, or None if there is none."""
         try:
@@ -268,8 +288,7 @@ class Target:
             os.fsync(f.fileno())
             f.close()
             with self._parent_fd(create=True) as parent:
-                if _is_dir_at(parent, self.dest.name):
-                    raise PermanentError(f"dest: {self.dest} is an existing directory")
+                self._refuse_directory(parent)
                 os.replace(self.part_path, self.dest.name, dst_dir_fd=parent)
                 os.fsync(parent)
                 return os.stat(self.dest.name, dir_fd=parent, follow_symlinks=False)
