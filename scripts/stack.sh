@@ -45,7 +45,7 @@ else
 fi
 
 if [ -z "${FLOWER_BASIC_AUTH:-}" ]; then
-  [ -s "$RUN/flower-password" ] || "$PY" -c 'import secrets; print(secrets.token_urlsafe(12))' > "$RUN/flower-password"
+  [ -s "$RUN/flower-password" ] || (umask 077; "$PY" -c 'import secrets; print(secrets.token_urlsafe(12))' > "$RUN/flower-password")
   export FLOWER_BASIC_AUTH="admin:$(cat "$RUN/flower-password")"
 fi
 
