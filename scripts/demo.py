@@ -7,9 +7,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import socket
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -18,8 +16,10 @@ from pathlib import Path
 
 import psutil
 import redis
+from celery.result import AsyncResult
 
-from tasks.client import connect, submit, wait
+from tasks.client import BatchProgress, connect, submit, wait
+from tests.conftest import RedisServer, Worker, worker_env
 from tests.server import OriginServer
 from worker.settings import Settings
 
@@ -58,13 +58,7 @@ def gallery(folder: Path) -> list[str]:
     return names
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def redis_url(tmp: Path) -> tuple[str, subprocess.Popen[bytes] | None]:
+def private_redis(tmp: Path) -> tuple[str, RedisServer | None]:
     """The configured Redis if it answers, else a private redis-server on a free port."""
     url = os.environ.get("CELERY_BROKER_URL", "redis://localhost:6379/0").rsplit("/", 1)[0]
     try:
@@ -74,36 +68,18 @@ def redis_url(tmp: Path) -> tuple[str, subprocess.Popen[bytes] | None]:
         pass
     if shutil.which("redis-server") is None:
         sys.exit(
-            "demo: no Redis answers and redis-server is not installed (apt-get install "
-            "redis-server), or start one with `make run` first"
+            "demo: no Redis answers at CELERY_BROKER_URL and redis-server is not installed "
+            "(apt-get install redis-server), or start one with `make run` first"
         )
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--dir",
-            str(tmp),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            redis.Redis.from_url(url).ping()
-            return url, proc
-        except redis.RedisError:
-            time.sleep(0.05)
-    sys.exit("demo: redis-server did not start")
+    server = RedisServer(tmp)
+    server.start()
+    return server.url, server
 
 
 def rss_mib(pids: list[int]) -> list[float]:
-    return [round(psutil.Process(p).memory_info().rss / 2**20, 1) for p in pids]
+    return [
+        round(psutil.Process(p).memory_info().rss / 2**20, 1) for p in pids if psutil.pid_exists(p)
+    ]
 
 
 def main() -> None:
@@ -111,90 +87,52 @@ def main() -> None:
     (tmp / "site").mkdir()
     names = gallery(tmp / "site")
     origin = OriginServer(files_dir=tmp / "site").start()
-    url, redis_proc = redis_url(tmp)
-    queue = f"demo-{os.getpid()}"
+    url, own_redis = private_redis(tmp)
     out_dir = ROOT / "downloads" / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
-    env = {
-        **os.environ,
-        "CELERY_BROKER_URL": f"{url}/0",
-        "CELERY_RESULT_BACKEND": f"{url}/1",
-        "DOWNLOAD_DIR": str(out_dir),
-        "DOWNLOAD_ALLOW_PRIVATE": "true",
-        "DOWNLOAD_PROGRESS_INTERVAL": "0.2",
-        "PYTHONPATH": str(ROOT),
-    }
-    worker = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "worker",
-            "worker",
-            "-Q",
-            queue,
-            "-c",
-            "2",
-            "--hostname",
-            f"demo-{os.getpid()}@%h",
-            "-l",
-            "warning",
-            "--without-mingle",
-            "--without-gossip",
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-    )
+    # Its own worker and queue: the origin is on loopback, which `make run`'s worker refuses.
+    env = worker_env(url, out_dir, DOWNLOAD_PROGRESS_INTERVAL="0.2")
+    name = f"demo-{os.getpid()}"
     os.environ.update(CELERY_BROKER_URL=f"{url}/0", CELERY_RESULT_BACKEND=f"{url}/1")
     app = connect(Settings.from_env())
+    worker = Worker(env, name, name, tmp / "worker.log", out_dir, ["-c", "2"])
     try:
-        for _ in range(300):
-            if app.control.ping(
-                destination=[f"demo-{os.getpid()}@{socket.gethostname()}"], timeout=0.2
-            ):
-                break
-        children = [c.pid for c in psutil.Process(worker.pid).children()]
+        worker.start(app)
+        children = worker.children()
         before = rss_mib(children)
-        print(
-            f"stack: redis {url}, worker pid {worker.pid} children {children}, origin "
-            f"{origin.url}\nsubmitting {IMAGES} images..."
-        )
+        print(f"stack: redis {url}, worker children {children}, origin {origin.url}")
+        print(f"submitting {IMAGES} images...")
         started = time.monotonic()
         results = [
-            submit(app, f"{origin.url}/files/{n}", dest=f"gallery/{n}", queue=queue) for n in names
+            submit(app, f"{origin.url}/files/{n}", dest=f"gallery/{n}", queue=name) for n in names
         ]
-        states: dict[str, str] = {}
-        shown = [-1]
+        batch = BatchProgress(results)
+        shown = [""]
 
-        def show(result: object, state: str, info: object) -> None:
-            states[result.id] = state  # type: ignore[attr-defined]
-            done = sum(1 for s in states.values() if s == "SUCCESS")
-            if done != shown[0] and (done % 10 == 0 or sys.stdout.isatty()):
-                print(
-                    f"\r  {done}/{IMAGES} done", end="" if sys.stdout.isatty() else "\n", flush=True
-                )
-                shown[0] = done
+        def show(result: AsyncResult, state: str, info: object) -> None:
+            batch.update(result, state, info)
+            s = batch.summary()
+            line = f"{s['succeeded']}/{IMAGES} done, {s['running']} running, {s['bytes']} bytes"
+            if line != shown[0] and (sys.stdout.isatty() or s["succeeded"] % 10 == 0):
+                print(f"\r  {line}", end="" if sys.stdout.isatty() else "\n", flush=True)
+                shown[0] = line
 
         finished = wait(results, timeout=120, on_update=show)
         elapsed = time.monotonic() - started
         print()
         ok = [r.result for r in finished.values() if r.state == "SUCCESS"]
         total = sum(r["size"] for r in ok)
-        after = rss_mib([p for p in children if psutil.pid_exists(p)])
         print(f"files:        {len(ok)} of {IMAGES} succeeded, in {out_dir}/gallery")
         print(f"bytes:        {total} ({total / 2**20:.1f} MiB)")
         print(f"time:         {elapsed:.2f} s ({len(ok) / elapsed:.0f} files/s)")
-        print(f"children RSS: before {before} MiB, after {after} MiB")
+        print(f"children RSS: before {before} MiB, after {rss_mib(children)} MiB")
         print(f"TCP connections at the origin: {origin.stats.connections} for {IMAGES} downloads")
         if len(ok) != IMAGES:
             sys.exit(1)
     finally:
-        worker.terminate()
-        worker.wait(30)
+        worker.stop()
         origin.stop()
-        if redis_proc is not None:
-            redis_proc.terminate()
+        if own_redis is not None:
+            own_redis.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -76,7 +76,14 @@ def download(
             existing = target.existing_sha256()
             if existing and existing[0] == request.sha256:
                 return Outcome(
-                    request.url, request.dest, existing[1], existing[0], None, None, 0, skipped=True
+                    final_url=request.url,
+                    path=request.dest,
+                    size=existing[1],
+                    sha256=existing[0],
+                    content_type=None,
+                    http_status=None,
+                    resumed_from=0,
+                    skipped=True,
                 )
         try:
             return _transfer(session, request, target, limits, on_progress)
@@ -94,17 +101,9 @@ def _transfer(
     on_progress: Progress,
 ) -> Outcome:
     record = target.load_record()
-    headers = dict(request.headers)
     offset = target.partial_size() if record.validator and not record.complete else 0
     conditional = record.complete and _unchanged(target, record)
-    if offset:
-        headers["Range"] = f"bytes={offset}-"
-        headers["If-Range"] = record.validator or ""
-    elif conditional:
-        if record.etag:
-            headers["If-None-Match"] = record.etag
-        if record.last_modified:
-            headers["If-Modified-Since"] = record.last_modified
+    headers = {**request.headers, **_condition_headers(record, offset, conditional)}
 
     with _get(session, request.url, headers, limits) as response:
         if (
@@ -114,29 +113,16 @@ def _transfer(
             and record.size is not None
         ):
             return Outcome(
-                response.url,
-                request.dest,
-                record.size,
-                record.sha256,
-                record.content_type,
-                304,
-                0,
+                final_url=response.url,
+                path=request.dest,
+                size=record.size,
+                sha256=record.sha256,
+                content_type=record.content_type,
+                http_status=304,
+                resumed_from=0,
                 skipped=True,
             )
-        try:
-            _raise_for_status(response, offset)
-            start = _start_offset(response, offset)
-        except TransientError:
-            if offset:
-                target.discard()  # the server disagrees about our partial: start over next time
-            raise
-        total = _expected_total(response, start)
-        cap = min(limits.max_bytes, request.max_bytes or limits.max_bytes)
-        if total is not None and total > cap:
-            target.discard()
-            raise PermanentError(f"the body is {total} bytes, over the {cap}-byte limit")
-        if total is not None:
-            target.check_free_space(total - start)
+        start, total, cap = _admit(response, request, target, limits, offset)
         new_record = Record(
             etag=response.headers.get("ETag"),
             last_modified=response.headers.get("Last-Modified"),
@@ -162,41 +148,80 @@ def _transfer(
                 target.discard()  # without a saved validator the bytes can never be resumed
             raise
 
-    if total is not None and done != total:
-        f.close()
-        target.discard()
-        raise TransientError(f"the body ended after {done} of {total} bytes")
-    digest = hasher.hexdigest()
-    if request.sha256 and digest != request.sha256:
-        f.close()
-        target.discard()
-        raise PermanentError(f"sha256 mismatch: expected {request.sha256}, got {digest}")
+    digest = _verify(f, target, request, hasher.hexdigest(), done, total)
     try:
         st = target.publish(f)
     except PermanentError:
         target.discard()  # the way to dest changed under us (a symlink): nothing to resume
         raise
-    target.save_record(
-        Record(
-            new_record.etag,
-            new_record.last_modified,
-            True,
-            digest,
-            done,
-            st.st_mtime_ns,
-            new_record.content_type,
-        )
-    )
+    new_record.complete, new_record.sha256, new_record.size = True, digest, done
+    new_record.mtime_ns = st.st_mtime_ns
+    target.save_record(new_record)
     return Outcome(
-        response.url,
-        request.dest,
-        done,
-        digest,
-        new_record.content_type,
-        response.status_code,
-        start,
+        final_url=response.url,
+        path=request.dest,
+        size=done,
+        sha256=digest,
+        content_type=new_record.content_type,
+        http_status=response.status_code,
+        resumed_from=start,
         skipped=False,
     )
+
+
+def _condition_headers(record: Record, offset: int, conditional: bool) -> dict[str, str]:
+    """Range + If-Range to resume a partial, or the validators of the finished file to ask
+    whether it changed."""
+    if offset:
+        return {"Range": f"bytes={offset}-", "If-Range": record.validator or ""}
+    headers = {}
+    if conditional and record.etag:
+        headers["If-None-Match"] = record.etag
+    if conditional and record.last_modified:
+        headers["If-Modified-Since"] = record.last_modified
+    return headers
+
+
+def _admit(
+    response: requests.Response,
+    request: DownloadRequest,
+    target: Target,
+    limits: Limits,
+    offset: int,
+) -> tuple[int, int | None, int]:
+    """Check the response before its body: status, where it starts, size cap, free disk.
+    Return (start offset, expected total or None, the size cap)."""
+    try:
+        _raise_for_status(response, offset)
+        start = _start_offset(response, offset)
+    except TransientError:
+        if offset:
+            target.discard()  # the server disagrees about our partial: start over next time
+        raise
+    total = _expected_total(response, start)
+    cap = min(limits.max_bytes, request.max_bytes or limits.max_bytes)
+    if total is not None and total > cap:
+        target.discard()
+        raise PermanentError(f"the body is {total} bytes, over the {cap}-byte limit")
+    if total is not None:
+        target.check_free_space(total - start)
+    return start, total, cap
+
+
+def _verify(
+    f: Any, target: Target, request: DownloadRequest, digest: str, done: int, total: int | None
+) -> str:
+    """The finished body is whole and, when a sha256 was given, the right one; else nothing of
+    it is kept."""
+    if total is not None and done != total:
+        f.close()
+        target.discard()
+        raise TransientError(f"the body ended after {done} of {total} bytes")
+    if request.sha256 and digest != request.sha256:
+        f.close()
+        target.discard()
+        raise PermanentError(f"sha256 mismatch: expected {request.sha256}, got {digest}")
+    return digest
 
 
 def _unchanged(target: Target, record: Record) -> bool:
