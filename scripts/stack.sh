@@ -7,18 +7,36 @@ PY=${PY:-.venv/bin/python}
 RUN="$PWD/.run"  # absolute: redis-server resolves --logfile after changing to --dir
 mkdir -p "$RUN"
 export CELERY_BROKER_URL=${CELERY_BROKER_URL:-redis://localhost:6379/0}
-export CELERY_RESULT_BACKEND=${CELERY_RESULT_BACKEND:-redis://localhost:6379/1}
+# Results go to the broker's Redis (database 1) unless told otherwise, so that moving only the
+# broker does not leave results pointing at a Redis that may not exist.
+export CELERY_RESULT_BACKEND=${CELERY_RESULT_BACKEND:-${CELERY_BROKER_URL%/*}/1}
 FLOWER_PORT=${FLOWER_PORT:-5555}
 
+# A bad setting is one line here, not two Celery tracebacks after a banner.
+"$PY" -c 'from worker.settings import Settings, SettingsError
+import sys
+try:
+    Settings.from_env()
+except SettingsError as exc:
+    sys.exit(f"error: {exc}")' || exit 2
+if "$PY" -c 'import socket, sys; socket.create_connection(("127.0.0.1", int(sys.argv[1])), 1)' "$FLOWER_PORT" 2>/dev/null; then
+  echo "error: 127.0.0.1:$FLOWER_PORT is taken (is \`make run\` already running?). Stop it, or" >&2
+  echo "  choose another port for Flower: FLOWER_PORT=5556 make run" >&2
+  exit 2
+fi
+
 pids=()
-stop() {
+stop() {  # $1: the exit status (0 after Ctrl-C, else the failure's)
+  local rc=$1
   trap - INT TERM EXIT
   echo; echo "stopping: ${pids[*]:-nothing}"
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
   echo "stopped"
+  exit "$rc"
 }
-trap stop INT TERM EXIT
+trap 'stop 0' INT TERM
+trap 'stop $?' EXIT
 
 pings() { "$PY" -c 'import sys, redis; redis.Redis.from_url(sys.argv[1], socket_timeout=1).ping()' "$1" 2>/dev/null; }
 

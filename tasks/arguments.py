@@ -102,7 +102,9 @@ def check_url(url: Any) -> str:
     except ValueError as exc:
         raise PermanentError(f"url: not a valid URL ({exc})") from None
     if parts.scheme.lower() not in ("http", "https"):
-        raise PermanentError(f"url: scheme must be http or https, not {parts.scheme or 'none'!r}")
+        if not parts.scheme:
+            raise PermanentError("url: scheme must be http or https, and there is none")
+        raise PermanentError(f"url: scheme must be http or https, not {parts.scheme!r}")
     if not parts.hostname:
         raise PermanentError("url: has no host")
     if "%" in parts.hostname:

@@ -17,8 +17,10 @@ from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
 
+from tasks import arguments
 from tasks.client import RUNNING_STATES as RUNNING
 from tasks.client import TASK_NAME, BatchProgress, connect, submit, wait
+from tasks.errors import PermanentError
 from tasks.redact import redact_url
 from worker.settings import SettingsError
 
@@ -83,10 +85,20 @@ def _headers(pairs: list[str]) -> dict[str, str]:
     return headers
 
 
+def _task_kwargs(url: str, args: argparse.Namespace, headers: dict[str, str]) -> dict[str, Any]:
+    given = {"dest": args.dest, "sha256": args.sha256, "max_bytes": args.max_bytes}
+    return {"url": url, "headers": headers, **{k: v for k, v in given.items() if v is not None}}
+
+
 def _submit(args: argparse.Namespace, out: TextIO) -> int:
     if len(args.urls) > 1 and (args.dest or args.sha256):
         raise UsageError("--dest and --sha256 name one file: give one URL with them")
     headers = _headers(args.header)
+    for url in args.urls:  # the worker checks them too; a person wants to hear it now
+        try:
+            arguments.parse((), _task_kwargs(url, args, headers))
+        except PermanentError as exc:
+            raise UsageError(str(exc)) from None
     app = connect()
     results = [
         submit(

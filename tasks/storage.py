@@ -182,7 +182,7 @@ class Target:
         hasher = hashlib.sha256()
         try:
             fd = os.open(
-                self.part_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+                self.part_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666
             )
             f = os.fdopen(fd, "r+b", buffering=0)
             if keep:

@@ -140,6 +140,10 @@ def test_exit_codes(env, worker, origin, client):
     bad_header = cli(env, "submit", url, "--header", "no-colon-here")
     assert bad_header.returncode == 2 and "NAME:VALUE" in bad_header.stderr
     assert cli(env).returncode == 2
+    for bad in (["notaurl"], [url, "--dest", "../x"], [url, "--sha256", "xyz"]):
+        refused = cli(env, "submit", *bad)  # checked before anything is sent
+        assert refused.returncode == 2 and refused.stderr.startswith("error: "), bad
+        assert refused.stdout == ""
     bad_setting = cli({**env, "DOWNLOAD_READ_TIMEOUT": "soon"}, "status")
     assert bad_setting.returncode == 2 and "DOWNLOAD_READ_TIMEOUT='soon'" in bad_setting.stderr
     assert "Traceback" not in bad_setting.stderr

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -215,3 +217,12 @@ def test_hash_covers_the_resumed_prefix(session, tmp_path, origin):
         fetch(session, tmp_path, url)
     out = fetch(session, tmp_path, url)
     assert out.sha256 == hashlib.sha256((tmp_path / "f.bin").read_bytes()).hexdigest()
+
+
+def test_a_downloaded_file_has_the_usual_mode_for_other_readers(session, tmp_path, origin):
+    umask = os.umask(0o022)
+    try:
+        fetch(session, tmp_path, f"{origin.url}/bytes/100")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "f.bin").stat().st_mode) == 0o644
