@@ -35,7 +35,8 @@ stop() {  # $1: the exit status (0 after Ctrl-C, else the failure's)
   echo "stopped"
   exit "$rc"
 }
-trap 'stop 0' INT TERM
+interrupted=0
+trap 'interrupted=1' INT TERM  # Ctrl-C reaches the components too; they stop, then we do
 trap 'stop $?' EXIT
 
 pings() { "$PY" -c 'import sys, redis; redis.Redis.from_url(sys.argv[1], socket_timeout=1).ping()' "$1" 2>/dev/null; }
@@ -81,4 +82,7 @@ cat <<EOT
   Ctrl-C stops all of it.
 
 EOT
-wait -n "${pids[@]}"
+wait -n "${pids[@]}" || true
+if [ "$interrupted" = 1 ]; then stop 0; fi
+echo "error: a component stopped on its own (see its output above); stopping the rest" >&2
+stop 1
