@@ -15,10 +15,11 @@ from bench.config import KIB, MIB, Config
 from bench.stack import Nginx, Stack, available, reset_peak, rotated, run_measured, status_kib
 from bench.stats import ratios, summary
 from tests.conftest import Worker
+from worker.settings import Settings
 
 # output directory -> (seconds, peak RSS MiB, growth over idle RSS MiB: worker children only)
 Client = Callable[[Path], tuple[float, float, float | None]]
-DEFAULT_CHUNK = MIB
+DEFAULT_CHUNK = Settings.from_env({}).chunk_size
 
 
 def chunk_label(size: int) -> str:

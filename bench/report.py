@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from bench.large import DEFAULT_CHUNK, chunk_label
 from bench.stats import fmt, ratios
 
 RSS_PLOT, LARGE_PLOT, SMALL_PLOT = "bench-rss.png", "bench-large.png", "bench-small.png"
@@ -307,7 +308,8 @@ def _choices(p: Mapping[str, Any], large: Mapping[str, Any] | None) -> list[str]
             "|---|---|---|---|",
         ]
         for name, speed in chunks.items():
-            label = name.split(", ")[1].replace(" chunks", "") if ", " in name else "1 MiB"
+            default_label = chunk_label(DEFAULT_CHUNK)
+            label = name.split(", ")[1].replace(" chunks", "") if ", " in name else default_label
             default = " (default)" if name == "worker" else ""
             lines.append(
                 f"| {label}{default} | {fmt(speed)} | {fmt(_vs(large, name), 2)} "
@@ -330,7 +332,7 @@ def _choices(p: Mapping[str, Any], large: Mapping[str, Any] | None) -> list[str]
             f"{q['report_ms']:.2f} ms. At `DOWNLOAD_PROGRESS_INTERVAL=0.5` a 1 GiB download "
             f"makes about {q['reports_per_gib']:.0f} reports ({q['share_per_gib']:.2%} of its "
             f"time) and a 16 KiB download makes none; reporting every chunk instead would add "
-            f"{q['every_chunk_ms_per_gib']:.0f} ms per GiB at 1 MiB chunks."
+            f"{q['every_chunk_ms_per_gib']:.0f} ms per GiB at 1 MiB chunks (more at smaller ones)."
         )
     return lines
 

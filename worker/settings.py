@@ -54,7 +54,7 @@ _SOURCES: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "retry_backoff": ("DOWNLOAD_RETRY_BACKOFF", _positive(float), "2"),
     "retry_backoff_max": ("DOWNLOAD_RETRY_BACKOFF_MAX", _positive(float), "600"),
     "max_bytes": ("DOWNLOAD_MAX_BYTES", _positive(int), str(10 * 1024**3)),
-    "chunk_size": ("DOWNLOAD_CHUNK_SIZE", _positive(int), str(1024 * 1024)),
+    "chunk_size": ("DOWNLOAD_CHUNK_SIZE", _positive(int), str(128 * 1024)),
     "progress_interval": ("DOWNLOAD_PROGRESS_INTERVAL", _positive(float), "0.5"),
     "soft_time_limit": ("DOWNLOAD_SOFT_TIME_LIMIT", _positive(float), "3000"),
     "time_limit": ("DOWNLOAD_TIME_LIMIT", _positive(float), "3300"),
