@@ -17,9 +17,9 @@ from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
 
-from tasks import arguments
+from tasks import TASK_NAME, arguments
 from tasks.client import RUNNING_STATES as RUNNING
-from tasks.client import TASK_NAME, BatchProgress, connect, submit, wait
+from tasks.client import BatchProgress, connect, submit, wait
 from tasks.errors import PermanentError
 from tasks.redact import redact_url
 from worker.settings import SettingsError

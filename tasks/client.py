@@ -10,10 +10,10 @@ from typing import Any
 from celery import Celery
 from celery.result import AsyncResult
 
+from tasks import TASK_NAME
 from tasks.redact import redact_kwargs
 from worker.settings import Settings
 
-TASK_NAME = "downloads.fetch"
 DONE_STATES = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
 ProgressHook = Callable[[AsyncResult, str, Any], None]
 

@@ -17,7 +17,7 @@ from celery.worker.request import Request
 from celery.worker.strategy import default as default_strategy
 from kombu.exceptions import KombuError
 
-from tasks import arguments
+from tasks import TASK_NAME, arguments
 from tasks.download import Limits, Outcome, download
 from tasks.errors import DestinationBusyError, DownloadError, PermanentError, TransientError
 from tasks.redact import redact_reprs, redact_url
@@ -27,7 +27,6 @@ from worker.celery_app import app, settings
 
 log = logging.getLogger(__name__)
 _BROKER_ERRORS = (redis.RedisError, KombuError, OSError)
-TASK_NAME = "downloads.fetch"
 RESULT_KEYS = (
     "url",
     "final_url",

@@ -6,6 +6,7 @@ from typing import Any
 
 from celery import Celery, states
 
+from tasks import TASK_NAME
 from tasks.redact import redact_reprs
 from worker.settings import Settings
 
@@ -57,7 +58,7 @@ class DownloadsCelery(Celery):  # type: ignore[misc]
     them, and Flower shows them for as long as the task waits in the queue."""
 
     def send_task(self, name: str, *args: Any, **options: Any) -> Any:
-        if name == "downloads.fetch" and options.get("kwargsrepr") is None:
+        if name == TASK_NAME and options.get("kwargsrepr") is None:
             call_args = options.get("args", args[0] if args else None) or ()
             call_kwargs = options.get("kwargs", args[1] if len(args) > 1 else None) or {}
             options["argsrepr"], options["kwargsrepr"] = redact_reprs(call_args, call_kwargs)

@@ -24,10 +24,10 @@ from prometheus_client.core import REGISTRY, CounterMetricFamily
 from prometheus_client.registry import Collector
 from redis.exceptions import RedisError
 
+from tasks import TASK_NAME
 from worker.celery_app import app
 
 log = logging.getLogger(__name__)
-TASK_NAME = "downloads.fetch"
 BYTES_KEY = "downloads:metrics:bytes"
 RECYCLED_KEY = "downloads:metrics:recycled"
 
