@@ -7,17 +7,20 @@ import logging
 import random
 import threading
 import time
+from dataclasses import dataclass, replace
 from typing import Any
 
 import redis
 from celery import Task
-from celery.exceptions import InvalidTaskError, SoftTimeLimitExceeded
+from celery.exceptions import Ignore, InvalidTaskError, Retry, SoftTimeLimitExceeded
 from celery.signals import task_revoked
 from celery.worker.request import Request
 from celery.worker.strategy import default as default_strategy
 from kombu.exceptions import KombuError
 
 from tasks import TASK_NAME, arguments
+from tasks.arguments import DownloadRequest
+from tasks.claims import Claims, Held
 from tasks.download import Limits, Outcome, download
 from tasks.errors import DestinationBusyError, DownloadError, PermanentError, TransientError
 from tasks.redact import redact_reprs, redact_url
@@ -27,6 +30,7 @@ from worker.celery_app import app, settings
 
 log = logging.getLogger(__name__)
 _BROKER_ERRORS = (redis.RedisError, KombuError, OSError)
+WAIT_CAP_S = 10.0
 RESULT_KEYS = (
     "url",
     "final_url",
@@ -99,6 +103,66 @@ def retry_delay(retries: int, retry_after: float | None) -> float:
     return random.uniform(0, min(cap, settings.retry_backoff * 2**retries))
 
 
+def wait_delay(waits: int) -> float:
+    """Seconds before a waiting task looks again: 0.5 s doubling to WAIT_CAP_S, so a holder of an
+    hour costs a waiter a few hundred messages, not thousands."""
+    return min(WAIT_CAP_S, 0.5 * 2.0 ** min(waits, 16)) * random.uniform(0.8, 1.0)
+
+
+@dataclass(frozen=True)
+class Journey:
+    """What a download carries from run to run in its message headers (the kwargs are the public
+    contract): transient faults so far, waits so far, seconds spent waiting, the holder it waits
+    for. Celery's own `retries` counts every re-send, waits included, so it is not the budget."""
+
+    faults: int = 0
+    waits: int = 0
+    waited_s: float = 0.0
+    waiting_for: str | None = None
+
+    @classmethod
+    def of(cls, task: Task) -> Journey:
+        seen = task.request.headers or {}
+        try:
+            return cls(
+                int(seen.get("download_faults", 0)),
+                int(seen.get("download_waits", 0)),
+                float(seen.get("download_waited_s", 0.0)),
+                seen.get("download_waiting_for") or None,
+            )
+        except (TypeError, ValueError):
+            return cls()
+
+    def headers(self, task: Task) -> dict[str, Any]:
+        return {
+            **(task.request.headers or {}),
+            "download_faults": self.faults,
+            "download_waits": self.waits,
+            "download_waited_s": round(self.waited_s, 3),
+            "download_waiting_for": self.waiting_for or "",
+        }
+
+
+def _wait(task: Task, journey: Journey, holder: str | None, why: DownloadError) -> Retry:
+    """Send the task again later without spending its fault budget; it holds no worker process
+    meanwhile."""
+    delay = wait_delay(journey.waits)
+    later = replace(
+        journey, waits=journey.waits + 1, waited_s=journey.waited_s + delay, waiting_for=holder
+    )
+    return task.retry(
+        exc=why, countdown=delay, headers=later.headers(task), retry_policy=_publish_policy()
+    )
+
+
+def _publish_policy() -> dict[str, float]:
+    """Re-sending a task (a retry, a wait) rides out a broker outage as long as a result store
+    does: about one try a second for DOWNLOAD_RESULT_OUTAGE seconds. Celery drops the message if
+    the re-send fails."""
+    tries = int(settings.result_outage) + 1
+    return {"max_retries": tries, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}
+
+
 def _count_delivery(task: Task) -> int:
     """Count this run in Redis; return the runs so far. A message whose child dies every time
     (a poison URL) is redelivered forever by acks_late: it fails after DOWNLOAD_MAX_DELIVERIES."""
@@ -106,7 +170,7 @@ def _count_delivery(task: Task) -> int:
     if client is None:
         return task.request.retries + 1  # type: ignore[no-any-return]
     tid = task.request.id
-    deliveries = f"downloads:deliveries:{tid}:{task.request.retries}"
+    deliveries = delivery_key(tid, task.request.retries)
     attempts = f"downloads:attempts:{tid}"
     pipe = client.pipeline()
     pipe.incr(deliveries).expire(deliveries, settings.result_expires)
@@ -122,6 +186,39 @@ def _count_delivery(task: Task) -> int:
             "time (killed or out of memory); giving up"
         )
     return int(attempt)
+
+
+def delivery_key(task_id: str, retries: int) -> str:
+    return f"downloads:deliveries:{task_id}:{retries}"
+
+
+def _claims(task: Task, request: DownloadRequest) -> Claims | None:
+    client = getattr(task.backend, "client", None)
+    if client is None:
+        return None
+    # The holder may run up to its hard time limit, then wait up to the longest retry countdown.
+    ttl = settings.time_limit + settings.retry_backoff_max + 60
+    return Claims(client, request, task.request.id, ttl)
+
+
+def _acquire(claims: Claims | None, journey: Journey) -> Held | None:
+    if claims is None:
+        return None
+    try:
+        return claims.acquire(journey.waiting_for)
+    except _BROKER_ERRORS as exc:
+        # Redis away: the destination's flock alone keeps writers apart on this file system.
+        log.warning("destination claim not taken (%s); relying on the file lock", exc)
+        return None
+
+
+def _settle(claims: Claims | None, result: dict[str, Any] | None) -> None:
+    if claims is None:
+        return
+    try:
+        claims.finish(result) if result is not None else claims.release()
+    except _BROKER_ERRORS as exc:
+        log.warning("destination claim not released (%s); it expires on its own", exc)
 
 
 class _Progress:
@@ -161,7 +258,7 @@ def _result(
         "attempts": attempts,
         "resumed_from": outcome.resumed_from,
         "skipped": outcome.skipped,
-        "elapsed_s": round(time.monotonic() - started, 3),
+        "elapsed_s": _since(started),
         "worker": task.request.hostname,
     }
 
@@ -177,11 +274,22 @@ LIMITS = Limits(
     base=FetchTask,
     typing=False,
     throws=(PermanentError,),
+    max_retries=None,  # the fault budget is counted in Journey, not by Celery's retries
 )
 def fetch(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     """Download one URL to DOWNLOAD_DIR. Arguments and result: see the README's contract."""
     started = time.monotonic()
     request = arguments.parse(args, kwargs)
+    journey = Journey.of(self)
+    claims = _claims(self, request)
+    held = _acquire(claims, journey)
+    if held is not None and held.self_done:
+        raise Ignore()  # a redelivered copy of a download that already succeeded
+    if held is not None and held.done is not None:
+        return {**held.done, "skipped": True, "elapsed_s": _since(started)}
+    if held is not None:
+        busy = DestinationBusyError(f"another task is downloading to {request.dest} right now")
+        raise _wait(self, journey, held.task, busy)
     attempts = _count_delivery(self)
     try:
         outcome = download(
@@ -190,26 +298,38 @@ def fetch(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
             settings.download_dir,
             LIMITS,
             _Progress(self),
-            last_attempt=self.request.retries >= settings.max_retries,
+            last_attempt=journey.faults >= settings.max_retries,
         )
     except DestinationBusyError as exc:
-        # Not the download's fault: wait for the other task without spending the retry budget;
-        # the other task ends within its time limit, so this cannot loop forever.
-        raise self.retry(exc=exc, countdown=retry_delay(0, None) + 0.5, max_retries=None) from None
+        raise _wait(self, journey, journey.waiting_for, exc) from None
     except TransientError as exc:
-        if self.request.retries >= settings.max_retries:
+        if journey.faults >= settings.max_retries:
+            _settle(claims, None)
             raise TransientError(f"gave up after {attempts} attempts: {exc}") from None
+        later = replace(journey, faults=journey.faults + 1)
+        # The claim stays: the destination is still this task's while it waits for its retry.
         raise self.retry(
             exc=exc,
-            countdown=retry_delay(self.request.retries, exc.retry_after),
-            max_retries=settings.max_retries,
+            countdown=retry_delay(journey.faults, exc.retry_after),
+            headers=later.headers(self),
+            retry_policy=_publish_policy(),
         ) from None
+    except PermanentError:
+        _settle(claims, None)
+        raise
     except SoftTimeLimitExceeded:
+        _settle(claims, None)
         raise PermanentError(
             f"stopped after DOWNLOAD_SOFT_TIME_LIMIT ({settings.soft_time_limit:g}s); the bytes "
             "received so far are kept, so submitting it again resumes"
         ) from None
-    return _result(self, outcome, request.url, attempts, started)
+    result = _result(self, outcome, request.url, attempts, started)
+    _settle(claims, result)
+    return result
+
+
+def _since(started: float) -> float:
+    return round(time.monotonic() - started, 3)
 
 
 @task_revoked.connect(sender=fetch)

@@ -5,9 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery, states
+from celery.app import backends
+from celery.backends.redis import RedisBackend
 
 from tasks import TASK_NAME
 from tasks.redact import redact_reprs
+from worker.backend import DurableRedisBackend
 from worker.settings import Settings
 
 settings = Settings.from_env()
@@ -39,6 +42,8 @@ def celery_config(s: Settings) -> dict[str, Any]:
         "broker_transport_options": transport,
         "result_backend_transport_options": transport,
         "result_expires": s.result_expires,
+        # Our own key, read by DurableRedisBackend: how long a final state waits for Redis.
+        "download_result_outage": s.result_outage,
         "task_soft_time_limit": s.soft_time_limit,
         "task_time_limit": s.time_limit,
         # Events make Flower see tasks; task-sent is read on the producer side.
@@ -53,7 +58,9 @@ def celery_config(s: Settings) -> dict[str, Any]:
 
 
 class DownloadsCelery(Celery):  # type: ignore[misc]
-    """Whoever publishes `downloads.fetch` through this app (Flower's REST API runs `-A worker`;
+    """Results go through DurableRedisBackend when the backend is Redis (worker/backend.py).
+
+    Whoever publishes `downloads.fetch` through this app (Flower's REST API runs `-A worker`;
     the worker's own retries) sends redacted argsrepr/kwargsrepr: the task-sent event carries
     them, and Flower shows them for as long as the task waits in the queue."""
 
@@ -63,6 +70,12 @@ class DownloadsCelery(Celery):  # type: ignore[misc]
             call_kwargs = options.get("kwargs", args[1] if len(args) > 1 else None) or {}
             options["argsrepr"], options["kwargsrepr"] = redact_reprs(call_args, call_kwargs)
         return super().send_task(name, *args, **options)
+
+    def _get_backend(self) -> Any:
+        backend, url = backends.by_url(self.backend_cls or self.conf.result_backend, self.loader)
+        if backend is RedisBackend:
+            backend = DurableRedisBackend
+        return backend(app=self, url=url)
 
 
 # Event monitors (Flower) rank a custom state above REVOKED and keep showing PROGRESS for a

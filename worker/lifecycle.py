@@ -5,13 +5,21 @@ state (requests#4323, urllib3#850)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import threading
 from typing import Any
 
 import requests
-from celery.signals import worker_process_init, worker_process_shutdown, worker_ready
+from celery.signals import (
+    worker_process_init,
+    worker_process_shutdown,
+    worker_ready,
+    worker_shutting_down,
+)
+from celery.worker import state
 
 from tasks.http import new_session
 from tasks.storage import sweep_partials
@@ -57,3 +65,51 @@ def session() -> requests.Session:
 def session_created_in() -> int | None:
     """The pid that made this process's session (for tests: it must be the child's own)."""
     return _process["pid"]  # type: ignore[no-any-return]
+
+
+@worker_ready.connect
+def keep_consumer(sender: Any = None, **_: Any) -> None:
+    _process["consumer"] = sender
+
+
+@worker_shutting_down.connect
+def bound_the_shutdown(how: str = "", **_: Any) -> None:
+    """A warm shutdown waits for running downloads, but only DOWNLOAD_SHUTDOWN_GRACE seconds
+    (set it below the supervisor's grace period): then their children are killed, and late acks
+    with task_reject_on_worker_lost put the messages straight back in the queue, where another
+    worker resumes them from their partials. Left to the supervisor's SIGKILL instead, the whole
+    worker dies and Redis hands the messages out again only after the visibility timeout.
+    These kills are not deaths: each one's delivery is uncounted first, so three deploys do not
+    turn a download into a poison message."""
+    if how == "Warm":
+        timer = threading.Timer(settings.shutdown_grace, _requeue_running)
+        timer.daemon = True
+        timer.start()
+
+
+def _requeue_running() -> None:
+    consumer = _process.get("consumer")
+    running = [r for r in list(state.active_requests) if r.worker_pid and not r.acknowledged]
+    if consumer is None or not running:
+        return
+    log.warning(
+        "shutdown grace (%ss) over: requeueing %d running downloads",
+        settings.shutdown_grace,
+        len(running),
+    )
+    _uncount_deliveries(consumer.app, running)
+    for request in running:
+        with contextlib.suppress(OSError):
+            consumer.pool.terminate_job(request.worker_pid, signal.SIGKILL)
+
+
+def _uncount_deliveries(app: Any, running: list[Any]) -> None:
+    from tasks.fetch import delivery_key
+
+    try:
+        pipe = app.backend.client.pipeline()
+        for request in running:
+            pipe.decr(delivery_key(request.id, int(request.request_dict.get("retries") or 0)))
+        pipe.execute()
+    except Exception as exc:  # Redis away: the kill still beats waiting for the visibility timeout
+        log.warning("deliveries of requeued downloads not uncounted (%s)", exc)

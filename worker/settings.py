@@ -62,6 +62,8 @@ _SOURCES: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "max_deliveries": ("DOWNLOAD_MAX_DELIVERIES", _positive(int), "3"),
     "partial_max_age": ("DOWNLOAD_PARTIAL_MAX_AGE", _positive(int), str(7 * 24 * 3600)),
     "result_expires": ("DOWNLOAD_RESULT_EXPIRES", _positive(int), str(7 * 24 * 3600)),
+    "result_outage": ("DOWNLOAD_RESULT_OUTAGE", _positive(float), "300"),
+    "shutdown_grace": ("DOWNLOAD_SHUTDOWN_GRACE", _positive(float), "90"),
     "max_tasks_per_child": ("WORKER_MAX_TASKS_PER_CHILD", _non_negative_int, "1000"),
     "max_memory_per_child": ("WORKER_MAX_MEMORY_PER_CHILD", _non_negative_int, "262144"),
 }
@@ -87,6 +89,8 @@ class Settings:
     max_deliveries: int
     partial_max_age: int
     result_expires: int
+    result_outage: float
+    shutdown_grace: float
     max_tasks_per_child: int
     max_memory_per_child: int
 

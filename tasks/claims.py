@@ -1,0 +1,99 @@
+"""Who downloads to a destination, fleet-wide: one claim per destination in Redis.
+
+A claim names its holder (a task id) and the download's key (what changes the bytes: url, dest,
+headers, sha256, max_bytes). It outlives one attempt, so a holder waiting between its own retries
+keeps the destination; it expires on its own (the holder's hard time limit plus the longest retry
+countdown) if the holder is lost. A finished holder leaves its result in the claim for a while,
+and a task that waited for that holder with the same key takes it instead of downloading again.
+
+The flock in `tasks.storage` stays the guarantee that one process writes a file at a time; the
+claim is what lets everybody else wait without holding a worker process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from tasks.arguments import DownloadRequest
+
+# A finished holder's result stays this long for the tasks that waited on it; a waiter that comes
+# later than that downloads (a conditional request: 304 when nothing changed).
+DONE_TTL_S = 3600
+_PREFIX = "downloads:claim:"
+
+# KEYS: claim, this task's result meta. ARGV: me, key, ttl ms, the holder I waited for.
+# Returns nil when the claim is now mine, else a JSON object saying who holds it or what it left.
+_ACQUIRE = """
+local meta = redis.call('GET', KEYS[2])
+if meta and string.find(meta, '"status": "SUCCESS"', 1, true) then
+  return cjson.encode({task=ARGV[1], self_done=true})
+end
+local v = redis.call('GET', KEYS[1])
+if v then
+  local c = cjson.decode(v)
+  if c.task ~= ARGV[1] then
+    if not c.done then return v end
+    if c.task == ARGV[4] and c.key == ARGV[2] then return v end
+  end
+end
+redis.call('SET', KEYS[1], cjson.encode({task=ARGV[1], key=ARGV[2]}), 'PX', ARGV[3])
+return false
+"""
+# KEYS: claim. ARGV: me, new value or '' to delete, ttl ms. Only the holder changes its claim.
+_SETTLE = """
+local v = redis.call('GET', KEYS[1])
+if not v or cjson.decode(v).task ~= ARGV[1] then return 0 end
+if ARGV[2] == '' then redis.call('DEL', KEYS[1]) else
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) end
+return 1
+"""
+
+
+def flight_key(request: DownloadRequest) -> str:
+    """What makes two downloads the same download: identical bytes for the same caller."""
+    parts: list[Any] = [request.url, request.dest, sorted(request.headers.items())]
+    parts += [request.sha256 or "", request.max_bytes or 0]
+    return hashlib.sha256(json.dumps(parts).encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def claim_name(dest: str) -> str:
+    return _PREFIX + hashlib.sha256(dest.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class Held:
+    """Someone else's claim (`done` is None while it runs), or this task's own earlier success."""
+
+    task: str
+    done: dict[str, Any] | None = None
+    self_done: bool = False
+
+
+class Claims:
+    """The claim of one destination for one task, kept in the result backend's Redis."""
+
+    def __init__(self, client: Any, request: DownloadRequest, task_id: str, ttl_s: float):
+        self.client, self.task_id, self.ttl_ms = client, task_id, int(ttl_s * 1000)
+        self.name, self.key = claim_name(request.dest), flight_key(request)
+
+    def acquire(self, waited_for: str | None) -> Held | None:
+        """Take (or renew) the claim: None when it is ours now."""
+        meta = f"celery-task-meta-{self.task_id}"
+        raw = self.client.eval(
+            _ACQUIRE, 2, self.name, meta, self.task_id, self.key, self.ttl_ms, waited_for or ""
+        )
+        if raw is None:
+            return None
+        seen = json.loads(raw)
+        return Held(seen["task"], seen.get("done"), bool(seen.get("self_done")))
+
+    def finish(self, result: dict[str, Any]) -> None:
+        """Leave the result for those who waited, and the destination to whoever comes next."""
+        value = json.dumps({"task": self.task_id, "key": self.key, "done": result})
+        self.client.eval(_SETTLE, 1, self.name, self.task_id, value, DONE_TTL_S * 1000)
+
+    def release(self) -> None:
+        self.client.eval(_SETTLE, 1, self.name, self.task_id, "", 0)
