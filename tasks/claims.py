@@ -3,8 +3,9 @@
 A claim names its holder (a task id) and the download's key (what changes the bytes: url, dest,
 headers, sha256, max_bytes). It outlives one attempt, so a holder waiting between its own retries
 keeps the destination; it expires on its own (the holder's hard time limit plus the longest retry
-countdown) if the holder is lost. A finished holder leaves its result in the claim for a while,
-and a task that waited for that holder with the same key takes it instead of downloading again.
+countdown) if the holder is lost. A finished holder leaves its result (under its task id) for a
+while, and a task that waited for that holder with the same key takes it instead of downloading
+again, whoever holds the destination by then.
 
 The flock in `tasks.storage` stays the guarantee that one process writes a file at a time; the
 claim is what lets everybody else wait without holding a worker process.
@@ -24,30 +25,26 @@ from tasks.arguments import DownloadRequest
 DONE_TTL_S = 3600
 _PREFIX = "downloads:claim:"
 
-# KEYS: claim, this task's result meta. ARGV: me, key, ttl ms, the holder I waited for.
-# Returns nil when the claim is now mine, else a JSON object saying who holds it or what it left.
+# KEYS: claim, this task's result meta, the result left by the holder waited for.
+# ARGV: me, key, ttl ms. Returns nil when the claim is now mine, else a JSON object: who holds
+# it, or what the holder waited for left.
 _ACQUIRE = """
 local meta = redis.call('GET', KEYS[2])
 if meta and string.find(meta, '"status": "SUCCESS"', 1, true) then
   return cjson.encode({task=ARGV[1], self_done=true})
 end
+local left = redis.call('GET', KEYS[3])
+if left and cjson.decode(left).key == ARGV[2] then return left end
 local v = redis.call('GET', KEYS[1])
-if v then
-  local c = cjson.decode(v)
-  if c.task ~= ARGV[1] then
-    if not c.done then return v end
-    if c.task == ARGV[4] and c.key == ARGV[2] then return v end
-  end
-end
+if v and cjson.decode(v).task ~= ARGV[1] then return v end
 redis.call('SET', KEYS[1], cjson.encode({task=ARGV[1], key=ARGV[2]}), 'PX', ARGV[3])
 return false
 """
-# KEYS: claim. ARGV: me, new value or '' to delete, ttl ms. Only the holder changes its claim.
+# KEYS: claim, where to leave the result. ARGV: me, result JSON or '' (none), its ttl ms.
 _SETTLE = """
+if ARGV[2] ~= '' then redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3]) end
 local v = redis.call('GET', KEYS[1])
-if not v or cjson.decode(v).task ~= ARGV[1] then return 0 end
-if ARGV[2] == '' then redis.call('DEL', KEYS[1]) else
-  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) end
+if v and cjson.decode(v).task == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 1
 """
 
@@ -61,6 +58,10 @@ def flight_key(request: DownloadRequest) -> str:
 
 def claim_name(dest: str) -> str:
     return _PREFIX + hashlib.sha256(dest.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def left_name(task_id: str) -> str:
+    return f"downloads:done:{task_id}"
 
 
 @dataclass(frozen=True)
@@ -81,10 +82,8 @@ class Claims:
 
     def acquire(self, waited_for: str | None) -> Held | None:
         """Take (or renew) the claim: None when it is ours now."""
-        meta = f"celery-task-meta-{self.task_id}"
-        raw = self.client.eval(
-            _ACQUIRE, 2, self.name, meta, self.task_id, self.key, self.ttl_ms, waited_for or ""
-        )
+        keys = (self.name, f"celery-task-meta-{self.task_id}", left_name(waited_for or "-"))
+        raw = self.client.eval(_ACQUIRE, 3, *keys, self.task_id, self.key, self.ttl_ms)
         if raw is None:
             return None
         seen = json.loads(raw)
@@ -92,8 +91,12 @@ class Claims:
 
     def finish(self, result: dict[str, Any]) -> None:
         """Leave the result for those who waited, and the destination to whoever comes next."""
-        value = json.dumps({"task": self.task_id, "key": self.key, "done": result})
-        self.client.eval(_SETTLE, 1, self.name, self.task_id, value, DONE_TTL_S * 1000)
+        left = json.dumps({"task": self.task_id, "key": self.key, "done": result})
+        self._settle(left)
 
     def release(self) -> None:
-        self.client.eval(_SETTLE, 1, self.name, self.task_id, "", 0)
+        self._settle("")
+
+    def _settle(self, left: str) -> None:
+        keys = (self.name, left_name(self.task_id))
+        self.client.eval(_SETTLE, 2, *keys, self.task_id, left, DONE_TTL_S * 1000)

@@ -90,6 +90,13 @@ class RedisServer:
             self.proc.wait(10)
             self.proc = None
 
+    def kill(self) -> None:
+        """A crash: SIGKILL, no chance to flush anything (the AOF is fsynced per write)."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
+
 
 def _pings(client: redis.Redis) -> bool:
     try:

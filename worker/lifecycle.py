@@ -75,8 +75,8 @@ def keep_consumer(sender: Any = None, **_: Any) -> None:
 @worker_shutting_down.connect
 def bound_the_shutdown(how: str = "", **_: Any) -> None:
     """A warm shutdown waits for running downloads, but only DOWNLOAD_SHUTDOWN_GRACE seconds
-    (set it below the supervisor's grace period): then their children are killed, and late acks
-    with task_reject_on_worker_lost put the messages straight back in the queue, where another
+    (set it below the supervisor's grace period): then their children are killed and their
+    messages (late acks: not yet acknowledged) go straight back to the queue, where another
     worker resumes them from their partials. Left to the supervisor's SIGKILL instead, the whole
     worker dies and Redis hands the messages out again only after the visibility timeout.
     These kills are not deaths: each one's delivery is uncounted first, so three deploys do not
@@ -99,8 +99,12 @@ def _requeue_running() -> None:
     )
     _uncount_deliveries(consumer.app, running)
     for request in running:
+        # Not pool.terminate_job: the pool would record the task as REVOKED ("terminated").
         with contextlib.suppress(OSError):
-            consumer.pool.terminate_job(request.worker_pid, signal.SIGKILL)
+            os.kill(request.worker_pid, signal.SIGKILL)
+        # Put the message back now: a pool that is stopping does not report the lost child,
+        # so task_reject_on_worker_lost would never get to requeue it.
+        request.reject(requeue=True)
 
 
 def _uncount_deliveries(app: Any, running: list[Any]) -> None:

@@ -1,0 +1,135 @@
+"""What is accepted is finished: downloads that end while Redis is away, tasks waiting for a busy
+destination, and a warm shutdown that runs out of time."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from celery import Celery
+
+from tests.conftest import RedisServer, Worker, submit, wait_for, worker_env
+from tests.server import OriginServer, body_sha256
+
+
+@pytest.fixture
+def crashable_redis(tmp_path: Path) -> Iterator[tuple[RedisServer, Celery]]:
+    """A Redis of its own, with the persistence compose runs (appendonly, appendfsync always)."""
+    (tmp_path / "redis").mkdir()
+    server = RedisServer(tmp_path / "redis", persistent=True)
+    server.start()
+    client = Celery(broker=f"{server.url}/0", backend=f"{server.url}/1")
+    client.conf.update(accept_content=["json"], broker_connection_retry_on_startup=True)
+    yield server, client
+    server.stop()
+
+
+def _worker(server: RedisServer, client: Celery, tmp_path: Path, name: str, **env: str) -> Worker:
+    settings = worker_env(server.url, tmp_path / "dl", **env)
+    w = Worker(settings, name, "q", tmp_path / f"{name}.log", tmp_path / "dl", ["-c", "3"])
+    return w.start(client)
+
+
+def _get(origin: OriginServer, key: str) -> int:
+    return len(origin.stats.for_key(key))
+
+
+@pytest.mark.parametrize("outage", [4, 65])
+def test_downloads_that_end_while_redis_is_away_end_success(
+    crashable_redis, origin, tmp_path, outage
+):
+    server, client = crashable_redis
+    w = _worker(server, client, tmp_path, f"outage{outage}", DOWNLOAD_RESULT_OUTAGE="120")
+    size = 300_000
+    # Each finishes at a different moment: its body starts after Redis died, ends during the
+    # outage, ends after Redis is back; a fourth waits in the queue the whole time.
+    cases = {
+        "before": f"stall=1.5&rate={size * 2}",
+        "during": f"rate={size / (outage / 2 + 1):.0f}",
+        "after": f"rate={size / (outage + 4):.0f}",
+        "queued": "",
+    }
+    results = {}
+    try:
+        for case, query in cases.items():
+            url = f"{origin.url}/bytes/{size}?seed={case}{outage}&key={case}{outage}&{query}"
+            results[case] = submit(client, w, url=url, dest=f"{case}.bin")
+        running = [results[c] for c in ("before", "during", "after")]
+        wait_for(lambda: all(r.state in ("STARTED", "PROGRESS") for r in running), 30, "starts")
+        server.kill()
+        time.sleep(outage)  # the outage itself, not a synchronisation
+        server.start()
+        for case, res in results.items():
+            got = res.get(timeout=outage + 120)
+            assert got["sha256"] == body_sha256(size, f"{case}{outage}"), case
+            assert res.state == "SUCCESS"
+            assert _get(origin, f"{case}{outage}") == 1, f"{case}: transferred again"
+            assert (tmp_path / "dl" / f"{case}.bin").stat().st_size == size
+    finally:
+        assert w.stop() == 0
+
+
+def test_a_busy_destination_is_waited_for_without_a_child_or_the_fault_budget(
+    client, start_worker, origin, key
+):
+    """A holder downloads for about a minute (cut once, so it retries in between); a task for
+    the same destination and another URL then meets two faults; an identical task shares the
+    holder's result. The worker has 2 children and a budget of 2 retries."""
+    w = start_worker(DOWNLOAD_MAX_RETRIES="2")
+    size = 1_200_000
+    holder_url = f"{origin.url}/bytes/{size}?seed={key}&key={key}&rate=20000&cut=300000&cut_times=1"
+    holder = submit(client, w, url=holder_url, dest="same.bin")
+    wait_for(lambda: holder.state == "PROGRESS", 30, "the holder to run")
+    other = submit(
+        client, w, url=f"{origin.url}/bytes/5000?seed=o&key={key}o&flaky=2", dest="same.bin"
+    )
+    twin = submit(client, w, url=holder_url, dest="same.bin")
+    # Both wait without a child: a download elsewhere runs meanwhile on the second child.
+    elsewhere = submit(client, w, url=f"{origin.url}/bytes/1000?seed=e", dest="elsewhere.bin")
+    assert elsewhere.get(timeout=30)["size"] == 1000
+    assert holder.state in ("PROGRESS", "RETRY", "STARTED")
+
+    first = holder.get(timeout=180)
+    assert first["resumed_from"] == 300_000 and first["attempts"] == 2
+    shared = twin.get(timeout=60)
+    assert shared["skipped"] and shared["sha256"] == first["sha256"] == body_sha256(size, key)
+    assert len(origin.stats.for_key(key)) == 2  # the holder's two; none of the twin's
+    second = other.get(timeout=60)
+    assert second["attempts"] == 3 and second["size"] == 5000  # two faults, then success
+    holder_done = origin.stats.for_key(key)[-1].at
+    assert all(r.at > holder_done for r in origin.stats.for_key(f"{key}o"))
+    retries = w.log().count("retry: Retry in")
+    assert retries < 40, f"{retries} re-sends while waiting"
+
+
+def test_a_warm_shutdown_requeues_what_outlives_its_grace(crashable_redis, origin, tmp_path, key):
+    """Three deploys in a row (SIGTERM, a new worker): the slow download is requeued each time
+    after DOWNLOAD_SHUTDOWN_GRACE, resumes on the next worker, and is not failed as a poison
+    message although DOWNLOAD_MAX_DELIVERIES is 1; the quick one finishes within the grace."""
+    server, client = crashable_redis
+    env = {"DOWNLOAD_SHUTDOWN_GRACE": "2", "DOWNLOAD_MAX_DELIVERIES": "1"}
+    size = 3_000_000
+    slow_url = f"{origin.url}/bytes/{size}?seed={key}&key={key}&rate=100000"
+    w = _worker(server, client, tmp_path, "deploy0", **env)
+    slow = submit(client, w, url=slow_url, dest="slow.bin")
+    quick = submit(client, w, url=f"{origin.url}/bytes/200000?key={key}q&rate=200000", dest="q")
+    seen = 0
+    for deploy in range(1, 4):
+        wait_for(lambda s=seen: slow.state == "PROGRESS" and slow.info["bytes"] > s + 100_000, 30)
+        seen = slow.info["bytes"]
+        stopped = time.monotonic()
+        assert w.stop(signal.SIGTERM, timeout=30) == 0
+        assert time.monotonic() - stopped < 15
+        w = _worker(server, client, tmp_path, f"deploy{deploy}", **env)
+    try:
+        result = slow.get(timeout=90)
+        assert result["resumed_from"] >= seen > 0
+        assert result["sha256"] == body_sha256(size, key)
+        assert quick.get(timeout=10)["size"] == 200000
+        assert len(origin.stats.for_key(f"{key}q")) == 1  # finished in the grace: not again
+        assert len(origin.stats.for_key(key)) == 4  # one request per deploy, each a resume
+    finally:
+        w.stop()
