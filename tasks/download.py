@@ -27,6 +27,7 @@ RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 MAX_REDIRECTS = 10
 RESUME_MIN_BYTES = 256 * 1024
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+_DIGITS = re.compile(r"[0-9]+")
 # Errors of the network and of a body cut short; the download may work when tried again.
 _NETWORK_ERRORS = (
     requests.ConnectionError,
@@ -263,6 +264,18 @@ def _get(
 def _send(
     session: requests.Session, url: str, headers: dict[str, str], limits: Limits
 ) -> requests.Response:
+    response = _request(session, url, headers, limits)
+    try:
+        _content_length(response)
+    except PermanentError:
+        response.close()
+        raise
+    return response
+
+
+def _request(
+    session: requests.Session, url: str, headers: dict[str, str], limits: Limits
+) -> requests.Response:
     try:
         return session.get(
             url,
@@ -271,11 +284,15 @@ def _send(
             allow_redirects=False,
             timeout=(limits.connect_timeout, limits.read_timeout),
         )
+    except requests.exceptions.InvalidHeader as exc:
+        conflict = _length_conflict(exc)
+        if conflict is not None:
+            raise PermanentError(f"the server's response is malformed: {conflict}") from None
+        raise PermanentError(f"request refused: {_describe(exc)}") from None
     except (
         requests.exceptions.InvalidURL,
         requests.exceptions.InvalidSchema,
         requests.exceptions.MissingSchema,
-        requests.exceptions.InvalidHeader,
     ) as exc:
         raise PermanentError(f"request refused: {_describe(exc)}") from None
     except _NETWORK_ERRORS as exc:
@@ -283,6 +300,21 @@ def _send(
         if malformed is not None:
             raise PermanentError(f"the server's response is malformed: {malformed}") from None
         raise TransientError(f"cannot reach {redact_url(url)}: {_describe(exc)}") from None
+
+
+def _length_conflict(exc: requests.exceptions.InvalidHeader) -> str | None:
+    """urllib3 refuses two different Content-Length values itself, before we see the headers
+    ("Content-Length contained multiple unmatching values (10, 5)"), and requests reports it as
+    an InvalidHeader, the error it also uses for a bad header of ours: tell the two apart."""
+    cause = exc.__context__
+    if not isinstance(cause, urllib3.exceptions.InvalidHeader):
+        return None
+    values = re.search(r"\((.*)\)$", str(cause))
+    return _invalid_length(values.group(1)) if values else str(cause)
+
+
+def _invalid_length(value: str) -> str:
+    return f"invalid Content-Length {value[:40]!r}"
 
 
 def _malformed_head(exc: BaseException) -> http.client.HTTPException | None:
@@ -354,10 +386,22 @@ def _start_offset(response: requests.Response, offset: int) -> int:
 
 
 def _expected_total(response: requests.Response, start: int) -> int | None:
-    length = response.headers.get("Content-Length")
-    if length is None or not length.strip().isdigit():
+    length = _content_length(response)
+    return None if length is None else start + length
+
+
+def _content_length(response: requests.Response) -> int | None:
+    """The body's length, or None without one. Chunked framing overrides Content-Length (urllib3
+    then ignores it). Any other value than digits, repeated identically at most, leaves the body's
+    end unknown (RFC 9112 6.3): urllib3 would read a negative or garbled one to the connection's
+    close and call that complete, so it is refused here."""
+    value = response.headers.get("Content-Length")
+    if value is None or getattr(response.raw, "chunked", False):
         return None
-    return start + int(length)
+    lengths = {part.strip() for part in value.split(",")}
+    if len(lengths) != 1 or not all(_DIGITS.fullmatch(n) for n in lengths):
+        raise PermanentError(f"the server's response is malformed: {_invalid_length(value)}")
+    return int(lengths.pop())
 
 
 def _stream(

@@ -206,3 +206,37 @@ def test_a_full_disk_fails_cleanly_and_the_worker_goes_on(client, start_worker, 
     assert not (small_disk / "big.bin").exists() and not (small_disk / "endless").exists()
     assert partials(small_disk) == []
     assert run(client, w, url=f"{origin.url}/bytes/100000", dest="ok.bin")["size"] == 100000
+
+
+@pytest.mark.parametrize(
+    ("framing", "shown"),
+    [
+        ("clen=-5", "'-5'"),
+        ("clen=ten", "'ten'"),
+        ("clen=%2B10", "'+10'"),
+        ("clen=", "''"),
+        ("clen=10&clen2=5", "'10, 5'"),
+        ("clen=10,%205", "'10, 5'"),
+    ],
+)
+def test_an_invalid_content_length_fails_at_once(client, worker, origin, key, dest, framing, shown):
+    """RFC 9112 6.3: a response whose length cannot be known is unrecoverable, not retried."""
+    url = f"{origin.url}/bytes/10?{framing}&key={key}"
+    res = submit(client, worker, url=url, dest=dest)
+    with pytest.raises(Exception) as info:
+        res.get(timeout=30)
+    assert res.state == "FAILURE" and type(info.value).__name__ == "PermanentError"
+    assert f"the server's response is malformed: invalid Content-Length {shown}" in str(info.value)
+    assert len(origin.stats.for_key(key)) == 1
+    assert not (Path(worker.download_dir) / dest).exists()
+    assert not partial_of(worker.download_dir, dest, url).exists()
+
+
+@pytest.mark.parametrize("framing", ["clen=10&clen2=10", "clen=10,%2010", "chunked=1&clen=3"])
+def test_repeated_lengths_and_chunked_framing_are_accepted(
+    client, worker, origin, key, dest, framing
+):
+    url = f"{origin.url}/bytes/10?seed={key}&{framing}&key={key}"
+    result = run(client, worker, url=url, dest=dest)
+    assert result["size"] == 10 and result["sha256"] == body_sha256(10, key)
+    assert (Path(worker.download_dir) / dest).read_bytes() == body(10, key)
