@@ -88,6 +88,9 @@ def download(
                 )
         try:
             return _transfer(session, request, target, limits, on_progress)
+        except PermanentError:
+            target.discard()  # a retry cannot help, so nothing will resume it
+            raise
         except TransientError:
             if last_attempt:
                 target.discard()
@@ -101,30 +104,28 @@ def _transfer(
     limits: Limits,
     on_progress: Progress,
 ) -> Outcome:
-    record = target.load_record()
-    offset = target.partial_size() if record.validator and not record.complete else 0
-    conditional = record.complete and _unchanged(target, record)
-    headers = {**request.headers, **_condition_headers(record, offset, conditional)}
+    validators = target.load_sidecar()
+    offset = target.partial_size() if validators.validator else 0
+    if not offset:
+        target.discard()  # whatever is there cannot be resumed: start clean
+    finished = None if offset else target.finished_record()
+    headers = {**request.headers, **_condition_headers(validators, offset, finished)}
 
     with _get(session, request.url, headers, limits) as response:
-        if (
-            response.status_code == 304
-            and conditional
-            and record.sha256
-            and record.size is not None
-        ):
+        if response.status_code == 304 and finished is not None:
             return Outcome(
                 final_url=response.url,
                 path=request.dest,
-                size=record.size,
-                sha256=record.sha256,
-                content_type=record.content_type,
+                size=finished.size or 0,
+                sha256=finished.sha256 or "",
+                content_type=finished.content_type,
                 http_status=304,
                 resumed_from=0,
                 skipped=True,
             )
         start, total, cap = _admit(response, request, target, limits, offset)
         new_record = Record(
+            url=request.url,
             etag=response.headers.get("ETag"),
             last_modified=response.headers.get("Last-Modified"),
             content_type=response.headers.get("Content-Type"),
@@ -135,7 +136,7 @@ def _transfer(
             total is None or total - start > RESUME_MIN_BYTES
         )
         if resumable:
-            target.save_record(new_record)
+            target.save_sidecar(new_record)
         f, hasher = target.open_partial(start)
         try:
             done = _stream(response, f, hasher, start, total, cap, limits.chunk_size, on_progress)
@@ -149,20 +150,13 @@ def _transfer(
                 target.discard()  # without a saved validator the bytes can never be resumed
             raise
 
-    digest = _verify(f, target, request, hasher.hexdigest(), done, total)
-    try:
-        st = target.publish(f)
-    except PermanentError:
-        target.discard()  # the way to dest changed under us (a symlink): nothing to resume
-        raise
-    new_record.complete, new_record.sha256, new_record.size = True, digest, done
-    new_record.mtime_ns = st.st_mtime_ns
-    target.save_record(new_record)
+    new_record.sha256 = _verify(f, target, request, hasher.hexdigest(), done, total)
+    target.publish(f, new_record)
     return Outcome(
         final_url=response.url,
         path=request.dest,
         size=done,
-        sha256=digest,
+        sha256=new_record.sha256,
         content_type=new_record.content_type,
         http_status=response.status_code,
         resumed_from=start,
@@ -170,16 +164,16 @@ def _transfer(
     )
 
 
-def _condition_headers(record: Record, offset: int, conditional: bool) -> dict[str, str]:
+def _condition_headers(validators: Record, offset: int, finished: Record | None) -> dict[str, str]:
     """Range + If-Range to resume a partial, or the validators of the finished file to ask
     whether it changed."""
     if offset:
-        return {"Range": f"bytes={offset}-", "If-Range": record.validator or ""}
+        return {"Range": f"bytes={offset}-", "If-Range": validators.validator or ""}
     headers = {}
-    if conditional and record.etag:
-        headers["If-None-Match"] = record.etag
-    if conditional and record.last_modified:
-        headers["If-Modified-Since"] = record.last_modified
+    if finished is not None and finished.etag:
+        headers["If-None-Match"] = finished.etag
+    if finished is not None and finished.last_modified:
+        headers["If-Modified-Since"] = finished.last_modified
     return headers
 
 
@@ -223,11 +217,6 @@ def _verify(
         target.discard()
         raise PermanentError(f"sha256 mismatch: expected {request.sha256}, got {digest}")
     return digest
-
-
-def _unchanged(target: Target, record: Record) -> bool:
-    st = target.existing_stat()
-    return st is not None and st.st_size == record.size and st.st_mtime_ns == record.mtime_ns
 
 
 @contextlib.contextmanager

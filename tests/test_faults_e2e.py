@@ -171,17 +171,30 @@ def test_revoke_with_terminate_leaves_nothing_behind(client, worker, origin, key
     assert len(origin.stats.for_key(key)) == 1
 
 
-def test_old_partials_are_swept(tmp_path):
-    from tasks.storage import sweep_partials
+def test_the_sweep_removes_only_what_nobody_uses(tmp_path):
+    from tasks.storage import Target, sweep_partials
 
-    (tmp_path / ".partial").mkdir()
-    old, new = tmp_path / ".partial/old.part", tmp_path / ".partial/new.part"
-    for p in (old, new):
-        p.write_bytes(b"x")
-        p.with_suffix(".json").write_text("{}")
-    os.utime(old, (0, 0))
-    assert sweep_partials(tmp_path, max_age=3600) == 1
-    assert not old.exists() and not old.with_suffix(".json").exists() and new.exists()
+    area = tmp_path / ".partial"
+    area.mkdir()
+
+    def plant(name: str, old: bool = True) -> None:
+        (area / name).write_bytes(b"x")
+        if old:
+            os.utime(area / name, (0, 0))
+
+    for name in ("a.part", "a.json", "c.json", "d.json.tmp", "f.lock"):
+        plant(name)  # abandoned: a partial with its validators, orphans, a lock nobody holds
+    for name in ("b.part", "b.json", "e.json"):
+        plant(name, old=False)  # recent; e.json is written just before its partial is created
+    busy = Target(tmp_path, "busy.bin", "u")
+    with busy.locked():
+        f, _ = busy.open_partial(0)
+        os.utime(busy.part_path, (0, 0))  # looks abandoned, but its task holds it
+        assert sweep_partials(tmp_path, max_age=3600) == 5
+        assert busy.lock_path.exists() and busy.part_path.exists()
+        f.close()
+    left = sorted(p.name for p in area.iterdir())
+    assert left == sorted(["b.part", "b.json", "e.json", busy.part_path.name])
 
 
 @pytest.fixture
