@@ -1,14 +1,17 @@
-"""The in-progress area against real workers: `.partial/` holds only downloads in flight, and the
-record of a finished file travels with the file."""
+"""The in-progress area against real workers: `.partial/` holds only downloads in flight, the
+record of a finished file travels with the file, and a periodic sweep removes what a killed
+process left, never what a running download uses."""
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 from tasks.storage import RECORD_XATTR, Target
-from tests.conftest import run, submit, wait_for
+from tests.conftest import partial_of, run, submit, wait_for
+from tests.server import body_sha256
 
 
 def area(download_dir: Path) -> list[str]:
@@ -16,6 +19,13 @@ def area(download_dir: Path) -> list[str]:
         return sorted(p.name for p in (Path(download_dir) / ".partial").iterdir())
     except FileNotFoundError:
         return []
+
+
+def age(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
 
 
 def test_submitting_again_is_answered_from_the_files_own_record(client, worker, origin, key, dest):
@@ -57,3 +67,40 @@ def test_after_mixed_outcomes_the_idle_area_is_empty(client, start_worker, origi
     again = run(client, w, **jobs[6])
     assert again["skipped"] and again["http_status"] == 304
     wait_for(lambda: area(w.download_dir) == [], 30, f"an empty .partial/: {area(w.download_dir)}")
+
+
+def test_a_running_worker_sweeps_what_was_abandoned(client, start_worker):
+    w = start_worker(DOWNLOAD_PARTIAL_SWEEP_INTERVAL="0.2")
+    partial = Path(w.download_dir) / ".partial"
+    partial.mkdir(exist_ok=True)
+    for round_ in ("a", "b"):  # the second round needs a sweep after the first: it repeats
+        planted = [partial / f"{round_}{n}" for n in ("1.part", "1.json", "2.json", "3.json.tmp")]
+        planted.append(partial / f"{round_}4.lock")
+        for path in planted:
+            path.write_bytes(b"x")
+            os.utime(path, (0, 0))
+        wait_for(lambda: not any(p.exists() for p in planted), 30, f"round {round_} swept")  # noqa: B023
+    assert "abandoned files from" in w.log()
+
+
+def test_a_sweep_never_removes_a_download_in_progress(client, start_worker, origin, key):
+    """The partial is created, then the origin stalls: it looks abandoned (untouched for longer
+    than DOWNLOAD_PARTIAL_MAX_AGE) while sweeps run, but its task holds it."""
+    w = start_worker(
+        DOWNLOAD_PARTIAL_SWEEP_INTERVAL="0.2",
+        DOWNLOAD_PARTIAL_MAX_AGE="1",
+        DOWNLOAD_READ_TIMEOUT="10",
+    )
+    url = f"{origin.url}/bytes/600000?seed={key}&stall=3&key={key}"
+    res = submit(client, w, url=url, dest="slow.bin")
+    part = partial_of(w.download_dir, "slow.bin", url)
+    wait_for(part.exists, 30, "the partial")
+    wait_for(lambda: age(part) > 1.3 or not part.exists(), 30, "the partial to look abandoned")
+    assert part.exists(), "the partial of a running download was removed"
+    marker = Path(w.download_dir) / ".partial/idle.lock"
+    marker.write_bytes(b"")
+    wait_for(lambda: not marker.exists(), 30, "a sweep while the partial looks abandoned")
+    assert part.exists() and part.with_suffix(".json").exists() and not res.ready()
+    result = res.get(timeout=30)
+    assert result["attempts"] == 1 and result["sha256"] == body_sha256(600000, key)
+    assert len(origin.stats.for_key(key)) == 1

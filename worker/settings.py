@@ -61,6 +61,7 @@ _SOURCES: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "visibility_timeout": ("DOWNLOAD_VISIBILITY_TIMEOUT", _positive(int), "7200"),
     "max_deliveries": ("DOWNLOAD_MAX_DELIVERIES", _positive(int), "3"),
     "partial_max_age": ("DOWNLOAD_PARTIAL_MAX_AGE", _positive(int), str(7 * 24 * 3600)),
+    "partial_sweep_interval": ("DOWNLOAD_PARTIAL_SWEEP_INTERVAL", _positive(float), "3600"),
     "result_expires": ("DOWNLOAD_RESULT_EXPIRES", _positive(int), str(7 * 24 * 3600)),
     "max_tasks_per_child": ("WORKER_MAX_TASKS_PER_CHILD", _non_negative_int, "1000"),
     "max_memory_per_child": ("WORKER_MAX_MEMORY_PER_CHILD", _non_negative_int, "262144"),
@@ -86,6 +87,7 @@ class Settings:
     visibility_timeout: int
     max_deliveries: int
     partial_max_age: int
+    partial_sweep_interval: float
     result_expires: int
     max_tasks_per_child: int
     max_memory_per_child: int
