@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import active_pid, failure, partial_of, partials, run, submit, wait_for
+from tests.conftest import active_pid, failure, partial_of, run, submit, wait_for
 from tests.server import body, body_sha256
 
 
@@ -217,7 +217,7 @@ def test_a_full_disk_fails_cleanly_and_the_worker_goes_on(client, start_worker, 
     state, message = failure(client, w, url=f"{origin.url}/bytes/1?endless=1", dest="endless")
     assert state == "FAILURE" and "disk full" in message
     assert not (small_disk / "big.bin").exists() and not (small_disk / "endless").exists()
-    assert partials(small_disk) == []
+    assert list((small_disk / ".partial").iterdir()) == []  # no partial, validators or lock
     assert run(client, w, url=f"{origin.url}/bytes/100000", dest="ok.bin")["size"] == 100000
 
 
