@@ -27,6 +27,7 @@ RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 MAX_REDIRECTS = 10
 RESUME_MIN_BYTES = 256 * 1024
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+_DIGITS = re.compile(r"[0-9]+")
 # Errors of the network and of a body cut short; the download may work when tried again.
 _NETWORK_ERRORS = (
     requests.ConnectionError,
@@ -87,6 +88,9 @@ def download(
                 )
         try:
             return _transfer(session, request, target, limits, on_progress)
+        except PermanentError:
+            target.discard()  # a retry cannot help, so nothing will resume it
+            raise
         except TransientError:
             if last_attempt:
                 target.discard()
@@ -100,30 +104,28 @@ def _transfer(
     limits: Limits,
     on_progress: Progress,
 ) -> Outcome:
-    record = target.load_record()
-    offset = target.partial_size() if record.validator and not record.complete else 0
-    conditional = record.complete and _unchanged(target, record)
-    headers = {**request.headers, **_condition_headers(record, offset, conditional)}
+    validators = target.load_sidecar()
+    offset = target.partial_size() if validators.validator else 0
+    if not offset:
+        target.discard()  # whatever is there cannot be resumed: start clean
+    finished = None if offset else target.finished_record()
+    headers = {**request.headers, **_condition_headers(validators, offset, finished)}
 
     with _get(session, request.url, headers, limits) as response:
-        if (
-            response.status_code == 304
-            and conditional
-            and record.sha256
-            and record.size is not None
-        ):
+        if response.status_code == 304 and finished is not None:
             return Outcome(
                 final_url=response.url,
                 path=request.dest,
-                size=record.size,
-                sha256=record.sha256,
-                content_type=record.content_type,
+                size=finished.size or 0,
+                sha256=finished.sha256 or "",
+                content_type=finished.content_type,
                 http_status=304,
                 resumed_from=0,
                 skipped=True,
             )
         start, total, cap = _admit(response, request, target, limits, offset)
         new_record = Record(
+            url=request.url,
             etag=response.headers.get("ETag"),
             last_modified=response.headers.get("Last-Modified"),
             content_type=response.headers.get("Content-Type"),
@@ -134,7 +136,7 @@ def _transfer(
             total is None or total - start > RESUME_MIN_BYTES
         )
         if resumable:
-            target.save_record(new_record)
+            target.save_sidecar(new_record)
         f, hasher = target.open_partial(start)
         try:
             done = _stream(response, f, hasher, start, total, cap, limits.chunk_size, on_progress)
@@ -148,20 +150,13 @@ def _transfer(
                 target.discard()  # without a saved validator the bytes can never be resumed
             raise
 
-    digest = _verify(f, target, request, hasher.hexdigest(), done, total)
-    try:
-        st = target.publish(f)
-    except PermanentError:
-        target.discard()  # the way to dest changed under us (a symlink): nothing to resume
-        raise
-    new_record.complete, new_record.sha256, new_record.size = True, digest, done
-    new_record.mtime_ns = st.st_mtime_ns
-    target.save_record(new_record)
+    new_record.sha256 = _verify(f, target, request, hasher.hexdigest(), done, total)
+    target.publish(f, new_record)
     return Outcome(
         final_url=response.url,
         path=request.dest,
         size=done,
-        sha256=digest,
+        sha256=new_record.sha256,
         content_type=new_record.content_type,
         http_status=response.status_code,
         resumed_from=start,
@@ -169,16 +164,16 @@ def _transfer(
     )
 
 
-def _condition_headers(record: Record, offset: int, conditional: bool) -> dict[str, str]:
+def _condition_headers(validators: Record, offset: int, finished: Record | None) -> dict[str, str]:
     """Range + If-Range to resume a partial, or the validators of the finished file to ask
     whether it changed."""
     if offset:
-        return {"Range": f"bytes={offset}-", "If-Range": record.validator or ""}
+        return {"Range": f"bytes={offset}-", "If-Range": validators.validator or ""}
     headers = {}
-    if conditional and record.etag:
-        headers["If-None-Match"] = record.etag
-    if conditional and record.last_modified:
-        headers["If-Modified-Since"] = record.last_modified
+    if finished is not None and finished.etag:
+        headers["If-None-Match"] = finished.etag
+    if finished is not None and finished.last_modified:
+        headers["If-Modified-Since"] = finished.last_modified
     return headers
 
 
@@ -224,11 +219,6 @@ def _verify(
     return digest
 
 
-def _unchanged(target: Target, record: Record) -> bool:
-    st = target.existing_stat()
-    return st is not None and st.st_size == record.size and st.st_mtime_ns == record.mtime_ns
-
-
 @contextlib.contextmanager
 def _get(
     session: requests.Session, url: str, headers: dict[str, str], limits: Limits
@@ -263,6 +253,18 @@ def _get(
 def _send(
     session: requests.Session, url: str, headers: dict[str, str], limits: Limits
 ) -> requests.Response:
+    response = _request(session, url, headers, limits)
+    try:
+        _content_length(response)
+    except PermanentError:
+        response.close()
+        raise
+    return response
+
+
+def _request(
+    session: requests.Session, url: str, headers: dict[str, str], limits: Limits
+) -> requests.Response:
     try:
         return session.get(
             url,
@@ -271,11 +273,15 @@ def _send(
             allow_redirects=False,
             timeout=(limits.connect_timeout, limits.read_timeout),
         )
+    except requests.exceptions.InvalidHeader as exc:
+        conflict = _length_conflict(exc)
+        if conflict is not None:
+            raise PermanentError(f"the server's response is malformed: {conflict}") from None
+        raise PermanentError(f"request refused: {_describe(exc)}") from None
     except (
         requests.exceptions.InvalidURL,
         requests.exceptions.InvalidSchema,
         requests.exceptions.MissingSchema,
-        requests.exceptions.InvalidHeader,
     ) as exc:
         raise PermanentError(f"request refused: {_describe(exc)}") from None
     except _NETWORK_ERRORS as exc:
@@ -283,6 +289,21 @@ def _send(
         if malformed is not None:
             raise PermanentError(f"the server's response is malformed: {malformed}") from None
         raise TransientError(f"cannot reach {redact_url(url)}: {_describe(exc)}") from None
+
+
+def _length_conflict(exc: requests.exceptions.InvalidHeader) -> str | None:
+    """urllib3 refuses two different Content-Length values itself, before we see the headers
+    ("Content-Length contained multiple unmatching values (10, 5)"), and requests reports it as
+    an InvalidHeader, the error it also uses for a bad header of ours: tell the two apart."""
+    cause = exc.__context__
+    if not isinstance(cause, urllib3.exceptions.InvalidHeader):
+        return None
+    values = re.search(r"\((.*)\)$", str(cause))
+    return _invalid_length(values.group(1)) if values else str(cause)
+
+
+def _invalid_length(value: str) -> str:
+    return f"invalid Content-Length {value[:40]!r}"
 
 
 def _malformed_head(exc: BaseException) -> http.client.HTTPException | None:
@@ -354,10 +375,22 @@ def _start_offset(response: requests.Response, offset: int) -> int:
 
 
 def _expected_total(response: requests.Response, start: int) -> int | None:
-    length = response.headers.get("Content-Length")
-    if length is None or not length.strip().isdigit():
+    length = _content_length(response)
+    return None if length is None else start + length
+
+
+def _content_length(response: requests.Response) -> int | None:
+    """The body's length, or None without one. Chunked framing overrides Content-Length (urllib3
+    then ignores it). Any other value than digits, repeated identically at most, leaves the body's
+    end unknown (RFC 9112 6.3): urllib3 would read a negative or garbled one to the connection's
+    close and call that complete, so it is refused here."""
+    value = response.headers.get("Content-Length")
+    if value is None or getattr(response.raw, "chunked", False):
         return None
-    return start + int(length)
+    lengths = {part.strip() for part in value.split(",")}
+    if len(lengths) != 1 or not all(_DIGITS.fullmatch(n) for n in lengths):
+        raise PermanentError(f"the server's response is malformed: {_invalid_length(value)}")
+    return int(lengths.pop())
 
 
 def _stream(

@@ -1,10 +1,13 @@
 """The disk side: destination rules, the hidden in-progress area, locks, atomic publish, clean-up.
 
 Layout under DOWNLOAD_DIR:
-    <dest>                       only ever a complete file
-    .partial/<key>.part          bytes received so far for one (url, dest) pair
-    .partial/<key>.json          validators (ETag / Last-Modified) and, once done, the file's record
-    .partial/<dlock>.lock        held (flock) by the one task writing a destination
+    <dest>                   only ever a complete file, with its record (the URL it came from,
+                             validators, digest) in the extended attribute user.downloads.record
+    .partial/<key>.part      bytes received so far for one (url, dest) pair; flocked while in use
+    .partial/<key>.json      the validators (ETag / Last-Modified) to resume that partial with
+    .partial/<dlock>.lock    held (flock) by the one task writing a destination
+`.partial/` holds only what is in progress: a partial and its validators go when it is published
+or discarded, a lock file when it is released, and the sweep removes what a killed process left.
 Directories on the way to <dest> are opened one at a time with O_NOFOLLOW, so a symlink planted
 anywhere in the path cannot lead a write outside DOWNLOAD_DIR, even if it appears mid-download.
 """
@@ -20,7 +23,7 @@ import os
 import re
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -33,6 +36,10 @@ MAX_NAME_BYTES = 255
 MAX_DEST_BYTES = 1024
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+RECORD_XATTR = "user.downloads.record"
+# A validators file is written just before its partial is created: one without a partial is an
+# orphan only once it is older than this.
+ORPHAN_GRACE = 60.0
 
 
 def check_dest(dest: str) -> PurePosixPath:
@@ -89,11 +96,12 @@ def disk_error(exc: OSError, what: str) -> PermanentError:
 
 @dataclass
 class Record:
-    """What is known about one (url, dest) pair between attempts."""
+    """A response's validators (beside a partial, to resume it) and, on a finished file, the URL
+    it came from and what it holds (to ask the server whether it changed). Never request headers."""
 
+    url: str | None = None
     etag: str | None = None
     last_modified: str | None = None
-    complete: bool = False
     sha256: str | None = None
     size: int | None = None
     mtime_ns: int | None = None
@@ -106,6 +114,27 @@ class Record:
             return self.etag
         return self.last_modified
 
+    def to_json(self) -> bytes:
+        return json.dumps(self.__dict__).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Record:
+        """The record in `raw`, or an empty one if it is not a record (anyone who can write the
+        file can write its attributes too: nothing here is trusted to have the right types)."""
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            return cls()
+        if not isinstance(data, dict):
+            return cls()
+        kept = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        ints = ("size", "mtime_ns")
+        for name, value in kept.items():
+            wanted = int if name in ints else str
+            if value is not None and (type(value) is not wanted):
+                return cls()
+        return cls(**kept)
+
 
 class Target:
     """One destination under a root and the in-progress files of one URL for it."""
@@ -114,32 +143,29 @@ class Target:
         self.root = root
         self.dest = check_dest(dest)
         self.partial_dir = root / PARTIAL_DIR
+        self.url = url
         key = _key(url, dest)
         self.part_path = self.partial_dir / f"{key}.part"
-        self.record_path = self.partial_dir / f"{key}.json"
+        self.sidecar_path = self.partial_dir / f"{key}.json"
         self.lock_path = self.partial_dir / f"{_key(dest)}.lock"
 
     # -- locking ---------------------------------------------------------------------------
     @contextlib.contextmanager
     def locked(self, wait: float = 0) -> Iterator[None]:
         """Exclusive use of the destination across processes, waiting up to `wait` seconds;
-        busy means retry later. The kernel releases the lock of a process that dies."""
+        busy means retry later. The kernel releases the lock of a process that dies (its file
+        stays for the sweep); a released lock's file is removed."""
         self._ensure_partial_dir()
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fd = _lock_current(self.lock_path, os.O_RDWR | os.O_CREAT, time.monotonic() + wait)
+        if fd is None:
+            raise DestinationBusyError(f"another task is downloading to {self.dest} right now")
         try:
-            deadline = time.monotonic() + wait
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise DestinationBusyError(
-                            f"another task is downloading to {self.dest} right now"
-                        ) from None
-                    time.sleep(0.05)
             yield
         finally:
+            # Unlinked while still held, so no one can take this file in between; a task that
+            # opened it meanwhile finds it gone once it gets the lock, and makes a new one.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.lock_path)
             os.close(fd)
 
     def _ensure_partial_dir(self) -> None:
@@ -153,21 +179,20 @@ class Target:
         if self.partial_dir.is_symlink() or not self.partial_dir.is_dir():
             raise PermanentError(f"{self.partial_dir} must be a real directory")
 
-    # -- the record ------------------------------------------------------------------------
-    def load_record(self) -> Record:
+    # -- the partial's validators ----------------------------------------------------------
+    def load_sidecar(self) -> Record:
         try:
-            data: dict[str, Any] = json.loads(self.record_path.read_text())
-            return Record(**{k: v for k, v in data.items() if k in Record.__dataclass_fields__})
-        except (OSError, ValueError, TypeError):
+            return Record.from_json(self.sidecar_path.read_bytes())
+        except OSError:
             return Record()
 
-    def save_record(self, record: Record) -> None:
-        tmp = self.record_path.with_suffix(".json.tmp")
+    def save_sidecar(self, record: Record) -> None:
+        tmp = self.sidecar_path.with_suffix(".json.tmp")
         try:
-            tmp.write_text(json.dumps(record.__dict__))
-            os.replace(tmp, self.record_path)
+            tmp.write_bytes(Record(etag=record.etag, last_modified=record.last_modified).to_json())
+            os.replace(tmp, self.sidecar_path)
         except OSError as exc:
-            raise disk_error(exc, "saving the download's record") from exc
+            raise disk_error(exc, "saving the download's validators") from exc
 
     # -- the partial file ------------------------------------------------------------------
     def partial_size(self) -> int:
@@ -181,9 +206,11 @@ class Target:
         sha256 already fed those bytes so the digest covers the whole file."""
         hasher = hashlib.sha256()
         try:
-            fd = os.open(
-                self.part_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666
-            )
+            # Locked while open, so the sweep leaves it alone however old it looks.
+            fd = _lock_current(self.part_path, os.O_RDWR | os.O_CREAT, time.monotonic() + 10, 0o666)
+            if fd is None:
+                raise PermanentError("the partial file stayed locked by another process")
+            os.utime(fd)  # in use again: not abandoned
             f = os.fdopen(fd, "r+b", buffering=0)
             if keep:
                 remaining = keep
@@ -211,7 +238,7 @@ class Target:
             )
 
     def discard(self) -> None:
-        for path in (self.part_path, self.record_path):
+        for path in (self.part_path, *_sidecars(self.part_path)):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
@@ -274,28 +301,110 @@ class Target:
             hasher = hashlib.file_digest(f, "sha256")
             return hasher.hexdigest(), f.tell()
 
-    def existing_stat(self) -> os.stat_result | None:
+    def finished_record(self) -> Record | None:
+        """The record of the file at the destination if it came from this URL and has not been
+        changed since (same size and mtime); None otherwise, or where there are no user xattrs."""
         try:
             with self._parent_fd(create=False) as parent:
-                return os.stat(self.dest.name, dir_fd=parent, follow_symlinks=False)
+                fd = os.open(
+                    self.dest.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent
+                )
         except (OSError, PermanentError):
             return None
-
-    def publish(self, f: Any) -> os.stat_result:
-        """fsync the finished partial and rename it onto the destination in one step; then fsync
-        the directory so the rename survives a crash."""
         try:
+            st = os.fstat(fd)
+            record = Record.from_json(os.getxattr(fd, RECORD_XATTR))
+        except OSError:  # ENODATA: none; ENOTSUP: the file system keeps no user xattrs
+            return None
+        finally:
+            os.close(fd)
+        if record.url != self.url or record.sha256 is None:
+            return None
+        unchanged = stat.S_ISREG(st.st_mode) and (st.st_size, st.st_mtime_ns) == (
+            record.size,
+            record.mtime_ns,
+        )
+        return record if unchanged else None
+
+    def publish(self, f: Any, record: Record | None = None) -> os.stat_result:
+        """fsync the finished partial, with its record attached, and rename it onto the
+        destination in one step; then fsync the directory so the rename survives a crash."""
+        try:
+            if record is not None:
+                _attach(f.fileno(), record)
             os.fsync(f.fileno())
-            f.close()
             with self._parent_fd(create=True) as parent:
                 self._refuse_directory(parent)
+                # Renamed while still open: the partial's lock keeps the sweep off until then.
                 os.replace(self.part_path, self.dest.name, dst_dir_fd=parent)
                 os.fsync(parent)
-                return os.stat(self.dest.name, dir_fd=parent, follow_symlinks=False)
+                st = os.stat(self.dest.name, dir_fd=parent, follow_symlinks=False)
         except PermanentError:
             raise
         except OSError as exc:
             raise disk_error(exc, f"moving the file to {self.dest}") from exc
+        finally:
+            f.close()
+        for sidecar in _sidecars(self.part_path):  # the partial they resumed is now the file
+            with contextlib.suppress(FileNotFoundError):
+                sidecar.unlink()
+        return st
+
+
+def _attach(fd: int, record: Record) -> None:
+    """Store the record on the file itself, so it goes wherever the file goes and nothing is left
+    in .partial/. Best effort: without user xattrs (some NFS and FUSE mounts: ENOTSUP) or room for
+    them (a URL longer than ext4's one block: ENOSPC, E2BIG) the file is simply fetched whole the
+    next time instead of asked about with a conditional request."""
+    st = os.fstat(fd)
+    record.size, record.mtime_ns = st.st_size, st.st_mtime_ns  # an xattr changes neither
+    with contextlib.suppress(OSError):
+        os.setxattr(fd, RECORD_XATTR, record.to_json())
+
+
+def _sidecars(part: Path) -> tuple[Path, Path]:
+    """The validators file of a partial and its temporary name while being written."""
+    return part.with_suffix(".json"), part.with_suffix(".json.tmp")
+
+
+def _lock_current(path: Path, flags: int, deadline: float, mode: int = 0o600) -> int | None:
+    """Open `path` and flock it, trying until `deadline`; None if it is still held by then. The
+    files locked here are only ever unlinked by a holder of their lock, so once the lock is ours
+    the path must still name the file locked: if it names another (or nothing), the file was
+    removed while we waited, and the path is opened again."""
+    while True:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+        current = False
+        try:
+            if not _flock(fd, deadline):
+                return None
+            current = _names(path, fd)
+        finally:
+            if not current:
+                os.close(fd)
+        if current:
+            return fd
+
+
+def _flock(fd: int, deadline: float) -> bool:
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+
+
+def _names(path: Path, fd: int) -> bool:
+    """True if `path` names the file open at `fd`."""
+    try:
+        here = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    there = os.fstat(fd)
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
 def _is_dir_at(dir_fd: int, name: str) -> bool:
@@ -306,18 +415,47 @@ def _is_dir_at(dir_fd: int, name: str) -> bool:
 
 
 def sweep_partials(root: Path, max_age: float, now: float | None = None) -> int:
-    """Remove partial files (and their records) untouched for `max_age` seconds; return how many.
-    A download in progress touches its partial with every chunk, so it is never this old."""
+    """Remove from .partial/ what nobody will use: partial files (with their validators) untouched
+    for `max_age` seconds, validators whose partial is gone, and lock files nobody holds. Return
+    how many files went. A partial or lock in use is flocked by its task and left alone."""
     partial_dir = root / PARTIAL_DIR
     now = time.time() if now is None else now
     removed = 0
     for part in partial_dir.glob("*.part"):
-        try:
-            if now - part.stat().st_mtime < max_age:
-                continue
-            part.unlink()
-            part.with_suffix(".json").unlink(missing_ok=True)
-            removed += 1
-        except FileNotFoundError:
-            continue
+        removed += _remove_unlocked(part, lambda st: now - st.st_mtime >= max_age)
+    for lock in partial_dir.glob("*.lock"):
+        removed += _remove_unlocked(lock, lambda st: True)
+    for sidecar in [*partial_dir.glob("*.json"), *partial_dir.glob("*.json.tmp")]:
+        removed += _remove_orphan(sidecar, now)
     return removed
+
+
+def _remove_unlocked(path: Path, abandoned: Callable[[os.stat_result], bool]) -> int:
+    """Unlink `path` (a partial: with its validators) if nobody holds its flock and it is
+    `abandoned`; taken and checked under the lock, as its users expect (`_lock_current`)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return 0
+    try:
+        if not _flock(fd, deadline=0) or not _names(path, fd) or not abandoned(os.fstat(fd)):
+            return 0
+        removed = 0
+        for victim in (path, *_sidecars(path)) if path.suffix == ".part" else (path,):
+            with contextlib.suppress(FileNotFoundError):
+                victim.unlink()
+                removed += 1
+        return removed
+    finally:
+        os.close(fd)
+
+
+def _remove_orphan(sidecar: Path, now: float) -> int:
+    part = sidecar.with_name(sidecar.name.split(".", 1)[0] + ".part")
+    try:
+        if part.exists() or now - sidecar.stat().st_mtime < ORPHAN_GRACE:
+            return 0
+        sidecar.unlink()
+    except FileNotFoundError:
+        return 0
+    return 1

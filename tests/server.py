@@ -18,6 +18,9 @@ Last-Modified, Range/If-Range and If-None-Match support. Query parameters switch
   norange=1            ignore Range (answer 200 with the whole body)
   flood=<n>            add n junk headers
   ctype=<type>         Content-Type (default application/octet-stream)
+  clen=<raw>           send this literal Content-Length instead of the body's (clen2=<raw>: a
+                       second Content-Length header too), then close the connection
+  chunked=1            send the body with Transfer-Encoding: chunked (with clen, both framings)
   key=<k>              the counter flaky and cut_times use (default: the path)
 Every request is logged (path, query, headers) and every accepted connection counted.
 """
@@ -96,7 +99,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         parts = urlsplit(self.path)
-        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
         stats = self.server.stats
         key = query.get("key", parts.path)
         with stats.lock:
@@ -173,6 +176,8 @@ class Handler(BaseHTTPRequestHandler):
             short=short,
             stall=float(q["stall"]) if stalls else 0,
             rate=float(q.get("rate", "0")),
+            lengths=[q[k] for k in ("clen", "clen2") if k in q] or None,
+            chunked="chunked" in q,
         )
 
     def _if_range_ok(self, etag: str) -> bool:
@@ -191,6 +196,12 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(block)
         self.close_connection = True
 
+    def _write_chunked(self, data: bytes) -> None:
+        for i in range(0, len(data), 65536):
+            piece = data[i : i + 65536]
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+        self.wfile.write(b"0\r\n\r\n")
+
     def _send(
         self,
         status: int,
@@ -202,13 +213,25 @@ class Handler(BaseHTTPRequestHandler):
         short: int | None = None,
         stall: float = 0,
         rate: float = 0,
+        lengths: list[str] | None = None,
+        chunked: bool = False,
     ) -> None:
         self.send_response(status)
         for k, v in (headers or {}).items():
             self.send_header(k, v)
-        if not no_body:
+        if chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        if lengths is not None:
+            # Framing the client may not trust: end the exchange with the connection.
+            for value in lengths:
+                self.send_header("Content-Length", value)
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        elif not no_body and not chunked:
             self.send_header("Content-Length", str(len(data)))
         self.end_headers()
+        if chunked:
+            return self._write_chunked(data)
         if stall:
             self.server.stopping.wait(stall)
         if short is not None:

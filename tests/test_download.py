@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import json
 import os
 import stat
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,9 +16,10 @@ import requests
 
 from tasks.arguments import DownloadRequest
 from tasks.download import Limits, download
-from tasks.errors import PermanentError, TransientError
+from tasks.errors import DestinationBusyError, PermanentError, TransientError
 from tasks.http import new_session
-from tasks.storage import Target
+from tasks.storage import RECORD_XATTR, Record, Target
+from tests.conftest import wait_for
 from tests.server import OriginServer, body, body_sha256
 
 LIMITS = Limits(connect_timeout=2, read_timeout=2, max_bytes=10 * 1024 * 1024, chunk_size=65536)
@@ -34,6 +38,11 @@ def fetch(session: requests.Session, root: Path, url: str, dest: str = "f.bin", 
 
 def partials(root: Path) -> list[Path]:
     return sorted((root / ".partial").glob("*.part"))
+
+
+def in_progress_area(root: Path) -> list[str]:
+    """Every file in .partial/: once nothing runs, there should be none."""
+    return sorted(p.name for p in (root / ".partial").iterdir())
 
 
 def test_streams_the_body_to_its_destination(session, tmp_path, origin: OriginServer):
@@ -226,3 +235,115 @@ def test_a_downloaded_file_has_the_usual_mode_for_other_readers(session, tmp_pat
     finally:
         os.umask(umask)
     assert stat.S_IMODE((tmp_path / "f.bin").stat().st_mode) == 0o644
+
+
+def test_the_record_travels_with_the_file_and_nothing_stays_in_progress(session, tmp_path, origin):
+    url = f"{origin.url}/bytes/300000?seed=x"
+    fetch(session, tmp_path, url, headers={"Authorization": "Bearer planted-secret"})
+    assert in_progress_area(tmp_path) == []
+    raw = os.getxattr(tmp_path / "f.bin", RECORD_XATTR)
+    record = json.loads(raw)
+    assert record["url"] == url and record["etag"] == '"x-300000"'
+    assert record["sha256"] == body_sha256(300000, "x") and record["size"] == 300000
+    assert record["mtime_ns"] == (tmp_path / "f.bin").stat().st_mtime_ns
+    assert b"planted-secret" not in raw and b"Authorization" not in raw
+    out = fetch(session, tmp_path, url)
+    assert out.skipped and out.http_status == 304 and in_progress_area(tmp_path) == []
+
+
+def test_without_user_xattrs_it_still_downloads_and_fetches_whole_again(
+    session, tmp_path, origin, monkeypatch
+):
+    def unsupported(*args: object, **kw: object) -> bytes:
+        raise OSError(errno.ENOTSUP, os.strerror(errno.ENOTSUP))
+
+    monkeypatch.setattr(os, "setxattr", unsupported)
+    monkeypatch.setattr(os, "getxattr", unsupported)
+    url = f"{origin.url}/bytes/4000?seed=nx"
+    first = fetch(session, tmp_path, url)
+    again = fetch(session, tmp_path, url)
+    assert (first.http_status, again.http_status) == (200, 200) and not again.skipped
+    assert "If-None-Match" not in origin.stats.requests[-1].headers
+    assert (tmp_path / "f.bin").read_bytes() == body(4000, "nx")
+    assert in_progress_area(tmp_path) == []
+
+
+def test_a_record_of_another_url_at_the_same_destination_is_not_used(session, tmp_path, origin):
+    a, b = f"{origin.url}/bytes/4000?seed=ua", f"{origin.url}/bytes/4000?seed=ub"
+    fetch(session, tmp_path, a)
+    fetch(session, tmp_path, b)
+    assert "If-None-Match" not in origin.stats.requests[-1].headers
+    out = fetch(session, tmp_path, a)
+    assert not out.skipped and "If-None-Match" not in origin.stats.requests[-1].headers
+    assert (tmp_path / "f.bin").read_bytes() == body(4000, "ua")
+
+
+def test_a_record_that_is_not_one_is_ignored(session, tmp_path, origin):
+    url = f"{origin.url}/bytes/4000?seed=bad"
+    fetch(session, tmp_path, url)
+    for planted in (b"[]", b"{not json", json.dumps({"url": url, "sha256": 5}).encode()):
+        os.setxattr(tmp_path / "f.bin", RECORD_XATTR, planted)
+        out = fetch(session, tmp_path, url)
+        assert not out.skipped and out.http_status == 200
+
+
+def test_a_permanent_failure_removes_the_partial_it_would_have_resumed(session, tmp_path, origin):
+    url = f"{origin.url}/bytes/400000?clen=-5"
+    target = Target(tmp_path, "f.bin", url)
+    with target.locked():
+        target.save_sidecar(Record(etag='"0-400000"'))
+        f, _ = target.open_partial(0)
+        f.write(b"x" * 300000)
+        f.close()
+    with pytest.raises(PermanentError, match="invalid Content-Length '-5'"):
+        fetch(session, tmp_path, url)
+    assert origin.stats.requests[-1].headers["Range"] == "bytes=300000-"
+    assert in_progress_area(tmp_path) == []
+
+
+@pytest.mark.parametrize("query", ["status=404", "status=500", "sha256", "cut=1000"])
+def test_a_failed_download_leaves_no_lock(session, tmp_path, origin, query):
+    kw = {"sha256": "0" * 64} if query == "sha256" else {}
+    with pytest.raises((PermanentError, TransientError)):
+        fetch(session, tmp_path, f"{origin.url}/bytes/4000?{query}&noetag=1", **kw)
+    assert in_progress_area(tmp_path) == []
+
+
+def _open_fds_on(path: Path) -> int:
+    """How many descriptors of this process are open on `path` (or on it once it is unlinked)."""
+    names = {str(path), f"{path} (deleted)"}
+    fds = Path("/proc/self/fd")
+    return sum(1 for fd in fds.iterdir() if _readlink(fd) in names)
+
+
+def _readlink(p: Path) -> str:
+    try:
+        return os.readlink(p)
+    except OSError:
+        return ""
+
+
+def test_a_waiter_on_a_released_lock_file_takes_the_new_one(tmp_path):
+    """The waiter opened the lock file before its holder unlinked it on release: it must not end
+    up holding the old, unlinked file while someone else locks the new one at the same path."""
+    target = Target(tmp_path, "f.bin", "u")
+    got, release = threading.Event(), threading.Event()
+
+    def waiter() -> None:
+        with target.locked(wait=10):
+            got.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=waiter)
+    with target.locked():
+        thread.start()
+        wait_for(lambda: _open_fds_on(target.lock_path) == 2, 10, "the waiter to open the lock")
+    got.wait(10)
+    try:
+        with pytest.raises(DestinationBusyError), target.locked():
+            pass
+        assert target.lock_path.exists()
+    finally:
+        release.set()
+        thread.join(10)
+    assert not target.lock_path.exists()

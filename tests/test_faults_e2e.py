@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import active_pid, failure, partial_of, partials, run, submit, wait_for
+from tests.conftest import active_pid, failure, partial_of, run, submit, wait_for
 from tests.server import body, body_sha256
 
 
@@ -171,17 +171,30 @@ def test_revoke_with_terminate_leaves_nothing_behind(client, worker, origin, key
     assert len(origin.stats.for_key(key)) == 1
 
 
-def test_old_partials_are_swept(tmp_path):
-    from tasks.storage import sweep_partials
+def test_the_sweep_removes_only_what_nobody_uses(tmp_path):
+    from tasks.storage import Target, sweep_partials
 
-    (tmp_path / ".partial").mkdir()
-    old, new = tmp_path / ".partial/old.part", tmp_path / ".partial/new.part"
-    for p in (old, new):
-        p.write_bytes(b"x")
-        p.with_suffix(".json").write_text("{}")
-    os.utime(old, (0, 0))
-    assert sweep_partials(tmp_path, max_age=3600) == 1
-    assert not old.exists() and not old.with_suffix(".json").exists() and new.exists()
+    area = tmp_path / ".partial"
+    area.mkdir()
+
+    def plant(name: str, old: bool = True) -> None:
+        (area / name).write_bytes(b"x")
+        if old:
+            os.utime(area / name, (0, 0))
+
+    for name in ("a.part", "a.json", "c.json", "d.json.tmp", "f.lock"):
+        plant(name)  # abandoned: a partial with its validators, orphans, a lock nobody holds
+    for name in ("b.part", "b.json", "e.json"):
+        plant(name, old=False)  # recent; e.json is written just before its partial is created
+    busy = Target(tmp_path, "busy.bin", "u")
+    with busy.locked():
+        f, _ = busy.open_partial(0)
+        os.utime(busy.part_path, (0, 0))  # looks abandoned, but its task holds it
+        assert sweep_partials(tmp_path, max_age=3600) == 5
+        assert busy.lock_path.exists() and busy.part_path.exists()
+        f.close()
+    left = sorted(p.name for p in area.iterdir())
+    assert left == sorted(["b.part", "b.json", "e.json", busy.part_path.name])
 
 
 @pytest.fixture
@@ -204,5 +217,39 @@ def test_a_full_disk_fails_cleanly_and_the_worker_goes_on(client, start_worker, 
     state, message = failure(client, w, url=f"{origin.url}/bytes/1?endless=1", dest="endless")
     assert state == "FAILURE" and "disk full" in message
     assert not (small_disk / "big.bin").exists() and not (small_disk / "endless").exists()
-    assert partials(small_disk) == []
+    assert list((small_disk / ".partial").iterdir()) == []  # no partial, validators or lock
     assert run(client, w, url=f"{origin.url}/bytes/100000", dest="ok.bin")["size"] == 100000
+
+
+@pytest.mark.parametrize(
+    ("framing", "shown"),
+    [
+        ("clen=-5", "'-5'"),
+        ("clen=ten", "'ten'"),
+        ("clen=%2B10", "'+10'"),
+        ("clen=", "''"),
+        ("clen=10&clen2=5", "'10, 5'"),
+        ("clen=10,%205", "'10, 5'"),
+    ],
+)
+def test_an_invalid_content_length_fails_at_once(client, worker, origin, key, dest, framing, shown):
+    """RFC 9112 6.3: a response whose length cannot be known is unrecoverable, not retried."""
+    url = f"{origin.url}/bytes/10?{framing}&key={key}"
+    res = submit(client, worker, url=url, dest=dest)
+    with pytest.raises(Exception) as info:
+        res.get(timeout=30)
+    assert res.state == "FAILURE" and type(info.value).__name__ == "PermanentError"
+    assert f"the server's response is malformed: invalid Content-Length {shown}" in str(info.value)
+    assert len(origin.stats.for_key(key)) == 1
+    assert not (Path(worker.download_dir) / dest).exists()
+    assert not partial_of(worker.download_dir, dest, url).exists()
+
+
+@pytest.mark.parametrize("framing", ["clen=10&clen2=10", "clen=10,%2010", "chunked=1&clen=3"])
+def test_repeated_lengths_and_chunked_framing_are_accepted(
+    client, worker, origin, key, dest, framing
+):
+    url = f"{origin.url}/bytes/10?seed={key}&{framing}&key={key}"
+    result = run(client, worker, url=url, dest=dest)
+    assert result["size"] == 10 and result["sha256"] == body_sha256(10, key)
+    assert (Path(worker.download_dir) / dest).read_bytes() == body(10, key)

@@ -17,6 +17,7 @@ from celery.signals import (
     worker_process_init,
     worker_process_shutdown,
     worker_ready,
+    worker_shutdown,
     worker_shutting_down,
 )
 from celery.worker import state
@@ -28,6 +29,7 @@ from worker.celery_app import settings
 log = logging.getLogger(__name__)
 _process: dict[str, Any] = {"session": None, "pid": None}
 _threads = threading.local()
+_sweeping = threading.Event()  # set: the sweeper stops
 
 
 @worker_process_init.connect
@@ -45,10 +47,33 @@ def close_process_session(**_: Any) -> None:
 
 
 @worker_ready.connect
-def sweep_old_partials(**_: Any) -> None:
-    removed = sweep_partials(settings.download_dir, settings.partial_max_age)
+def start_sweeping(**_: Any) -> None:
+    """Sweep .partial/ now and every DOWNLOAD_PARTIAL_SWEEP_INTERVAL seconds, from a thread of
+    the main process: children come and go, and a worker may run for months."""
+    _sweeping.clear()
+    threading.Thread(target=_sweep_until_shutdown, name="partial-sweep", daemon=True).start()
+
+
+@worker_shutdown.connect
+def stop_sweeping(**_: Any) -> None:
+    _sweeping.set()
+
+
+def _sweep_until_shutdown() -> None:
+    while True:
+        sweep_once()
+        if _sweeping.wait(settings.partial_sweep_interval):
+            return
+
+
+def sweep_once() -> None:
+    try:
+        removed = sweep_partials(settings.download_dir, settings.partial_max_age)
+    except Exception:  # the sweeper must outlive one bad pass (a file system hiccup)
+        log.exception("sweeping %s failed; trying again next time", settings.partial_dir)
+        return
     if removed:
-        log.info("removed %d partial downloads older than %ss", removed, settings.partial_max_age)
+        log.info("removed %d abandoned files from %s", removed, settings.partial_dir)
 
 
 def session() -> requests.Session:

@@ -61,6 +61,7 @@ _SOURCES: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "visibility_timeout": ("DOWNLOAD_VISIBILITY_TIMEOUT", _positive(int), "7200"),
     "max_deliveries": ("DOWNLOAD_MAX_DELIVERIES", _positive(int), "3"),
     "partial_max_age": ("DOWNLOAD_PARTIAL_MAX_AGE", _positive(int), str(7 * 24 * 3600)),
+    "partial_sweep_interval": ("DOWNLOAD_PARTIAL_SWEEP_INTERVAL", _positive(float), "3600"),
     "result_expires": ("DOWNLOAD_RESULT_EXPIRES", _positive(int), str(7 * 24 * 3600)),
     "result_outage": ("DOWNLOAD_RESULT_OUTAGE", _positive(float), "300"),
     "shutdown_grace": ("DOWNLOAD_SHUTDOWN_GRACE", _positive(float), "90"),
@@ -88,6 +89,7 @@ class Settings:
     visibility_timeout: int
     max_deliveries: int
     partial_max_age: int
+    partial_sweep_interval: float
     result_expires: int
     result_outage: float
     shutdown_grace: float
