@@ -1,4 +1,4 @@
-"""The benchmark suite behind `make bench` (issue 6): memory and connections over many downloads,
+"""The benchmark suite behind `make bench`: memory and connections over many downloads,
 one large body, many small files, and where the time goes, all on loopback, against peers measured
 in the same run. `python -m bench` writes docs/benchmarks.md and its plots.
 

@@ -1,4 +1,4 @@
-"""How much `make bench` does: the full run (issue 6's sizes) or BENCH_QUICK=1, a smoke run."""
+"""How much `make bench` does: the full run or BENCH_QUICK=1, a smoke run."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ KIB, MIB, GIB = 1024, 1024**2, 1024**3
 @dataclass(frozen=True)
 class Config:
     quick: bool
-    many: int  # part 1: downloads of 16 KiB per variant
-    batch: int  # part 1: downloads between two RSS samples
-    large_bytes: int  # part 2: the body's size
+    many: int  # memory section: downloads of 16 KiB per variant
+    batch: int  # memory section: downloads between two RSS samples
+    large_bytes: int  # 1 GiB section: the body's size
     large_runs: int
-    chunk_sizes: tuple[int, ...]  # part 2/4: DOWNLOAD_CHUNK_SIZE values compared
-    small_files: int  # part 3: files of 16 KiB per run
+    chunk_sizes: tuple[int, ...]  # 1 GiB and profile sections: DOWNLOAD_CHUNK_SIZE values compared
+    small_files: int  # small-files section: files of 16 KiB per run
     small_runs: int
-    profile_downloads: int  # part 4
+    profile_downloads: int  # profile section
 
     @classmethod
     def from_env(cls) -> Config:

@@ -1,4 +1,4 @@
-"""Part 2: one large body (1 GiB): throughput and peak RSS of the worker child that downloads it,
+"""One large body (1 GiB): throughput and peak RSS of the worker child that downloads it,
 for several DOWNLOAD_CHUNK_SIZE values, against curl, wget, aria2c and a plain disk copy, all in
 the same rounds. Every run writes into a new directory; outputs are removed after each round."""
 
@@ -14,8 +14,8 @@ from typing import Any
 from bench.config import KIB, MIB, Config
 from bench.stack import Nginx, Stack, available, reset_peak, rotated, run_measured, status_kib
 from bench.stats import ratios, summary
-from tests.conftest import Worker
-from worker.settings import Settings
+from download_client.settings import Settings
+from tests.harness import Worker
 
 # output directory -> (seconds, peak RSS MiB, growth over idle RSS MiB: worker children only)
 Client = Callable[[Path], tuple[float, float, float | None]]

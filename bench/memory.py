@@ -1,4 +1,4 @@
-"""Part 1: RSS of each worker child over many 16 KiB downloads, connections opened at the origin,
+"""RSS of each worker child over many 16 KiB downloads, connections opened at the origin,
 sockets left in TIME_WAIT and CPU per download, for this worker, the Session-per-download
 anti-pattern and a leaking task with recycling off and on."""
 
@@ -25,7 +25,7 @@ from bench.stack import (
     time_wait,
     wait_all,
 )
-from tests.conftest import Worker
+from tests.harness import Worker
 
 RECYCLE_OFF = {"WORKER_MAX_TASKS_PER_CHILD": "0", "WORKER_MAX_MEMORY_PER_CHILD": "0"}
 LEAK_HEADROOM_MIB = 32  # recycling on: the cap sits this far above the parent's RSS

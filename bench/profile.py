@@ -1,4 +1,4 @@
-"""Part 4: where a 16 KiB download's time goes in a worker child (py-spy, sampling, no changes
+"""Where a 16 KiB download's time goes in a worker child (py-spy, sampling, no changes
 to the process), and micro-figures for the choices of hashing and progress throttling."""
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from typing import Any, cast
 from celery import Celery, Task
 
 from bench.stack import Stack, send_all, wait_all
-from tasks.fetch import _Progress
+from download_client.settings import Settings
+from tasks.progress import Progress
 
 ROOT = str(Path(__file__).resolve().parent.parent) + "/"
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
@@ -153,9 +154,10 @@ def hashing(chunk: int, total: int = 512 * 2**20) -> float:
 
 def progress_cost(app: Celery, worker_mb_per_s: float, interval: float = 0.5) -> dict[str, float]:
     """What the PROGRESS throttle saves: the cost of a check that is not due, of a report that
-    is (a result-backend write plus a task-progress event, as `_Progress` does), and what that
-    comes to for 1 GiB at the worker's measured speed."""
-    check = _Progress(cast(Task, None))
+    is (a result-backend write plus a task-progress event, as `Progress` does), and what that
+    comes to for 1 GiB at the worker's measured speed, against reporting every chunk."""
+    check = Progress(cast(Task, None), interval)
+    chunks_per_gib = 2**30 / Settings.from_env().chunk_size
     n = 200_000
     started = time.perf_counter()
     for i in range(n):
@@ -176,5 +178,5 @@ def progress_cost(app: Celery, worker_mb_per_s: float, interval: float = 0.5) ->
         "report_ms": report_ms,
         "reports_per_gib": per_gib,
         "share_per_gib": per_gib * report_ms / 1000 / seconds_per_gib,
-        "every_chunk_ms_per_gib": 1024 * report_ms,
+        "every_chunk_ms_per_gib": chunks_per_gib * report_ms,
     }

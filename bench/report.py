@@ -116,7 +116,7 @@ def _targets(r: Mapping[str, Any]) -> str:
                 v["median"] >= SMALL_TARGET,
             )
         )
-    lines = ["## Targets (issue 6)", "", "| target | wanted | measured | |", "|---|---|---|---|"]
+    lines = ["## Targets", "", "| target | wanted | measured | |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {'met' if ok else '**missed**'} |" for a, b, c, ok in rows]
     lines += _why_missed(r)
     return "\n".join(lines) + "\n"
@@ -140,7 +140,7 @@ def _why_missed(r: Mapping[str, Any]) -> list[str]:
         notes.append(
             f"against a plain copy of the file to this disk (the disk's own limit) at "
             f"{fmt(vs['dd (disk copy)'], 2)} x. What remains is the disk's, not the "
-            "download path's (see part 4 for hashing, the one cost of ours on that path)."
+            "download path's (see the profile for hashing, the one cost of ours on that path)."
         )
     return notes
 
@@ -302,7 +302,7 @@ def _choices(p: Mapping[str, Any], large: Mapping[str, Any] | None) -> list[str]
     if large:
         chunks = {k: v for k, v in large["mb_per_s"].items() if k.startswith("worker")}
         lines += [
-            "**Chunk size** (`DOWNLOAD_CHUNK_SIZE`, 1 GiB, same rounds as part 2):",
+            "**Chunk size** (`DOWNLOAD_CHUNK_SIZE`, 1 GiB, same rounds as the 1 GiB section):",
             "",
             "| chunk | MB/s | against curl | child RSS over idle MiB |",
             "|---|---|---|---|",
@@ -332,7 +332,7 @@ def _choices(p: Mapping[str, Any], large: Mapping[str, Any] | None) -> list[str]
             f"{q['report_ms']:.2f} ms. At `DOWNLOAD_PROGRESS_INTERVAL=0.5` a 1 GiB download "
             f"makes about {q['reports_per_gib']:.0f} reports ({q['share_per_gib']:.2%} of its "
             f"time) and a 16 KiB download makes none; reporting every chunk instead would add "
-            f"{q['every_chunk_ms_per_gib']:.0f} ms per GiB at 1 MiB chunks (more at smaller ones)."
+            f"{q['every_chunk_ms_per_gib']:.0f} ms per GiB at `DOWNLOAD_CHUNK_SIZE` chunks."
         )
     return lines
 

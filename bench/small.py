@@ -1,4 +1,4 @@
-"""Part 3: many 16 KiB files, files/s for this worker (2 children) against curl, wget, aria2c
+"""Many 16 KiB files, files/s for this worker (2 children) against curl, wget, aria2c
 and a no-op task on the same worker, broker and configuration (Celery's own ceiling)."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from bench.stack import (
     wait_all,
 )
 from bench.stats import ratios, summary
-from tests.conftest import Worker
+from tests.harness import Worker
 
 Client = Callable[[Path, int], float]  # (new output directory, run number) -> seconds
 

@@ -22,9 +22,9 @@ import psutil
 from celery import Celery
 from celery.result import AsyncResult
 
-from tasks.client import connect
-from tests.conftest import RedisServer, Worker, free_port, wait_for, worker_env
-from worker.settings import Settings
+from download_client.client import connect
+from download_client.settings import Settings
+from tests.harness import RedisServer, Worker, free_port, wait_for, worker_env
 
 T = TypeVar("T")
 # The worker's production defaults where the test environment shortens them.

@@ -3,17 +3,22 @@ whose message names the argument and the reason."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
-from tasks.errors import PermanentError
-from tasks.storage import check_dest, default_dest
+from download_client.errors import PermanentError
 
 ARGUMENTS = ("url", "dest", "sha256", "headers", "max_bytes")
 MAX_URL_LENGTH = 8192
+MAX_NAME_BYTES = 255
+MAX_DEST_BYTES = 1024
+PARTIAL_DIR = ".partial"  # the in-progress area under DOWNLOAD_DIR: never a destination
+_UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 MAX_HEADERS = 50
 MAX_HEADER_BYTES = 8192
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
@@ -164,3 +169,45 @@ def _check_headers(value: Any) -> dict[str, str]:
     if total > MAX_HEADER_BYTES:
         raise PermanentError(f"headers: more than {MAX_HEADER_BYTES} bytes in all")
     return dict(value)
+
+
+def check_dest(dest: str) -> PurePosixPath:
+    """A relative POSIX path naming a file inside DOWNLOAD_DIR, or PermanentError saying why not."""
+    if not dest:
+        raise PermanentError("dest: must not be empty")
+    if "\x00" in dest:
+        raise PermanentError("dest: must not contain a NUL byte")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in dest):
+        raise PermanentError("dest: must not contain control characters")
+    if dest.startswith("/"):
+        raise PermanentError("dest: must be relative to DOWNLOAD_DIR, not absolute")
+    try:
+        dest.encode("utf-8")
+    except UnicodeEncodeError:
+        # The file system call would raise it after the whole body was fetched.
+        raise PermanentError("dest: must be valid Unicode (it holds a lone surrogate)") from None
+    if dest.endswith("/"):
+        raise PermanentError("dest: must name a file, not a directory (trailing '/')")
+    if len(dest.encode("utf-8", "surrogatepass")) > MAX_DEST_BYTES:
+        raise PermanentError(f"dest: longer than {MAX_DEST_BYTES} bytes")
+    parts = dest.split("/")
+    for part in parts:
+        if part in ("", ".", ".."):
+            raise PermanentError(f"dest: {part!r} is not allowed as a path component")
+        if len(part.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+            raise PermanentError(f"dest: a path component is longer than {MAX_NAME_BYTES} bytes")
+    if parts[0] == PARTIAL_DIR:
+        raise PermanentError(f"dest: {PARTIAL_DIR}/ is the in-progress area and not writable")
+    return PurePosixPath(dest)
+
+
+def default_dest(url: str) -> str:
+    """A readable name from the URL's last path segment plus a short hash of the whole URL, so two
+    URLs never share a destination: https://x/a/cat.jpg -> cat-<10 hex>.jpg"""
+    segment = unquote(urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1])
+    name = _UNSAFE_NAME_CHARS.sub("_", segment).strip("._") or "download"
+    stem, dot, ext = name[:80].rpartition(".")
+    if not dot or not stem or len(ext) > 10:
+        stem, ext = name[:80], ""
+    digest = hashlib.sha256(url.encode()).hexdigest()[:10]
+    return f"{stem}-{digest}.{ext}" if ext else f"{stem}-{digest}"

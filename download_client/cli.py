@@ -1,4 +1,5 @@
-"""`downloads` (or `python -m tasks.cli`): submit downloads, watch them, see the fleet's status.
+"""`downloads` (or `python -m download_client.cli`): submit downloads, watch them, see the
+fleet's status.
 
 Exit codes: 0 all succeeded (or were queued, without --wait); 1 one or more downloads failed;
 2 bad usage; 3 the broker or the workers could not be reached; 4 --wait timed out.
@@ -17,12 +18,13 @@ from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
 
-from tasks import TASK_NAME, arguments
-from tasks.client import RUNNING_STATES as RUNNING
-from tasks.client import BatchProgress, connect, submit, wait
-from tasks.errors import PermanentError
-from tasks.redact import redact_url
-from worker.settings import SettingsError
+from download_client import arguments
+from download_client.client import RUNNING_STATES as RUNNING
+from download_client.client import BatchProgress, connect, submit, wait
+from download_client.contract import TASK_NAME
+from download_client.errors import PermanentError
+from download_client.redact import redact_url
+from download_client.settings import SettingsError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_TIMEOUT = 0, 1, 2, 3, 4
 

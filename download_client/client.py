@@ -10,9 +10,9 @@ from typing import Any
 from celery import Celery
 from celery.result import AsyncResult
 
-from tasks import TASK_NAME
-from tasks.redact import redact_kwargs
-from worker.settings import Settings
+from download_client.contract import TASK_NAME
+from download_client.redact import redact_kwargs
+from download_client.settings import Settings
 
 DONE_STATES = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
 ProgressHook = Callable[[AsyncResult, str, Any], None]

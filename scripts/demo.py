@@ -1,4 +1,4 @@
-"""`make demo`: the seed's scenario offline. 50 generated images served on loopback go through
+"""`make demo`: fifty images through the whole stack, offline. 50 generated images served on loopback go through
 the real stack (Redis, a real worker with 2 children), with progress and a summary: files, bytes,
 time, the children's RSS before and after, and the TCP connections the origin saw."""
 
@@ -18,10 +18,10 @@ import psutil
 import redis
 from celery.result import AsyncResult
 
-from tasks.client import BatchProgress, connect, submit, wait
-from tests.conftest import RedisServer, Worker, worker_env
+from download_client.client import BatchProgress, connect, submit, wait
+from download_client.settings import Settings
+from tests.harness import RedisServer, Worker, worker_env
 from tests.server import OriginServer
-from worker.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGES = 50

@@ -13,7 +13,7 @@ export CELERY_RESULT_BACKEND=${CELERY_RESULT_BACKEND:-${CELERY_BROKER_URL%/*}/1}
 FLOWER_PORT=${FLOWER_PORT:-5555}
 
 # A bad setting is one line here, not two Celery tracebacks after a banner.
-"$PY" -c 'from worker.settings import Settings, SettingsError
+"$PY" -c 'from download_client.settings import Settings, SettingsError
 import sys
 try:
     Settings.from_env()

@@ -1,4 +1,1 @@
-"""The download task and the plain code under it."""
-
-# The public name other services submit to; it never changes with module paths.
-TASK_NAME = "downloads.fetch"
+"""The Celery task and the download core under it (`tasks.core`: no Celery)."""

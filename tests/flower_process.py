@@ -13,7 +13,7 @@ from typing import Any
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import ROOT, free_port, wait_for
+from tests.harness import ROOT, free_port, wait_for
 
 USER = "ops"
 

@@ -7,17 +7,17 @@ import os
 import threading
 from typing import Any
 
-from worker import lifecycle
-from worker.celery_app import app
+from tasks import runtime
+from worker import app
 
 
 @app.task(name="tests.probe.session_info")
 def session_info() -> dict[str, Any]:
-    session = lifecycle.session()
+    rt = runtime.current()
     return {
         "pid": os.getpid(),
         "parent": os.getppid(),
-        "session_made_in": lifecycle.session_created_in(),
-        "session_id": id(session),
+        "session_made_in": rt.pid,
+        "session_id": id(rt.session),
         "thread": threading.get_ident(),
     }

@@ -89,11 +89,11 @@ def fake_results() -> dict[str, Any]:
 
 
 _T = "trace_task (/v/site-packages/celery/app/trace.py:400)"
-_F = f"fetch ({profile.ROOT}tasks/fetch.py:150)"
+_F = f"run ({profile.ROOT}tasks/fetch.py:50)"
 _R = "execute (/v/site-packages/redis/client.py:10)"
 COLLAPSED = f"""\
-process 1:"celery";{_T};{_F};download ({profile.ROOT}tasks/download.py:70) 30
-process 1:"celery";{_T};{_F};_count_delivery ({profile.ROOT}tasks/fetch.py:80);{_R} 10
+process 1:"celery";{_T};{_F};download ({profile.ROOT}tasks/core/transfer.py:70) 30
+process 1:"celery";{_T};{_F};count ({profile.ROOT}tasks/deliveries.py:30);{_R} 10
 process 1:"celery";{_T};store_result (/v/site-packages/celery/backends/base.py:5) 20
 """
 
@@ -102,7 +102,7 @@ def test_profile_parser_names_the_path() -> None:
     figures = profile.summarise(profile.parse(COLLAPSED))
     assert figures["samples"] == 60
     shares = dict(figures["path"])
-    assert shares["fetch (tasks/fetch.py)"] == 40 / 60
+    assert shares["run (tasks/fetch.py)"] == 40 / 60
     layers = dict(figures["layers"])
     assert layers["this project: tasks/, worker/ (disk calls included)"] == 30 / 60
 

@@ -1,6 +1,6 @@
-"""The `downloads` command and the Python client, for real: `python -m tasks.cli` in a subprocess
-against the test Redis, real workers and the loopback origin; batches of 50 with failures mixed
-in; exit codes; a live view on a pseudo-terminal."""
+"""The `downloads` command and the Python client, for real: `python -m download_client.cli` in a
+subprocess against the test Redis, real workers and the loopback origin; batches of 50 with
+failures mixed in; exit codes; a live view on a pseudo-terminal."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from tasks.client import BatchProgress, connect, submit_many, wait
-from tests.conftest import ROOT, TASK, free_port, wait_for, worker_env
-from worker.settings import Settings
+from download_client.client import BatchProgress, connect, submit_many, wait
+from download_client.settings import Settings
+from tests.harness import ROOT, TASK, free_port, wait_for, worker_env
 
 
 @pytest.fixture
@@ -27,7 +27,7 @@ def env(redis_server, tmp_path) -> dict[str, str]:
 
 def cli(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "tasks.cli", *args],
+        [sys.executable, "-m", "download_client.cli", *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -174,7 +174,7 @@ def test_live_progress_on_a_terminal(env, worker, origin):
     fast = f"{origin.url}/bytes/1000?seed={uuid.uuid4().hex}"
     primary, secondary = pty.openpty()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tasks.cli", "submit", slow, fast, "--wait"],
+        [sys.executable, "-m", "download_client.cli", "submit", slow, fast, "--wait"],
         cwd=ROOT,
         env={**env, "LINES": "40", "COLUMNS": "160"},
         stdout=secondary,

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import ROOT
-from worker.settings import documented
+from download_client.settings import documented
+from tests.harness import ROOT
 
 COMPOSE = ROOT / "docker-compose.yml"
 # Fixed for the compose network or for production, on purpose, rather than left to defaults.

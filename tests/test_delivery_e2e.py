@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from celery import Celery
 
-from tests.conftest import RedisServer, Worker, submit, wait_for, worker_env
+from tests.conftest import submit
+from tests.harness import RedisServer, Worker, wait_for, worker_env
 from tests.server import OriginServer, body_sha256
 
 

@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 import requests
 
-from tasks.arguments import DownloadRequest
-from tasks.download import Limits, download
-from tasks.errors import DestinationBusyError, PermanentError, TransientError
-from tasks.http import new_session
-from tasks.storage import RECORD_XATTR, Record, Target
-from tests.conftest import wait_for
+from download_client.arguments import DownloadRequest
+from download_client.errors import DestinationBusyError, PermanentError, TransientError
+from tasks.core.http import new_session
+from tasks.core.records import RECORD_XATTR, Record
+from tasks.core.storage import Target
+from tasks.core.transfer import Limits, download
+from tests.harness import wait_for
 from tests.server import OriginServer, body, body_sha256
 
 LIMITS = Limits(connect_timeout=2, read_timeout=2, max_bytes=10 * 1024 * 1024, chunk_size=65536)
@@ -186,7 +187,7 @@ def test_more_than_ten_redirects_fail(session, tmp_path, origin):
 
 
 def test_a_connection_refused_is_transient(session, tmp_path):
-    from tests.conftest import free_port
+    from tests.harness import free_port
 
     with pytest.raises(TransientError, match="cannot reach"):
         fetch(session, tmp_path, f"http://127.0.0.1:{free_port()}/x")

@@ -1,4 +1,4 @@
-"""Issue 3 end to end: the real network's faults against real workers. Request counts are read at
+"""End to end: the real network's faults against real workers. Request counts are read at
 the origin; the default worker retries 3 times with backoff capped at 0.3 s."""
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import active_pid, failure, partial_of, run, submit, wait_for
+from tests.conftest import active_pid, failure, partial_of, run, submit
+from tests.harness import wait_for
 from tests.server import body, body_sha256
 
 
@@ -172,7 +173,8 @@ def test_revoke_with_terminate_leaves_nothing_behind(client, worker, origin, key
 
 
 def test_the_sweep_removes_only_what_nobody_uses(tmp_path):
-    from tasks.storage import Target, sweep_partials
+    from tasks.core.storage import Target
+    from tasks.core.sweep import sweep_partials
 
     area = tmp_path / ".partial"
     area.mkdir()

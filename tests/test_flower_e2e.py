@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 from celery.result import AsyncResult
 
-from tasks.client import connect, submit
-from tests.conftest import ROOT, TASK, wait_for, worker_env
+from download_client.client import connect, submit
+from download_client.settings import Settings
+from tests.harness import ROOT, TASK, wait_for, worker_env
 from tests.server import body_sha256
-from worker.settings import Settings
 
 SECRET_HEADER = "Bearer hdr-" + uuid.uuid4().hex
 SECRET_TOKEN = "tok-" + uuid.uuid4().hex
@@ -178,7 +178,17 @@ def test_secrets_never_shown(flower, worker, origin, client, redis_server, tmp_p
     ]
     header = f"Authorization: {SECRET_HEADER}"
     cli = subprocess.run(
-        [sys.executable, "-m", "tasks.cli", "submit", url, "--header", header, "--queue", parked],
+        [
+            sys.executable,
+            "-m",
+            "download_client.cli",
+            "submit",
+            url,
+            "--header",
+            header,
+            "--queue",
+            parked,
+        ],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -9,8 +9,10 @@ import os
 import time
 from pathlib import Path
 
-from tasks.storage import RECORD_XATTR, Target
-from tests.conftest import partial_of, run, submit, wait_for
+from tasks.core.records import RECORD_XATTR
+from tasks.core.storage import Target
+from tests.conftest import partial_of, run, submit
+from tests.harness import wait_for
 from tests.server import body_sha256
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from celery import Celery
 
-from tests.conftest import RedisServer, Worker, run, submit, wait_for, worker_env
+from tests.conftest import run, submit
+from tests.harness import RedisServer, Worker, wait_for, worker_env
 
 
 def test_tasks_survive_a_redis_restart_and_consumption_goes_on(tmp_path, origin):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.settings import Settings, SettingsError, documented
+from download_client.settings import Settings, SettingsError, documented
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -18,7 +18,6 @@ def test_defaults_are_the_documented_ones():
     assert s.result_backend == "redis://localhost:6379/1"
     assert s.download_dir == Path("downloads") and s.allow_private is False
     assert s.max_memory_per_child == 262144 and s.max_tasks_per_child == 1000
-    assert s.partial_dir == Path("downloads/.partial")
 
 
 def test_every_setting_is_in_the_readme_table_with_its_default():
@@ -63,11 +62,12 @@ def test_celery_configuration_is_safe_by_construction():
 
 
 def test_the_public_task_name_and_result_keys_are_pinned():
-    from tasks.fetch import RESULT_KEYS, TASK_NAME, fetch
+    from download_client import RESULT_KEYS, TASK_NAME
+    from tasks.fetch import FetchTask
     from worker import app
 
-    assert TASK_NAME == "downloads.fetch" and fetch.name == TASK_NAME
-    assert TASK_NAME in app.tasks
+    assert TASK_NAME == "downloads.fetch" and FetchTask.name == TASK_NAME
+    assert isinstance(app.tasks[TASK_NAME], FetchTask)
     assert RESULT_KEYS == (
         "url",
         "final_url",
@@ -85,7 +85,7 @@ def test_the_public_task_name_and_result_keys_are_pinned():
 
 
 def test_default_destinations_are_readable_and_never_collide():
-    from tasks.storage import default_dest
+    from download_client.arguments import default_dest
 
     a = default_dest("https://example.com/img/cat.jpg")
     b = default_dest("https://example.com/other/cat.jpg")

@@ -1,4 +1,5 @@
-"""The Celery application, configured in one place from the settings object."""
+"""Building the Celery application from a settings object: its configuration, the task and
+the parts of the worker that hook into Celery's signals."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ from celery import Celery, states
 from celery.app import backends
 from celery.backends.redis import RedisBackend
 
-from tasks import TASK_NAME
-from tasks.redact import redact_reprs
+from download_client.contract import TASK_NAME
+from download_client.redact import redact_reprs
+from download_client.settings import Settings
+from tasks import runtime
+from tasks.fetch import FetchTask
+from worker import lifecycle, metrics, revoked, shutdown, sweeper
 from worker.backend import DurableRedisBackend
-from worker.settings import Settings
-
-settings = Settings.from_env()
 
 
 def celery_config(s: Settings) -> dict[str, Any]:
@@ -78,12 +80,21 @@ class DownloadsCelery(Celery):  # type: ignore[misc]
         return backend(app=self, url=url)
 
 
-# Event monitors (Flower) rank a custom state above REVOKED and keep showing PROGRESS for a
-# download revoked while it ran: rank PROGRESS with STARTED, which everything final overrides.
-states.PRECEDENCE_LOOKUP.setdefault("PROGRESS", states.precedence(states.STARTED))
+def create_app(settings: Settings) -> DownloadsCelery:
+    """The worker's app for these settings, with the task, the per-process lifecycle, the
+    shutdown bound, the sweeper, the revoke clean-up and the metrics connected."""
+    app = DownloadsCelery("downloads")
+    app.conf.update(celery_config(settings))
+    app.register_task(FetchTask())
+    runtime.configure(settings)
+    _rank_progress_with_started()
+    for part in (lifecycle, shutdown, sweeper, revoked, metrics):
+        part.connect(app, settings)
+    return app
 
-app = DownloadsCelery("downloads", include=["tasks.fetch"])
-app.conf.update(celery_config(settings))
 
-import worker.lifecycle  # noqa: E402, F401  (connects the per-process signal handlers)
-import worker.metrics as _metrics  # noqa: E402, F401  (bytes and recycled children for /metrics)
+def _rank_progress_with_started() -> None:
+    """Event monitors (Flower) rank a custom state above REVOKED and keep showing PROGRESS for a
+    download revoked while it ran: rank PROGRESS with STARTED, which every final state
+    overrides. Celery keeps this table in one global, so it is set here, once, for everyone."""
+    states.PRECEDENCE_LOOKUP.setdefault("PROGRESS", states.precedence(states.STARTED))

@@ -5,7 +5,7 @@ Workers count them in Redis (the result backend's database), one hash field per 
 `downloads:metrics:bytes` after each successful download (bytes received by that run: its size
 minus what it resumed from, 0 when skipped) and `downloads:metrics:recycled` when a prefork child
 exits because it reached WORKER_MAX_TASKS_PER_CHILD or WORKER_MAX_MEMORY_PER_CHILD. Every process
-that loads the app registers a collector in prometheus_client's default registry, so Flower
+that creates the app registers a collector in prometheus_client's default registry, so Flower
 (`celery -A worker flower`) serves them on its own /metrics, beside flower_*:
 
     downloads_bytes_total{worker="celery@host"}
@@ -19,22 +19,18 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from billiard.pool import EX_RECYCLE
+from celery import Celery
 from celery.signals import task_success, worker_process_shutdown
 from prometheus_client.core import REGISTRY, CounterMetricFamily
 from prometheus_client.registry import Collector
 from redis.exceptions import RedisError
 
-from tasks import TASK_NAME
-from worker.celery_app import app
+from download_client.contract import TASK_NAME
+from download_client.settings import Settings
 
 log = logging.getLogger(__name__)
 BYTES_KEY = "downloads:metrics:bytes"
 RECYCLED_KEY = "downloads:metrics:recycled"
-
-
-def _redis() -> Any:
-    """The result backend's Redis client (None when the backend is not Redis)."""
-    return getattr(app.backend, "client", None)
 
 
 def received_bytes(result: Any) -> int:
@@ -44,23 +40,35 @@ def received_bytes(result: Any) -> int:
     return max(0, int(result.get("size") or 0) - int(result.get("resumed_from") or 0))
 
 
-@task_success.connect
-def count_bytes(sender: Any = None, result: Any = None, **_: Any) -> None:
-    if getattr(sender, "name", None) != TASK_NAME:
-        return
-    n = received_bytes(result)
-    worker = result.get("worker") if isinstance(result, dict) else None
-    _incr(BYTES_KEY, str(worker or "unknown"), n)
+def connect(app: Celery, settings: Settings) -> None:
+    """Count into the result backend's Redis, and serve the counts from this process's
+    prometheus_client registry (once per process, however many apps are made)."""
+
+    def redis() -> Any:
+        return getattr(app.backend, "client", None)
+
+    def count_bytes(sender: Any = None, result: Any = None, **_: Any) -> None:
+        if getattr(sender, "name", None) == TASK_NAME:
+            worker = result.get("worker") if isinstance(result, dict) else None
+            _incr(redis(), BYTES_KEY, str(worker or "unknown"), received_bytes(result))
+
+    def count_recycled(sender: Any = None, exitcode: int | None = None, **_: Any) -> None:
+        if exitcode == EX_RECYCLE:
+            _incr(redis(), RECYCLED_KEY, str(sender or "unknown"), 1)
+
+    task_success.connect(count_bytes, weak=False, dispatch_uid="downloads-metrics-bytes")
+    worker_process_shutdown.connect(
+        count_recycled, weak=False, dispatch_uid="downloads-metrics-recycled"
+    )
+    if not any(isinstance(c, DownloadsCollector) for c in _registered()):
+        REGISTRY.register(DownloadsCollector(redis))
 
 
-@worker_process_shutdown.connect
-def count_recycled(sender: Any = None, exitcode: int | None = None, **_: Any) -> None:
-    if exitcode == EX_RECYCLE:
-        _incr(RECYCLED_KEY, str(sender or "unknown"), 1)
+def _registered() -> list[Any]:
+    return list(getattr(REGISTRY, "_collector_to_names", {}))
 
 
-def _incr(key: str, worker: str, n: int) -> None:
-    client = _redis()
+def _incr(client: Any, key: str, worker: str, n: int) -> None:
     if client is None or n <= 0:
         return
     try:
@@ -72,7 +80,7 @@ def _incr(key: str, worker: str, n: int) -> None:
 class DownloadsCollector(Collector):
     """Reads the counters from Redis at each scrape (one round trip)."""
 
-    def __init__(self, client: Callable[[], Any] = _redis) -> None:
+    def __init__(self, client: Callable[[], Any]) -> None:
         self.client = client
 
     def _families(self) -> tuple[CounterMetricFamily, CounterMetricFamily]:
@@ -112,7 +120,3 @@ class DownloadsCollector(Collector):
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
-
-
-COLLECTOR = DownloadsCollector()
-REGISTRY.register(COLLECTOR)

@@ -7,7 +7,7 @@ countdown) if the holder is lost. A finished holder leaves its result (under its
 while, and a task that waited for that holder with the same key takes it instead of downloading
 again, whoever holds the destination by then.
 
-The flock in `tasks.storage` stays the guarantee that one process writes a file at a time; the
+The flock in `tasks.core.storage` stays the guarantee that one process writes a file at a time; the
 claim is what lets everybody else wait without holding a worker process.
 """
 
@@ -18,7 +18,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from tasks.arguments import DownloadRequest
+from download_client.arguments import DownloadRequest
 
 # A finished holder's result stays this long for the tasks that waited on it; a waiter that comes
 # later than that downloads (a conditional request: 304 when nothing changed).

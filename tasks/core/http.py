@@ -15,7 +15,7 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import NameResolutionError, NewConnectionError
 from urllib3.util.retry import Retry
 
-from tasks.errors import BlockedAddressError
+from download_client.errors import BlockedAddressError
 
 USER_AGENT = "download-workers/0.1 (+requests)"
 

@@ -16,72 +16,20 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
-import json
 import os
-import re
 import stat
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
-from tasks.errors import DestinationBusyError, PermanentError
+from download_client.arguments import PARTIAL_DIR, check_dest
+from download_client.errors import DestinationBusyError, PermanentError
+from tasks.core.locks import lock_current
+from tasks.core.records import RECORD_XATTR, Record, attach
 
-PARTIAL_DIR = ".partial"
-MAX_NAME_BYTES = 255
-MAX_DEST_BYTES = 1024
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
-RECORD_XATTR = "user.downloads.record"
-# A validators file is written just before its partial is created: one without a partial is an
-# orphan only once it is older than this.
-ORPHAN_GRACE = 60.0
-
-
-def check_dest(dest: str) -> PurePosixPath:
-    """A relative POSIX path naming a file inside DOWNLOAD_DIR, or PermanentError saying why not."""
-    if not dest:
-        raise PermanentError("dest: must not be empty")
-    if "\x00" in dest:
-        raise PermanentError("dest: must not contain a NUL byte")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in dest):
-        raise PermanentError("dest: must not contain control characters")
-    if dest.startswith("/"):
-        raise PermanentError("dest: must be relative to DOWNLOAD_DIR, not absolute")
-    try:
-        dest.encode("utf-8")
-    except UnicodeEncodeError:
-        # The file system call would raise it after the whole body was fetched.
-        raise PermanentError("dest: must be valid Unicode (it holds a lone surrogate)") from None
-    if dest.endswith("/"):
-        raise PermanentError("dest: must name a file, not a directory (trailing '/')")
-    if len(dest.encode("utf-8", "surrogatepass")) > MAX_DEST_BYTES:
-        raise PermanentError(f"dest: longer than {MAX_DEST_BYTES} bytes")
-    parts = dest.split("/")
-    for part in parts:
-        if part in ("", ".", ".."):
-            raise PermanentError(f"dest: {part!r} is not allowed as a path component")
-        if len(part.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
-            raise PermanentError(f"dest: a path component is longer than {MAX_NAME_BYTES} bytes")
-    if parts[0] == PARTIAL_DIR:
-        raise PermanentError(f"dest: {PARTIAL_DIR}/ is the in-progress area and not writable")
-    return PurePosixPath(dest)
-
-
-def default_dest(url: str) -> str:
-    """A readable name from the URL's last path segment plus a short hash of the whole URL, so two
-    URLs never share a destination: https://x/a/cat.jpg -> cat-<10 hex>.jpg"""
-    segment = unquote(urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1])
-    name = _UNSAFE_NAME_CHARS.sub("_", segment).strip("._") or "download"
-    stem, dot, ext = name[:80].rpartition(".")
-    if not dot or not stem or len(ext) > 10:
-        stem, ext = name[:80], ""
-    digest = hashlib.sha256(url.encode()).hexdigest()[:10]
-    return f"{stem}-{digest}.{ext}" if ext else f"{stem}-{digest}"
 
 
 def _key(*parts: str) -> str:
@@ -92,48 +40,6 @@ def disk_error(exc: OSError, what: str) -> PermanentError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return PermanentError(f"disk full while {what}: {exc.strerror}")
     return PermanentError(f"cannot write the download ({what}): {exc.strerror}")
-
-
-@dataclass
-class Record:
-    """A response's validators (beside a partial, to resume it) and, on a finished file, the URL
-    it came from and what it holds (to ask the server whether it changed). Never request headers."""
-
-    url: str | None = None
-    etag: str | None = None
-    last_modified: str | None = None
-    sha256: str | None = None
-    size: int | None = None
-    mtime_ns: int | None = None
-    content_type: str | None = None
-
-    @property
-    def validator(self) -> str | None:
-        """The value for If-Range: a strong ETag, else Last-Modified (RFC 9110 13.1.5)."""
-        if self.etag and not self.etag.startswith("W/"):
-            return self.etag
-        return self.last_modified
-
-    def to_json(self) -> bytes:
-        return json.dumps(self.__dict__).encode()
-
-    @classmethod
-    def from_json(cls, raw: bytes) -> Record:
-        """The record in `raw`, or an empty one if it is not a record (anyone who can write the
-        file can write its attributes too: nothing here is trusted to have the right types)."""
-        try:
-            data = json.loads(raw)
-        except ValueError:
-            return cls()
-        if not isinstance(data, dict):
-            return cls()
-        kept = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
-        ints = ("size", "mtime_ns")
-        for name, value in kept.items():
-            wanted = int if name in ints else str
-            if value is not None and (type(value) is not wanted):
-                return cls()
-        return cls(**kept)
 
 
 class Target:
@@ -156,7 +62,7 @@ class Target:
         busy means retry later. The kernel releases the lock of a process that dies (its file
         stays for the sweep); a released lock's file is removed."""
         self._ensure_partial_dir()
-        fd = _lock_current(self.lock_path, os.O_RDWR | os.O_CREAT, time.monotonic() + wait)
+        fd = lock_current(self.lock_path, os.O_RDWR | os.O_CREAT, time.monotonic() + wait)
         if fd is None:
             raise DestinationBusyError(f"another task is downloading to {self.dest} right now")
         try:
@@ -207,7 +113,7 @@ class Target:
         hasher = hashlib.sha256()
         try:
             # Locked while open, so the sweep leaves it alone however old it looks.
-            fd = _lock_current(self.part_path, os.O_RDWR | os.O_CREAT, time.monotonic() + 10, 0o666)
+            fd = lock_current(self.part_path, os.O_RDWR | os.O_CREAT, time.monotonic() + 10, 0o666)
             if fd is None:
                 raise PermanentError("the partial file stayed locked by another process")
             os.utime(fd)  # in use again: not abandoned
@@ -238,7 +144,7 @@ class Target:
             )
 
     def discard(self) -> None:
-        for path in (self.part_path, *_sidecars(self.part_path)):
+        for path in (self.part_path, *sidecars(self.part_path)):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
@@ -331,7 +237,7 @@ class Target:
         destination in one step; then fsync the directory so the rename survives a crash."""
         try:
             if record is not None:
-                _attach(f.fileno(), record)
+                attach(f.fileno(), record)
             os.fsync(f.fileno())
             with self._parent_fd(create=True) as parent:
                 self._refuse_directory(parent)
@@ -345,66 +251,15 @@ class Target:
             raise disk_error(exc, f"moving the file to {self.dest}") from exc
         finally:
             f.close()
-        for sidecar in _sidecars(self.part_path):  # the partial they resumed is now the file
+        for sidecar in sidecars(self.part_path):  # the partial they resumed is now the file
             with contextlib.suppress(FileNotFoundError):
                 sidecar.unlink()
         return st
 
 
-def _attach(fd: int, record: Record) -> None:
-    """Store the record on the file itself, so it goes wherever the file goes and nothing is left
-    in .partial/. Best effort: without user xattrs (some NFS and FUSE mounts: ENOTSUP) or room for
-    them (a URL longer than ext4's one block: ENOSPC, E2BIG) the file is simply fetched whole the
-    next time instead of asked about with a conditional request."""
-    st = os.fstat(fd)
-    record.size, record.mtime_ns = st.st_size, st.st_mtime_ns  # an xattr changes neither
-    with contextlib.suppress(OSError):
-        os.setxattr(fd, RECORD_XATTR, record.to_json())
-
-
-def _sidecars(part: Path) -> tuple[Path, Path]:
+def sidecars(part: Path) -> tuple[Path, Path]:
     """The validators file of a partial and its temporary name while being written."""
     return part.with_suffix(".json"), part.with_suffix(".json.tmp")
-
-
-def _lock_current(path: Path, flags: int, deadline: float, mode: int = 0o600) -> int | None:
-    """Open `path` and flock it, trying until `deadline`; None if it is still held by then. The
-    files locked here are only ever unlinked by a holder of their lock, so once the lock is ours
-    the path must still name the file locked: if it names another (or nothing), the file was
-    removed while we waited, and the path is opened again."""
-    while True:
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-        current = False
-        try:
-            if not _flock(fd, deadline):
-                return None
-            current = _names(path, fd)
-        finally:
-            if not current:
-                os.close(fd)
-        if current:
-            return fd
-
-
-def _flock(fd: int, deadline: float) -> bool:
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.05)
-
-
-def _names(path: Path, fd: int) -> bool:
-    """True if `path` names the file open at `fd`."""
-    try:
-        here = os.stat(path, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    there = os.fstat(fd)
-    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
 def _is_dir_at(dir_fd: int, name: str) -> bool:
@@ -412,50 +267,3 @@ def _is_dir_at(dir_fd: int, name: str) -> bool:
         return stat.S_ISDIR(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
     except FileNotFoundError:
         return False
-
-
-def sweep_partials(root: Path, max_age: float, now: float | None = None) -> int:
-    """Remove from .partial/ what nobody will use: partial files (with their validators) untouched
-    for `max_age` seconds, validators whose partial is gone, and lock files nobody holds. Return
-    how many files went. A partial or lock in use is flocked by its task and left alone."""
-    partial_dir = root / PARTIAL_DIR
-    now = time.time() if now is None else now
-    removed = 0
-    for part in partial_dir.glob("*.part"):
-        removed += _remove_unlocked(part, lambda st: now - st.st_mtime >= max_age)
-    for lock in partial_dir.glob("*.lock"):
-        removed += _remove_unlocked(lock, lambda st: True)
-    for sidecar in [*partial_dir.glob("*.json"), *partial_dir.glob("*.json.tmp")]:
-        removed += _remove_orphan(sidecar, now)
-    return removed
-
-
-def _remove_unlocked(path: Path, abandoned: Callable[[os.stat_result], bool]) -> int:
-    """Unlink `path` (a partial: with its validators) if nobody holds its flock and it is
-    `abandoned`; taken and checked under the lock, as its users expect (`_lock_current`)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return 0
-    try:
-        if not _flock(fd, deadline=0) or not _names(path, fd) or not abandoned(os.fstat(fd)):
-            return 0
-        removed = 0
-        for victim in (path, *_sidecars(path)) if path.suffix == ".part" else (path,):
-            with contextlib.suppress(FileNotFoundError):
-                victim.unlink()
-                removed += 1
-        return removed
-    finally:
-        os.close(fd)
-
-
-def _remove_orphan(sidecar: Path, now: float) -> int:
-    part = sidecar.with_name(sidecar.name.split(".", 1)[0] + ".part")
-    try:
-        if part.exists() or now - sidecar.stat().st_mtime < ORPHAN_GRACE:
-            return 0
-        sidecar.unlink()
-    except FileNotFoundError:
-        return 0
-    return 1

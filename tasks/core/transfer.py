@@ -3,41 +3,21 @@ Range + If-Range, bytes hashed on the way, size caps, and the file published onl
 
 from __future__ import annotations
 
-import contextlib
-import email.utils
-import http.client
-import re
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urljoin, urlsplit
 
 import requests
-import urllib3.exceptions
 
-from tasks.arguments import DownloadRequest, check_url
-from tasks.errors import PermanentError, TransientError
-from tasks.redact import redact_url
-from tasks.storage import Record, Target, disk_error
+from download_client.arguments import DownloadRequest
+from download_client.errors import PermanentError, TransientError
+from tasks.core import redirects, responses
+from tasks.core.records import Record
+from tasks.core.storage import Target, disk_error
 
 Progress = Callable[[int, int | None], None]
-RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
-MAX_REDIRECTS = 10
 RESUME_MIN_BYTES = 256 * 1024
-_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
-_DIGITS = re.compile(r"[0-9]+")
-# Errors of the network and of a body cut short; the download may work when tried again.
-_NETWORK_ERRORS = (
-    requests.ConnectionError,
-    requests.Timeout,
-    requests.exceptions.ChunkedEncodingError,
-    urllib3.exceptions.HTTPError,
-    http.client.HTTPException,
-    ConnectionError,
-    TimeoutError,
-)
 
 
 @dataclass(frozen=True)
@@ -46,6 +26,10 @@ class Limits:
     read_timeout: float
     max_bytes: int
     chunk_size: int
+
+    @property
+    def timeout(self) -> tuple[float, float]:
+        return self.connect_timeout, self.read_timeout
 
 
 @dataclass(frozen=True)
@@ -111,7 +95,7 @@ def _transfer(
     finished = None if offset else target.finished_record()
     headers = {**request.headers, **_condition_headers(validators, offset, finished)}
 
-    with _get(session, request.url, headers, limits) as response:
+    with redirects.opened(session, request.url, headers, limits.timeout) as response:
         if response.status_code == 304 and finished is not None:
             return Outcome(
                 final_url=response.url,
@@ -187,13 +171,13 @@ def _admit(
     """Check the response before its body: status, where it starts, size cap, free disk.
     Return (start offset, expected total or None, the size cap)."""
     try:
-        _raise_for_status(response, offset)
-        start = _start_offset(response, offset)
+        responses.raise_for_status(response, offset)
+        start = responses.start_offset(response, offset)
     except TransientError:
         if offset:
             target.discard()  # the server disagrees about our partial: start over next time
         raise
-    total = _expected_total(response, start)
+    total = responses.expected_total(response, start)
     cap = min(limits.max_bytes, request.max_bytes or limits.max_bytes)
     if total is not None and total > cap:
         target.discard()
@@ -217,180 +201,6 @@ def _verify(
         target.discard()
         raise PermanentError(f"sha256 mismatch: expected {request.sha256}, got {digest}")
     return digest
-
-
-@contextlib.contextmanager
-def _get(
-    session: requests.Session, url: str, headers: dict[str, str], limits: Limits
-) -> Iterator[requests.Response]:
-    """GET with redirects followed here, so each hop's URL is checked and the caller's headers
-    go only to the origin they were given for (aria2#1176)."""
-    origin = _origin(url)
-    caller = {k: v for k, v in headers.items() if k not in ("Range", "If-Range")}
-    ours = {k: v for k, v in headers.items() if k in ("Range", "If-Range")}
-    for _ in range(MAX_REDIRECTS + 1):
-        hop_headers = {**caller, **ours} if _origin(url) == origin else ours
-        response = _send(session, url, hop_headers, limits)
-        if not response.is_redirect:
-            try:
-                yield response
-            except _NETWORK_ERRORS as exc:
-                raise TransientError(
-                    f"connection failed during the body: {_describe(exc)}"
-                ) from None
-            finally:
-                response.close()
-            return
-        location = response.headers["Location"]
-        response.close()
-        try:
-            url = check_url(urljoin(response.url, location))
-        except PermanentError as exc:
-            raise PermanentError(f"redirect refused: {exc}") from None
-    raise PermanentError(f"more than {MAX_REDIRECTS} redirects")
-
-
-def _send(
-    session: requests.Session, url: str, headers: dict[str, str], limits: Limits
-) -> requests.Response:
-    response = _request(session, url, headers, limits)
-    try:
-        _content_length(response)
-    except PermanentError:
-        response.close()
-        raise
-    return response
-
-
-def _request(
-    session: requests.Session, url: str, headers: dict[str, str], limits: Limits
-) -> requests.Response:
-    try:
-        return session.get(
-            url,
-            headers=headers,
-            stream=True,
-            allow_redirects=False,
-            timeout=(limits.connect_timeout, limits.read_timeout),
-        )
-    except requests.exceptions.InvalidHeader as exc:
-        conflict = _length_conflict(exc)
-        if conflict is not None:
-            raise PermanentError(f"the server's response is malformed: {conflict}") from None
-        raise PermanentError(f"request refused: {_describe(exc)}") from None
-    except (
-        requests.exceptions.InvalidURL,
-        requests.exceptions.InvalidSchema,
-        requests.exceptions.MissingSchema,
-    ) as exc:
-        raise PermanentError(f"request refused: {_describe(exc)}") from None
-    except _NETWORK_ERRORS as exc:
-        malformed = _malformed_head(exc)
-        if malformed is not None:
-            raise PermanentError(f"the server's response is malformed: {malformed}") from None
-        raise TransientError(f"cannot reach {redact_url(url)}: {_describe(exc)}") from None
-
-
-def _length_conflict(exc: requests.exceptions.InvalidHeader) -> str | None:
-    """urllib3 refuses two different Content-Length values itself, before we see the headers
-    ("Content-Length contained multiple unmatching values (10, 5)"), and requests reports it as
-    an InvalidHeader, the error it also uses for a bad header of ours: tell the two apart."""
-    cause = exc.__context__
-    if not isinstance(cause, urllib3.exceptions.InvalidHeader):
-        return None
-    values = re.search(r"\((.*)\)$", str(cause))
-    return _invalid_length(values.group(1)) if values else str(cause)
-
-
-def _invalid_length(value: str) -> str:
-    return f"invalid Content-Length {value[:40]!r}"
-
-
-def _malformed_head(exc: BaseException) -> http.client.HTTPException | None:
-    """http.client's refusal of a response head past its limits (over 100 header lines, a line
-    over 64 KiB): the server answers the same way every time, so a retry cannot help. urllib3
-    carries it as ProtocolError('Connection aborted.', <it>) inside MaxRetryError.reason."""
-    todo: list[object] = [exc]
-    for _ in range(16):  # a chain can loop
-        if not todo:
-            break
-        seen = todo.pop()
-        if not isinstance(seen, BaseException):
-            continue
-        if isinstance(seen, http.client.LineTooLong) or type(seen) is http.client.HTTPException:
-            return seen
-        todo += [seen.__cause__, seen.__context__, getattr(seen, "reason", None), *seen.args]
-    return None
-
-
-def _describe(exc: BaseException) -> str:
-    """A short cause without the URL (which may hold a token) that requests puts in messages."""
-    while exc.__context__ is not None and isinstance(exc, requests.RequestException):
-        exc = exc.__context__
-    name = type(exc).__name__
-    text = str(exc)
-    text = re.sub(r"https?://\S+", "<url>", text)
-    text = re.sub(r"with url: \S+", "with url: <url>", text)  # urllib3's path and query
-    text = re.sub(r"(url|host)='?[^,)']*'?", r"\1=<redacted>", text)
-    return f"{name}: {text}"[:300]
-
-
-def _origin(url: str) -> tuple[str, str, int | None]:
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    return scheme, (parts.hostname or ""), parts.port or (443 if scheme == "https" else 80)
-
-
-def _raise_for_status(response: requests.Response, offset: int) -> None:
-    status = response.status_code
-    if status in (200, 206):
-        return
-    if status in RETRY_STATUSES or (status == 416 and offset):
-        raise TransientError(f"HTTP {status} {response.reason}", _retry_after(response))
-    raise PermanentError(f"HTTP {status} {response.reason}")
-
-
-def _retry_after(response: requests.Response) -> float | None:
-    """Retry-After as seconds from now; it may be a number of seconds or an HTTP date."""
-    value = response.headers.get("Retry-After", "").strip()
-    if not value:
-        return None
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
-def _start_offset(response: requests.Response, offset: int) -> int:
-    """Where this body starts in the file: the resume offset for a matching 206, else 0."""
-    if response.status_code != 206:
-        return 0
-    match = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", "").strip())
-    if not offset or not match or int(match.group(1)) != offset:
-        raise TransientError("the server answered a range we did not ask for; starting over")
-    return offset
-
-
-def _expected_total(response: requests.Response, start: int) -> int | None:
-    length = _content_length(response)
-    return None if length is None else start + length
-
-
-def _content_length(response: requests.Response) -> int | None:
-    """The body's length, or None without one. Chunked framing overrides Content-Length (urllib3
-    then ignores it). Any other value than digits, repeated identically at most, leaves the body's
-    end unknown (RFC 9112 6.3): urllib3 would read a negative or garbled one to the connection's
-    close and call that complete, so it is refused here."""
-    value = response.headers.get("Content-Length")
-    if value is None or getattr(response.raw, "chunked", False):
-        return None
-    lengths = {part.strip() for part in value.split(",")}
-    if len(lengths) != 1 or not all(_DIGITS.fullmatch(n) for n in lengths):
-        raise PermanentError(f"the server's response is malformed: {_invalid_length(value)}")
-    return int(lengths.pop())
 
 
 def _stream(

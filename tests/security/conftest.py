@@ -1,4 +1,4 @@
-"""Issue 4 end to end: the sandbox and the workers every security test uses.
+"""End to end: the sandbox and the workers every security test uses.
 
 Every hostile case asserts the same four things (`Sandbox.refused`): the task FAILED with a message
 naming the argument or the cause; the origin saw exactly the requests expected (none when the
@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 from celery import Celery
 
-from tests.conftest import Worker, failure, run
+from tests.conftest import failure, run
+from tests.harness import Worker
 from tests.server import OriginServer, body_sha256
 
 READY_DEST = "ok/ready.bin"

@@ -1,4 +1,4 @@
-"""Issue 4, point 1: bad arguments are refused before any connection is made."""
+"""Bad arguments are refused before any connection is made."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from celery import Celery
 
-from tests.conftest import Worker
+from tests.harness import Worker
 from tests.security.conftest import Sandbox, mark
 
 LONG = "x" * 9000

@@ -1,4 +1,4 @@
-"""Issue 4, point 2: destinations stay inside DOWNLOAD_DIR (end to end)."""
+"""Destinations stay inside DOWNLOAD_DIR (end to end)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 from celery import Celery
 
-from tests.conftest import Worker, run, submit, wait_for
+from tests.conftest import run, submit
+from tests.harness import Worker, wait_for
 from tests.security.conftest import Sandbox, mark
 
 DESTS: list[tuple[str, Any, str]] = [

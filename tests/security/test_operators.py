@@ -1,4 +1,4 @@
-"""Issue 4, point 8: the shipped ways to run it are safe by default. Text checks only (no
+"""The shipped ways to run it are safe by default. Text checks only (no
 Docker here): Flower always behind basic auth, Redis never published, the image not root."""
 
 from __future__ import annotations

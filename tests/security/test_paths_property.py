@@ -1,4 +1,4 @@
-"""Issue 4, point 2, property-based: whatever path a caller sends, tasks.storage never writes
+"""Property-based: whatever path a caller sends, tasks.core.storage never writes
 outside the root, with symlinks planted in the root beforehand or swapped in mid-download."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tasks.errors import PermanentError
-from tasks.storage import Target
+from download_client.errors import PermanentError
+from tasks.core.storage import Target
 
 COMPONENTS = st.sampled_from(
     [

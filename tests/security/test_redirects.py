@@ -1,4 +1,4 @@
-"""Issue 4, point 4: redirects: at most 10 hops, each hop re-checked, caller headers kept to
+"""Redirects: at most 10 hops, each hop re-checked, caller headers kept to
 their host."""
 
 from __future__ import annotations
@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 from celery import Celery
 
-from tests.conftest import Worker, run
+from tests.conftest import run
+from tests.harness import Worker
 from tests.security.conftest import Sandbox, mark
 from tests.server import OriginServer
 

@@ -1,4 +1,4 @@
-"""Issue 4, point 6: header values and URL credentials never shown."""
+"""Header values and URL credentials never shown."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from typing import Any
 
 from celery import Celery
 
-from tests.conftest import Worker, free_port, submit, wait_for
+from tests.conftest import submit
+from tests.harness import Worker, free_port, wait_for
 from tests.security.conftest import Sandbox, mark
 from tests.server import OriginServer
 

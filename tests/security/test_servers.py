@@ -1,4 +1,4 @@
-"""Issue 4, point 7: hostile servers end in a clear failure with nothing half-written."""
+"""Hostile servers end in a clear failure with nothing half-written."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from typing import Any
 import pytest
 from celery import Celery
 
-from tests.conftest import Worker, run
+from tests.conftest import run
+from tests.harness import Worker
 from tests.security.conftest import Sandbox, mark
 
 

@@ -1,4 +1,4 @@
-"""Issue 4, point 3: with DOWNLOAD_ALLOW_PRIVATE=false, loopback in every spelling is refused
+"""With DOWNLOAD_ALLOW_PRIVATE=false, loopback in every spelling is refused
 before a TCP connection (the origins count their connections)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import socket
 import pytest
 from celery import Celery
 
-from tests.conftest import Worker
+from tests.harness import Worker
 from tests.security.conftest import Sandbox, mark
 from tests.server import OriginServer
 

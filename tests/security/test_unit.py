@@ -1,4 +1,4 @@
-"""Issue 4 at unit level: address classification (pure functions only: no test ever connects to
+"""At unit level: address classification (pure functions only: no test ever connects to
 a private-range or public address), DNS answers changed under the check (loopback only), the
 per-hop check of redirects, cookies, and what error messages and result URLs show."""
 
@@ -12,11 +12,12 @@ from typing import Any
 import pytest
 import requests
 
-import tasks.http
-from tasks.download import Limits, _describe, _get
-from tasks.errors import BlockedAddressError
-from tasks.http import address_allowed, new_session, resolve_checked
-from tasks.redact import redact_url
+import tasks.core.http
+from download_client.errors import BlockedAddressError
+from download_client.redact import redact_url
+from tasks.core.failures import describe
+from tasks.core.http import address_allowed, new_session, resolve_checked
+from tasks.core.redirects import opened
 from tests.server import Handler, OriginServer
 
 REFUSED = [
@@ -125,7 +126,7 @@ def test_the_checked_answer_is_the_one_dialled(
     port = origin.server_address[1]
     origin6_conns = origin6.stats.connections
     monkeypatch.setattr(socket, "getaddrinfo", _answers({"rebind.test": ["127.0.0.1", "::1"]}))
-    monkeypatch.setattr(tasks.http, "address_allowed", lambda ip: str(ip) == "127.0.0.1")
+    monkeypatch.setattr(tasks.core.http, "address_allowed", lambda ip: str(ip) == "127.0.0.1")
     with new_session(allow_private=False) as session:
         response = session.get(f"http://rebind.test:{port}/bytes/10")
     assert response.status_code == 200
@@ -150,14 +151,13 @@ def test_each_redirect_hop_is_checked_at_connect(
 ) -> None:
     """First hop allowed (127.0.0.1 counts as public for this test), second hop [::1] refused:
     its origin never sees a connection."""
-    monkeypatch.setattr(tasks.http, "address_allowed", lambda ip: str(ip) == "127.0.0.1")
+    monkeypatch.setattr(tasks.core.http, "address_allowed", lambda ip: str(ip) == "127.0.0.1")
     before = origin6.stats.connections
     url = f"{origin.url}/bytes/10?redirect=1&to={origin6.url}/bytes/10"
-    limits = Limits(2, 2, 1000, 1000)
     with (
         new_session(allow_private=False) as session,
         pytest.raises(BlockedAddressError, match="'::1'"),
-        _get(session, url, {}, limits),
+        opened(session, url, {}, (2, 2)),
     ):
         pass
     assert origin6.stats.connections == before
@@ -191,7 +191,7 @@ def test_error_messages_carry_no_url_path_or_query() -> None:
         "HTTPConnectionPool(host='h.test', port=80): Max retries exceeded with url: "
         "/x?access_token=SECRET (Caused by NewConnectionError('refused'))"
     )
-    text = _describe(exc)
+    text = describe(exc)
     assert "SECRET" not in text and "h.test" not in text and "with url: <url>" in text
 
 

@@ -1,4 +1,4 @@
-"""Issue 4, point 5: JSON only; no other content type is ever deserialized, and no message
+"""JSON only; no other content type is ever deserialized, and no message
 stops the worker."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 from celery import Celery
 from kombu import Connection, Producer
 
-from tests.conftest import Worker, wait_for
+from tests.harness import Worker, wait_for
 from tests.security.conftest import Sandbox
 
 

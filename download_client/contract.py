@@ -1,0 +1,29 @@
+"""The public contract of the download service: the task's name and the keys of its result.
+Services depend on these; they change only additively (see the README's contract policy)."""
+
+from __future__ import annotations
+
+from typing import TypedDict
+
+# The name producers submit to; it never changes with module paths.
+TASK_NAME = "downloads.fetch"
+
+
+class DownloadResult(TypedDict):
+    """What a successful `downloads.fetch` returns (the README's result table)."""
+
+    url: str
+    final_url: str
+    path: str
+    size: int
+    sha256: str
+    content_type: str | None
+    http_status: int | None
+    attempts: int
+    resumed_from: int
+    skipped: bool
+    elapsed_s: float
+    worker: str | None
+
+
+RESULT_KEYS = tuple(DownloadResult.__annotations__)

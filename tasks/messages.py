@@ -1,0 +1,55 @@
+"""What the worker does with a message before the task runs: the gate that refuses what cannot be
+a download, and the redacted view of a task that events, `inspect` and Flower show."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Task
+from celery.exceptions import InvalidTaskError
+from celery.worker.request import Request
+from celery.worker.strategy import default as default_strategy
+
+from download_client.redact import redact_reprs
+
+
+class RedactedRequest(Request):  # type: ignore[misc]
+    """What the worker shows of a task (task-received events, `inspect active`, so Flower) has
+    header values and URL tokens masked, whatever the producer put in argsrepr/kwargsrepr. The
+    request dict gets the same: the task's context (log records' extra data) is built from it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._argsrepr, self._kwargsrepr = redact_reprs(self._args, self._kwargs)
+        self._request_dict["argsrepr"] = self._argsrepr
+        self._request_dict["kwargsrepr"] = self._kwargsrepr
+
+    def info(self, safe: bool = False) -> dict[str, Any]:
+        return super().info(safe=True)  # type: ignore[no-any-return]
+
+
+def checked_strategy(task: Task, app: Any, consumer: Any, **kwargs: Any) -> Any:
+    """Celery's default strategy behind a gate. The consumer refuses pickle and the like, but
+    passes `application/data` and `application/text` through undecoded, and a body that is not
+    `[args, kwargs, embed]` raises inside the strategy: either one stops the whole worker
+    ("Unrecoverable error"), and the message, never acked, is restored to stop the next one.
+    Here such a message is an InvalidTaskError: logged and discarded."""
+    handler = default_strategy(task, app, consumer, **kwargs)
+
+    def gate(message: Any, body: Any, *args: Any, **kw: Any) -> Any:
+        if message.content_type != "application/json":
+            raise InvalidTaskError(
+                f"refused a message of content type {message.content_type!r}: only JSON"
+            )
+        payload = message.payload
+        if not (
+            isinstance(payload, list | tuple)
+            and len(payload) == 3
+            and isinstance(payload[0], list | tuple)
+            and isinstance(payload[1], dict)
+            and isinstance(payload[2], dict)
+        ):
+            raise InvalidTaskError("refused a message whose body is not [args, kwargs, embed]")
+        return handler(message, body, *args, **kw)
+
+    return gate

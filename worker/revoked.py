@@ -1,0 +1,53 @@
+"""A cancelled download leaves nothing behind: once the killed child has let go of the
+destination's lock, its partial file and sidecar are removed, and its claim on the destination is
+given up so that waiting tasks go on at once. This runs in the worker's main process, which must
+keep consuming: the work is done in a thread."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from celery import Celery
+from celery.signals import task_revoked
+
+from download_client import arguments
+from download_client.arguments import DownloadRequest
+from download_client.contract import TASK_NAME
+from download_client.errors import DownloadError, PermanentError
+from download_client.settings import Settings
+from tasks.core.claims import Claims
+from tasks.core.storage import Target
+from tasks.deliveries import REDIS_ERRORS
+
+log = logging.getLogger(__name__)
+
+
+def connect(app: Celery, settings: Settings) -> None:
+    def revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
+        if getattr(sender, "name", None) != TASK_NAME:
+            return
+        try:
+            args = arguments.parse(tuple(request.args or ()), request.kwargs or {})
+        except (PermanentError, AttributeError):
+            return
+        work = (app, settings, args, request.id)
+        threading.Thread(target=clean_up, args=work, name="discard-revoked", daemon=True).start()
+
+    task_revoked.connect(revoked, weak=False, dispatch_uid="downloads-revoked")
+
+
+def clean_up(app: Celery, settings: Settings, args: DownloadRequest, task_id: str) -> None:
+    target = Target(settings.download_dir, args.dest, args.url)
+    try:
+        with target.locked(wait=settings.time_limit):
+            target.discard()
+    except (DownloadError, OSError) as exc:
+        log.warning("could not remove the partial of revoked task %s: %s", task_id, exc)
+    client = getattr(app.backend, "client", None)
+    if client is not None:
+        try:
+            Claims(client, args, task_id, 0).release()
+        except REDIS_ERRORS as exc:
+            log.warning("claim of revoked task %s not released (%s)", task_id, exc)

@@ -1,0 +1,49 @@
+"""Sweeping `.partial/`: at start and every DOWNLOAD_PARTIAL_SWEEP_INTERVAL seconds, from a thread
+of the worker's main process (children come and go, and a worker may run for months). What it
+removes is decided by tasks.core.sweep."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_ready, worker_shutdown
+
+from download_client.arguments import PARTIAL_DIR
+from download_client.settings import Settings
+from tasks.core.sweep import sweep_partials
+
+log = logging.getLogger(__name__)
+
+
+def connect(app: Celery, settings: Settings) -> None:
+    stop = threading.Event()
+
+    def start(**_: Any) -> None:
+        stop.clear()
+        threading.Thread(target=sweep_until, args=(settings, stop), daemon=True).start()
+
+    worker_ready.connect(start, weak=False, dispatch_uid="downloads-sweeper-start")
+    worker_shutdown.connect(
+        lambda **_: stop.set(), weak=False, dispatch_uid="downloads-sweeper-stop"
+    )
+
+
+def sweep_until(settings: Settings, stop: threading.Event) -> None:
+    while True:
+        sweep_once(settings)
+        if stop.wait(settings.partial_sweep_interval):
+            return
+
+
+def sweep_once(settings: Settings) -> None:
+    where = settings.download_dir / PARTIAL_DIR
+    try:
+        removed = sweep_partials(settings.download_dir, settings.partial_max_age)
+    except Exception:  # the sweeper must outlive one bad pass (a file system hiccup)
+        log.exception("sweeping %s failed; trying again next time", where)
+        return
+    if removed:
+        log.info("removed %d abandoned files from %s", removed, where)
