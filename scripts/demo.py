@@ -1,4 +1,4 @@
-"""`make demo`: fifty images through the whole stack, offline. 50 generated images served on loopback go through
+"""`make demo`, offline: 50 generated images served on loopback go through
 the real stack (Redis, a real worker with 2 children), with progress and a summary: files, bytes,
 time, the children's RSS before and after, and the TCP connections the origin saw."""
 
