@@ -9,7 +9,7 @@ export PYTHONPATH := $(CURDIR)
 help:
 	@echo "make run    the whole stack in the foreground: Redis (if none answers), worker, Flower"
 	@echo "make test   the test suite (real Redis, real worker, loopback HTTP server)"
-	@echo "make lint   ruff and mypy"
+	@echo "make lint   ruff, mypy and the import layers"
 	@echo "make demo   50 generated images through the real stack, with a summary"
 	@echo "make bench  the benchmark report (docs/benchmarks.md)"
 
@@ -24,13 +24,16 @@ install: $(VENV)/.installed
 run: install
 	@bash scripts/stack.sh
 
+# Three test processes: the suite waits on real processes and the network far more than it
+# computes, and each process gets its own private Redis and workers.
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest -n 3 --dist worksteal
 
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 fmt: install
 	$(VENV)/bin/ruff format .
