@@ -4,6 +4,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY worker ./worker
 COPY tasks ./tasks
+COPY download_client ./download_client
 RUN pip install --no-cache-dir . \
  && useradd --create-home --uid 10001 downloads \
  && mkdir -p /data/downloads && chown -R downloads /data
