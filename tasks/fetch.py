@@ -68,9 +68,13 @@ class FetchTask(Task):  # type: ignore[misc]
         """One try at the transfer; a failure becomes a wait, a retry or the task's end."""
         s = rt.settings
         client = self.redis()
-        attempts = deliveries.count(
-            client, self.request.id, self.request.retries, s.max_deliveries, s.result_expires
-        )
+        try:
+            attempts = deliveries.count(
+                client, self.request.id, self.request.retries, s.max_deliveries, s.result_expires
+            )
+        except PermanentError:  # a poison message: its waiters must not wait for it any longer
+            _settle(claims, None)
+            raise
         last = journey.faults >= s.max_retries
         progress = Progress(self, s.progress_interval)
         try:
