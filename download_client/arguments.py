@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
@@ -18,7 +19,9 @@ MAX_URL_LENGTH = 8192
 MAX_NAME_BYTES = 255
 MAX_DEST_BYTES = 1024
 PARTIAL_DIR = ".partial"  # the in-progress area under DOWNLOAD_DIR: never a destination
-_UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+# Letters and digits of any script stay (readable names from non-ASCII URLs); the rest is `_`.
+_UNSAFE_NAME_CHARS = re.compile(r"[^\w.-]+")
+MAX_DEFAULT_STEM_BYTES = 160  # with the hash and an extension, well under MAX_NAME_BYTES
 MAX_HEADERS = 50
 MAX_HEADER_BYTES = 8192
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
@@ -203,11 +206,20 @@ def check_dest(dest: str) -> PurePosixPath:
 
 def default_dest(url: str) -> str:
     """A readable name from the URL's last path segment plus a short hash of the whole URL, so two
-    URLs never share a destination: https://x/a/cat.jpg -> cat-<10 hex>.jpg"""
-    segment = unquote(urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1])
-    name = _UNSAFE_NAME_CHARS.sub("_", segment).strip("._") or "download"
-    stem, dot, ext = name[:80].rpartition(".")
+    URLs never share a destination: https://x/a/cat.jpg -> cat-<10 hex>.jpg. Letters of any
+    script are kept (https://x/%E7%8C%AB.jpg -> 猫-<hex>.jpg); a name never starts with `-` or
+    `.` (an option to the next command, a hidden file)."""
+    segment = unquote(urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1], errors="replace")
+    segment = unicodedata.normalize("NFC", segment)
+    name = _UNSAFE_NAME_CHARS.sub("_", segment).strip("._-") or "download"
+    stem, dot, ext = name.rpartition(".")
     if not dot or not stem or len(ext) > 10:
-        stem, ext = name[:80], ""
+        stem, ext = name, ""
+    stem = _cut(stem.rstrip("._-"), MAX_DEFAULT_STEM_BYTES) or "download"
     digest = hashlib.sha256(url.encode()).hexdigest()[:10]
     return f"{stem}-{digest}.{ext}" if ext else f"{stem}-{digest}"
+
+
+def _cut(text: str, max_bytes: int) -> str:
+    """`text` cut to at most `max_bytes` of UTF-8, never inside a character."""
+    return text.encode("utf-8")[:max_bytes].decode("utf-8", "ignore")

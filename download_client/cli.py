@@ -8,6 +8,7 @@ Exit codes: 0 all succeeded (or were queued, without --wait); 1 one or more down
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import shutil
 import sys
@@ -137,7 +138,7 @@ def _submit(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK if all(row["state"] == "SUCCESS" for row in rows) else EXIT_FAILED
 
 
-def _row(result: AsyncResult, url: str) -> dict[str, Any]:
+def _row(result: AsyncResult, url: str | None) -> dict[str, Any]:
     state, info = result.state, result.info
     row: dict[str, Any] = {"id": result.id, "url": url, "state": state}
     if state == "SUCCESS" and isinstance(info, dict):
@@ -248,7 +249,7 @@ def _status(args: argparse.Namespace, out: TextIO) -> int:
     active = app.control.inspect(timeout=1.0).active() or {}
     workers = sorted(active)
     downloads = [
-        {"worker": w, "id": t["id"], "kwargs": t.get("kwargs")}
+        {"worker": w, "id": t["id"], "kwargs": _kwargs_object(t.get("kwargs"))}
         for w, tasks in active.items()
         for t in tasks
         if t.get("name") == TASK_NAME
@@ -274,9 +275,29 @@ def _status(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK if workers else EXIT_UNREACHABLE
 
 
+def _kwargs_object(shown: Any) -> Any:
+    """The kwargs `inspect active` reports as the worker's redacted repr, as a JSON object (a
+    Python literal, read without evaluating anything); the text itself if it is not one."""
+    if not isinstance(shown, str):
+        return shown
+    try:
+        value = ast.literal_eval(shown)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return shown
+    return value if isinstance(value, dict) else shown
+
+
+def _stored_row(result: AsyncResult) -> dict[str, Any]:
+    """A row for an id alone: the URL is the result's own (redacted) one; a download that has
+    not succeeded stores none, so it is null there."""
+    info = result.info
+    url = info.get("url") if result.state == "SUCCESS" and isinstance(info, dict) else None
+    return _row(result, url)
+
+
 def _results(args: argparse.Namespace, out: TextIO) -> int:
     app = connect()
-    rows = [_row(AsyncResult(i, app=app), "") for i in args.ids]
+    rows = [_stored_row(AsyncResult(i, app=app)) for i in args.ids]
     if args.json:
         json.dump(rows, out)
         out.write("\n")

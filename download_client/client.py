@@ -11,7 +11,7 @@ from celery import Celery
 from celery.result import AsyncResult
 
 from download_client.contract import TASK_NAME
-from download_client.redact import redact_kwargs
+from download_client.redact import add_secret_params, redact_kwargs
 from download_client.settings import Settings
 
 DONE_STATES = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
@@ -21,6 +21,7 @@ ProgressHook = Callable[[AsyncResult, str, Any], None]
 def connect(settings: Settings | None = None) -> Celery:
     """A producer app for the configured broker and backend; it imports none of the tasks."""
     s = settings or Settings.from_env()
+    add_secret_params(s.redact_params)
     app = Celery("downloads-client", broker=s.broker_url, backend=s.result_backend)
     app.conf.update(
         accept_content=["json"],

@@ -24,6 +24,7 @@ class DownloadResult(TypedDict):
     skipped: bool
     elapsed_s: float
     worker: str | None
+    content_encoding: str | None
 
 
 RESULT_KEYS = tuple(DownloadResult.__annotations__)

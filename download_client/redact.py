@@ -1,40 +1,121 @@
-"""Keeping secrets out of logs, events, Flower and results: URL credentials, token-like query
-parameters and every caller-supplied header value."""
+"""Keeping secrets out of logs, events, Flower and results: URL passwords, the values of query
+parameters named in SECRET_PARAMS (plus DOWNLOAD_REDACT_PARAMS) and every caller-supplied header
+value. Everything else of a URL is kept as submitted, character for character."""
 
 from __future__ import annotations
 
-import re
+from collections.abc import Iterable
 from typing import Any
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote_plus, urlsplit
 
 MASK = "***"
-# Query parameter names that carry credentials in signed or tokenised URLs (S3, GCS, Azure SAS...).
-_SECRET_PARAM = re.compile(
-    r"(token|secret|passw|pwd|auth|sig|signature|credential|key|session|^code$|^sv$|^se$|^sp$)",
-    re.IGNORECASE,
+
+# Exact names, compared case-insensitively after percent-decoding. A list of names rather than a
+# pattern: a pattern that catches every `*token*` also masks `author`, `keyword`, `design`. Left
+# out on purpose: `code` (an HTTP status, a product code far more often than an OAuth code, which
+# is single-use and short-lived anyway), Azure SAS's `se`/`sp`/`sv` (expiry, permissions and
+# version: not secrets; its `sig` is), `Expires`, `Key-Pair-Id`, `Policy` (public parts of a
+# CloudFront URL whose secret is `Signature`).
+SECRET_PARAMS = frozenset(
+    name.lower()
+    for name in (
+        # bearer and OAuth tokens
+        "token",
+        "access_token",
+        "refresh_token",
+        "id_token",
+        "auth_token",
+        "private_token",
+        "oauth_token",
+        "oauth_signature",
+        "jwt",
+        # API keys (Google's APIs take theirs as `key`)
+        "key",
+        "api_key",
+        "apikey",
+        "api-key",
+        "access_key",
+        "secret_key",
+        # passwords and shared secrets
+        "password",
+        "passwd",
+        "pwd",
+        "pass",
+        "secret",
+        "client_secret",
+        "auth",
+        "authorization",
+        "credential",
+        "credentials",
+        # session identifiers
+        "session",
+        "sessionid",
+        "session_id",
+        "sid",
+        # signatures: generic, Azure SAS, CloudFront and GCS v2
+        "signature",
+        "sig",
+        # AWS S3 presigned URLs (v4 and v2)
+        "X-Amz-Signature",
+        "X-Amz-Credential",
+        "X-Amz-Security-Token",
+        "AWSAccessKeyId",
+        # Google Cloud Storage signed URLs (v4 and v2)
+        "X-Goog-Signature",
+        "X-Goog-Credential",
+        "GoogleAccessId",
+    )
 )
+_extra: set[str] = set()
+
+
+def add_secret_params(names: Iterable[str]) -> None:
+    """Mask these parameter names too, in this process (DOWNLOAD_REDACT_PARAMS; the app and the
+    client call this with the settings they are made from)."""
+    _extra.update(n.lower() for n in names)
+
+
+def is_secret_param(name: str) -> bool:
+    decoded = unquote_plus(name).lower()
+    return decoded in SECRET_PARAMS or decoded in _extra
 
 
 def redact_url(url: str) -> str:
-    """The URL with its password and token-like query values replaced by ***."""
+    """The URL with its password and secret parameters' values replaced by ***; every other
+    character is the submitted one (no re-encoding, fragment and an empty `?` kept)."""
     try:
-        parts = urlsplit(url)
-        netloc = parts.netloc
-        if "@" in netloc:
-            userinfo, _, hostport = netloc.rpartition("@")
-            user = userinfo.split(":", 1)[0]
-            netloc = f"{user}:{MASK}@{hostport}" if ":" in userinfo else f"{MASK}@{hostport}"
-        query = "&".join(_redact_param(p) for p in parts.query.split("&")) if parts.query else ""
-        return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+        urlsplit(url)  # what cannot be parsed is not shown at all
     except ValueError:
         return "<unparseable url>"
+    rest, hash_, fragment = url.partition("#")
+    rest, question, query = rest.partition("?")
+    scheme, sep, after = rest.partition("//")
+    if sep:
+        netloc, slash, path = after.partition("/")
+        rest = f"{scheme}{sep}{_redact_netloc(netloc)}{slash}{path}"
+    # A fragment is never sent, but OAuth's implicit flow puts tokens there (#access_token=...).
+    return f"{rest}{question}{_redact_query(query)}{hash_}{_redact_query(fragment)}"
+
+
+def _redact_netloc(netloc: str) -> str:
+    if "@" not in netloc:
+        return netloc
+    userinfo, _, hostport = netloc.rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    return f"{user}:{MASK}@{hostport}" if colon else f"{MASK}@{hostport}"
+
+
+def _redact_query(query: str) -> str:
+    """Each `name=value` of a query string, its value masked if the name is a secret one;
+    everything else is kept byte for byte."""
+    if not query:
+        return query
+    return "&".join(_redact_param(p) for p in query.split("&"))
 
 
 def _redact_param(param: str) -> str:
-    """One `name=value` of a query string, its value masked if the name looks like a secret;
-    everything else is kept byte for byte."""
     name, eq, _ = param.partition("=")
-    return f"{name}={MASK}" if eq and _SECRET_PARAM.search(unquote(name)) else param
+    return f"{name}={MASK}" if eq and is_secret_param(name) else param
 
 
 def redact_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -5,10 +5,12 @@ producers read the broker, the backend and the visibility timeout."""
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 T = TypeVar("T")
 
@@ -43,6 +45,42 @@ def _non_negative_int(raw: str) -> int:
     return value
 
 
+_PARAM_NAME = re.compile(r"[^\s&=#?]+")
+
+
+def _names(raw: str) -> tuple[str, ...]:
+    """A comma-separated list of query parameter names (empty: none)."""
+    names = tuple(n.strip() for n in raw.split(",") if n.strip())
+    for name in names:
+        if not _PARAM_NAME.fullmatch(name):
+            raise ValueError(f"{name!r} is not a query parameter name")
+    return names
+
+
+REDIS_SCHEMES = ("redis", "rediss")
+RESULTS_DB = 1
+
+
+def result_backend_for(broker_url: str, result_backend: str = "") -> str:
+    """Where results live, for every component (worker, Flower, client, CLI, `make run`):
+    CELERY_RESULT_BACKEND when given, else database 1 of the broker's Redis (same host, port,
+    credentials and options). Any other broker needs CELERY_RESULT_BACKEND: guessing a Redis the
+    broker does not name would leave producers waiting on results stored nowhere they look."""
+    if result_backend:
+        return result_backend
+    try:
+        parts = urlsplit(broker_url)
+    except ValueError as exc:
+        raise SettingsError(f"CELERY_BROKER_URL is not a URL ({exc})") from None
+    if parts.scheme.lower() not in REDIS_SCHEMES or not parts.netloc:
+        # The scheme only: the URL may hold a password.
+        raise SettingsError(
+            "CELERY_RESULT_BACKEND is required when CELERY_BROKER_URL is not a redis:// or "
+            f"rediss:// URL (it is {parts.scheme or 'without a scheme'}://...)"
+        )
+    return urlunsplit((parts.scheme, parts.netloc, f"/{RESULTS_DB}", parts.query, ""))
+
+
 def _env(var: str, parse: Callable[[str], Any], default: str) -> Any:
     """A setting read from `var`: its parser and documented default travel with the field."""
     return field(metadata={"var": var, "parse": parse, "default": default})
@@ -53,7 +91,8 @@ class Settings:
     """Every setting of the service; field order and variable names are the public contract."""
 
     broker_url: str = _env("CELERY_BROKER_URL", str, "redis://localhost:6379/0")
-    result_backend: str = _env("CELERY_RESULT_BACKEND", str, "redis://localhost:6379/1")
+    # Empty: derived from the broker by result_backend_for (database 1 of the broker's Redis).
+    result_backend: str = _env("CELERY_RESULT_BACKEND", str, "")
     download_dir: Path = _env("DOWNLOAD_DIR", Path, "./downloads")
     allow_private: bool = _env("DOWNLOAD_ALLOW_PRIVATE", _bool, "false")
     connect_timeout: float = _env("DOWNLOAD_CONNECT_TIMEOUT", _positive(float), "10")
@@ -77,6 +116,7 @@ class Settings:
     shutdown_grace: float = _env("DOWNLOAD_SHUTDOWN_GRACE", _positive(float), "90")
     max_tasks_per_child: int = _env("WORKER_MAX_TASKS_PER_CHILD", _non_negative_int, "1000")
     max_memory_per_child: int = _env("WORKER_MAX_MEMORY_PER_CHILD", _non_negative_int, "262144")
+    redact_params: tuple[str, ...] = _env("DOWNLOAD_REDACT_PARAMS", _names, "")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -89,6 +129,9 @@ class Settings:
                 values[f.name] = parse(raw)
             except ValueError as exc:
                 raise SettingsError(f"{var}={raw!r}: {exc}") from None
+        values["result_backend"] = result_backend_for(
+            values["broker_url"], values["result_backend"]
+        )
         settings = cls(**values)
         settings.check()
         return settings

@@ -7,9 +7,9 @@ PY=${PY:-.venv/bin/python}
 RUN="$PWD/.run"  # absolute: redis-server resolves --logfile after changing to --dir
 mkdir -p "$RUN"
 export CELERY_BROKER_URL=${CELERY_BROKER_URL:-redis://localhost:6379/0}
-# Results go to the broker's Redis (database 1) unless told otherwise, so that moving only the
-# broker does not leave results pointing at a Redis that may not exist.
-export CELERY_RESULT_BACKEND=${CELERY_RESULT_BACKEND:-${CELERY_BROKER_URL%/*}/1}
+# Where results live is decided by the settings (download_client.settings.result_backend_for),
+# the same function the worker, Flower, the client and the CLI use: CELERY_RESULT_BACKEND is
+# left as it is, so every component derives the same place from the broker when it is unset.
 FLOWER_PORT=${FLOWER_PORT:-5555}
 
 # A bad setting is one line here, not two Celery tracebacks after a banner.
@@ -19,6 +19,9 @@ try:
     Settings.from_env()
 except SettingsError as exc:
     sys.exit(f"error: {exc}")' || exit 2
+RESULTS=$("$PY" -c 'from download_client.redact import redact_url
+from download_client.settings import Settings
+print(redact_url(Settings.from_env().result_backend))')
 if "$PY" -c 'import socket, sys; socket.create_connection(("127.0.0.1", int(sys.argv[1])), 1)' "$FLOWER_PORT" 2>/dev/null; then
   echo "error: 127.0.0.1:$FLOWER_PORT is taken (is \`make run\` already running?). Stop it, or" >&2
   echo "  choose another port for Flower: FLOWER_PORT=5556 make run" >&2
@@ -77,6 +80,7 @@ pids+=($!)
 cat <<EOT
 
   worker:  celery -A worker worker   (downloads go to ${DOWNLOAD_DIR:-./downloads})
+  results: $RESULTS
   flower:  http://127.0.0.1:$FLOWER_PORT   user/password: $FLOWER_BASIC_AUTH
   submit:  .venv/bin/downloads submit https://example.com/file --wait
   Ctrl-C stops all of it.

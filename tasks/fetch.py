@@ -161,6 +161,7 @@ def _result(
         skipped=outcome.skipped,
         elapsed_s=_since(started),
         worker=task.request.hostname,
+        content_encoding=outcome.content_encoding,
     )
 
 

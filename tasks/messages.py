@@ -30,10 +30,13 @@ class RedactedRequest(Request):  # type: ignore[misc]
 
 def checked_strategy(task: Task, app: Any, consumer: Any, **kwargs: Any) -> Any:
     """Celery's default strategy behind a gate. The consumer refuses pickle and the like, but
-    passes `application/data` and `application/text` through undecoded, and a body that is not
-    `[args, kwargs, embed]` raises inside the strategy: either one stops the whole worker
-    ("Unrecoverable error"), and the message, never acked, is restored to stop the next one.
-    Here such a message is an InvalidTaskError: logged and discarded."""
+    passes `application/data` and `application/text` through undecoded, and a body of another
+    shape raises inside the strategy: either one stops the whole worker ("Unrecoverable error"),
+    and the message, never acked, is restored to stop the next one. Here such a message is an
+    InvalidTaskError, which the worker's consumer logs without its content and discards
+    (worker/refusals.py). Both task protocols pass: 2 (`[args, kwargs, embed]`, what Celery 4+
+    sends) and 1 (`{"task", "id", "args", "kwargs"}`, what celery-node, gocelery and older
+    producers send), which Celery's strategy turns into protocol 2."""
     handler = default_strategy(task, app, consumer, **kwargs)
 
     def gate(message: Any, body: Any, *args: Any, **kw: Any) -> Any:
@@ -41,15 +44,35 @@ def checked_strategy(task: Task, app: Any, consumer: Any, **kwargs: Any) -> Any:
             raise InvalidTaskError(
                 f"refused a message of content type {message.content_type!r}: only JSON"
             )
-        payload = message.payload
-        if not (
-            isinstance(payload, list | tuple)
-            and len(payload) == 3
+        headers = message.headers
+        protocol = 2 if isinstance(headers, dict) and "task" in headers else 1
+        problem = shape_problem(message.payload, protocol)
+        if problem is not None:
+            raise InvalidTaskError(f"refused a message whose body {problem}")
+        return handler(message, body, *args, **kw)
+
+    return gate
+
+
+def shape_problem(payload: Any, protocol: int) -> str | None:
+    """Why a decoded body is not a task message of protocol 2 or 1, or None when it is one.
+    With protocol 2's headers a dict body must still carry `args` (Celery's hybrid of the two):
+    without it Celery would read the dict as `[args, kwargs, embed]` in the child."""
+    if isinstance(payload, list | tuple):
+        if (
+            len(payload) == 3
             and isinstance(payload[0], list | tuple)
             and isinstance(payload[1], dict)
             and isinstance(payload[2], dict)
         ):
-            raise InvalidTaskError("refused a message whose body is not [args, kwargs, embed]")
-        return handler(message, body, *args, **kw)
-
-    return gate
+            return None
+        return "is not [args, kwargs, embed] (protocol 2)"
+    if isinstance(payload, dict):
+        if protocol == 2 and "args" not in payload:
+            return "is an object without args under protocol 2 headers"
+        if not isinstance(payload.get("args", ()), list | tuple):
+            return "has args that are not a list (protocol 1)"
+        if not isinstance(payload.get("kwargs", {}), dict):
+            return "has kwargs that are not an object (protocol 1)"
+        return None
+    return f"is a {type(payload).__name__}, not a task message of protocol 2 or 1"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 
@@ -28,8 +29,9 @@ class Progress:
         meta = {"bytes": done, "total": total}
         try:
             self.task.update_state(state="PROGRESS", meta=meta)
-            # `result` is a field Flower keeps and shows (task page, /api/task/info): the figures.
-            self.task.send_event("task-progress", bytes=done, total=total, result=repr(meta))
+            # Numbers for machines reading events; `result` is the one field Flower keeps and
+            # shows (task page, /api/task/info): the same figures as JSON text.
+            self.task.send_event("task-progress", bytes=done, total=total, result=json.dumps(meta))
         except REDIS_ERRORS as exc:
             # Progress is a courtesy: a Redis outage must not fail the download itself.
             log.warning("progress not reported (%s); the download goes on", exc)

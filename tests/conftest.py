@@ -39,6 +39,16 @@ def origin() -> Iterator[OriginServer]:
 
 
 @pytest.fixture(scope="session")
+def httpbin() -> Iterator[Any]:
+    """httpbin as an origin (redirects, encodings, ETags, auth, slow bodies) on 127.0.0.1."""
+    from tests.httpbin_origin import HttpbinServer
+
+    server = HttpbinServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def client(redis_server: RedisServer) -> Celery:
     """A plain Celery client that knows nothing of this project: it submits by name."""
     app = Celery(broker=f"{redis_server.url}/0", backend=f"{redis_server.url}/1")

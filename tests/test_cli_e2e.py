@@ -125,7 +125,8 @@ def test_status_shows_workers_queue_depth_and_active(env, start_worker, origin, 
     active = next(a for a in body["active"] if a["id"] == slow.id)
     assert active["worker"] == w.hostname
     assert active["progress"]["total"] == 4000000 and active["progress"]["bytes"] > 0
-    assert "sekrit" not in json.dumps(body) and "token=***" in active["kwargs"]
+    assert "sekrit" not in json.dumps(body)
+    assert active["kwargs"] == {"url": slow_url.split("token=")[0] + "token=***"}
     text = cli(env, "status", "--queue", queue)
     assert text.returncode == 0
     assert f"queue {queue!r}: 2 waiting" in text.stdout
@@ -166,7 +167,10 @@ def test_exit_codes(env, worker, origin, client):
     assert cli(env, "result", good.id, "--json").returncode == 0
     both = cli(env, "result", good.id, bad.id, "--json")
     assert both.returncode == 1
-    assert [r["state"] for r in json.loads(both.stdout)] == ["SUCCESS", "FAILURE"]
+    rows = json.loads(both.stdout)
+    assert [r["state"] for r in rows] == ["SUCCESS", "FAILURE"]
+    assert rows[0]["url"] == url and rows[0]["result"]["url"] == url
+    assert rows[1]["url"] is None and "404" in rows[1]["error"]
 
 
 def test_live_progress_on_a_terminal(env, worker, origin):
@@ -206,3 +210,18 @@ def _read_all(fd: int, proc: subprocess.Popen[bytes]) -> str:
         chunks.append(data)
     os.close(fd)
     return b"".join(chunks).decode(errors="replace")
+
+
+def test_with_only_the_broker_set_worker_and_cli_meet_on_the_same_results(
+    redis_server, start_worker, origin, tmp_path
+):
+    broker = redis_server.url  # redis://127.0.0.1:port, no database: 0 for the queue
+    queue = f"broker-only-{uuid.uuid4().hex[:6]}"
+    start_worker(queue=queue, CELERY_BROKER_URL=broker, CELERY_RESULT_BACKEND="")
+    env = {**worker_env(broker, tmp_path), "CELERY_BROKER_URL": broker}
+    del env["CELERY_RESULT_BACKEND"]
+    url = f"{origin.url}/bytes/1234?seed=broker-only"
+    done = cli(env, "submit", url, "--queue", queue, "--wait", "--timeout", "60", "--json")
+    assert done.returncode == 0, done.stderr
+    [row] = json.loads(done.stdout)
+    assert row["state"] == "SUCCESS" and row["result"]["size"] == 1234

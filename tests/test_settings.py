@@ -23,7 +23,8 @@ def test_defaults_are_the_documented_ones():
 def test_every_setting_is_in_the_readme_table_with_its_default():
     readme = (ROOT / "README.md").read_text()
     for var, default in documented():
-        assert re.search(rf"\| `{var}` \| `{re.escape(default)}` \|", readme), var
+        cell = f"`{re.escape(default)}`" if default else "unset"
+        assert re.search(rf"\| `{var}` \| {cell} \|", readme), var
 
 
 @pytest.mark.parametrize(
@@ -81,6 +82,7 @@ def test_the_public_task_name_and_result_keys_are_pinned():
         "skipped",
         "elapsed_s",
         "worker",
+        "content_encoding",
     )
 
 
@@ -92,3 +94,67 @@ def test_default_destinations_are_readable_and_never_collide():
     assert re.fullmatch(r"cat-[0-9a-f]{10}\.jpg", a) and a != b
     assert re.fullmatch(r"download-[0-9a-f]{10}", default_dest("https://example.com/"))
     assert "/" not in default_dest("https://example.com/a/..%2F..%2Fetc%2Fpasswd")
+
+
+@pytest.mark.parametrize(
+    ("broker", "results"),
+    [
+        ("redis://localhost:6379/0", "redis://localhost:6379/1"),
+        ("redis://h:6379", "redis://h:6379/1"),
+        ("redis://h", "redis://h/1"),
+        (
+            "redis://:pw@h:6380/5?health_check_interval=10",
+            "redis://:pw@h:6380/1?health_check_interval=10",
+        ),
+        (
+            "rediss://u:p@h:6379/0?ssl_cert_reqs=required",
+            "rediss://u:p@h:6379/1?ssl_cert_reqs=required",
+        ),
+    ],
+)
+def test_results_live_in_database_1_of_the_brokers_redis(broker, results):
+    from download_client.settings import result_backend_for
+
+    assert Settings.from_env({"CELERY_BROKER_URL": broker}).result_backend == results
+    assert result_backend_for(broker) == results
+    given = {"CELERY_BROKER_URL": broker, "CELERY_RESULT_BACKEND": "redis://other:6379/4"}
+    assert Settings.from_env(given).result_backend == "redis://other:6379/4"
+
+
+def test_a_broker_that_is_not_redis_needs_a_result_backend():
+    env = {"CELERY_BROKER_URL": "amqp://guest:hunter2@rabbit:5672//"}
+    with pytest.raises(SettingsError, match="CELERY_RESULT_BACKEND is required") as info:
+        Settings.from_env(env)
+    assert "hunter2" not in str(info.value)
+    both = {**env, "CELERY_RESULT_BACKEND": "redis://r:6379/1"}
+    assert Settings.from_env(both).result_backend == "redis://r:6379/1"
+
+
+def test_every_component_reads_the_same_result_backend():
+    from download_client.client import connect
+    from worker.celery_app import celery_config
+
+    s = Settings.from_env({"CELERY_BROKER_URL": "redis://h:6379"})
+    assert celery_config(s)["result_backend"] == "redis://h:6379/1"
+    assert connect(s).conf.result_backend == "redis://h:6379/1"
+
+
+@pytest.mark.parametrize(
+    ("url", "name"),
+    [
+        ("https://x/%E7%8C%AB.jpg", r"猫-[0-9a-f]{10}\.jpg"),
+        ("https://x/caf%C3%A9", r"café-[0-9a-f]{10}"),
+        ("https://x/%F0%9F%98%80", r"download-[0-9a-f]{10}"),
+        ("https://x/--rf", r"rf-[0-9a-f]{10}"),
+        ("https://x/-", r"download-[0-9a-f]{10}"),
+        ("https://x/.bashrc", r"bashrc-[0-9a-f]{10}"),
+    ],
+)
+def test_default_names_from_any_url_are_readable_and_never_an_option(url, name):
+    from download_client.arguments import check_dest, default_dest
+
+    made = default_dest(url)
+    assert re.fullmatch(name, made) and not made.startswith(("-", "."))
+    check_dest(made)
+    long = default_dest("https://x/" + "%E7%8C%AB" * 300 + ".tar")
+    assert len(long.encode()) <= 255 and long.endswith(".tar")

@@ -39,3 +39,10 @@ def test_a_taken_flower_port_is_reported_before_starting():
         done = stack(FLOWER_PORT=str(port))
     assert done.returncode == 2
     assert f"127.0.0.1:{port} is taken" in done.stderr and "FLOWER_PORT=" in done.stderr
+
+
+def test_a_broker_that_is_not_redis_without_a_result_backend_is_one_line():
+    done = stack(CELERY_BROKER_URL="amqp://guest:hunter2@127.0.0.1:1//", CELERY_RESULT_BACKEND="")
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: CELERY_RESULT_BACKEND is required")
+    assert "hunter2" not in done.stderr and "flower:" not in done.stdout

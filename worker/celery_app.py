@@ -10,7 +10,7 @@ from celery.app import backends
 from celery.backends.redis import RedisBackend
 
 from download_client.contract import TASK_NAME
-from download_client.redact import redact_reprs
+from download_client.redact import add_secret_params, redact_reprs
 from download_client.settings import Settings
 from tasks import runtime
 from tasks.fetch import FetchTask
@@ -55,6 +55,9 @@ def celery_config(s: Settings) -> dict[str, Any]:
         "worker_max_tasks_per_child": s.max_tasks_per_child or None,
         "worker_max_memory_per_child": s.max_memory_per_child or None,
         "worker_hijack_root_logger": False,
+        # Refused messages: one line in the log (never their content) and a FAILURE for their
+        # producer, stored only where no state exists (worker/refusals.py).
+        "worker_consumer": "worker.refusals:Consumer",
         "broker_connection_max_retries": None,
     }
 
@@ -87,6 +90,7 @@ def create_app(settings: Settings) -> DownloadsCelery:
     app.conf.update(celery_config(settings))
     app.register_task(FetchTask())
     runtime.configure(settings)
+    add_secret_params(settings.redact_params)
     _rank_progress_with_started()
     for part in (lifecycle, shutdown, sweeper, revoked, metrics):
         part.connect(app, settings)

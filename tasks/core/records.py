@@ -24,6 +24,7 @@ class Record:
     size: int | None = None
     mtime_ns: int | None = None
     content_type: str | None = None
+    content_encoding: str | None = None
 
     @property
     def validator(self) -> str | None:

@@ -31,6 +31,9 @@ def opened(
         hop_headers = {**caller, **ours} if _origin(url) == origin else ours
         response = _send(session, url, hop_headers, timeout)
         if not response.is_redirect:
+            # The URL as asked for (the submitted text, or the Location joined to it), not the
+            # one requests re-encoded to send (non-ASCII percent-encoded, the host in IDNA).
+            response.url = url
             try:
                 yield response
             except Exception as exc:
@@ -44,7 +47,7 @@ def opened(
         location = response.headers["Location"]
         response.close()
         try:
-            url = check_url(urljoin(response.url, location))
+            url = check_url(urljoin(url, location))
         except PermanentError as exc:
             raise PermanentError(f"redirect refused: {exc}") from None
     raise PermanentError(f"more than {MAX_REDIRECTS} redirects")

@@ -39,6 +39,7 @@ class Outcome:
     size: int
     sha256: str
     content_type: str | None
+    content_encoding: str | None
     http_status: int | None
     resumed_from: int
     skipped: bool
@@ -66,6 +67,7 @@ def download(
                     size=existing[1],
                     sha256=existing[0],
                     content_type=None,
+                    content_encoding=None,
                     http_status=None,
                     resumed_from=0,
                     skipped=True,
@@ -103,6 +105,7 @@ def _transfer(
                 size=finished.size or 0,
                 sha256=finished.sha256 or "",
                 content_type=finished.content_type,
+                content_encoding=finished.content_encoding,
                 http_status=304,
                 resumed_from=0,
                 skipped=True,
@@ -113,6 +116,8 @@ def _transfer(
             etag=response.headers.get("ETag"),
             last_modified=response.headers.get("Last-Modified"),
             content_type=response.headers.get("Content-Type"),
+            # Bodies are stored as sent (never decoded): the caller must know a gzip is a gzip.
+            content_encoding=response.headers.get("Content-Encoding"),
         )
         # Keep the validators beside the partial when the body is worth resuming; a small one is
         # fetched again whole, which saves a file write on every small download.
@@ -142,6 +147,7 @@ def _transfer(
         size=done,
         sha256=new_record.sha256,
         content_type=new_record.content_type,
+        content_encoding=new_record.content_encoding,
         http_status=response.status_code,
         resumed_from=start,
         skipped=False,

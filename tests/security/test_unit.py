@@ -209,7 +209,12 @@ def test_error_messages_carry_no_url_path_or_query() -> None:
             "https://h.test/a?access_token=***&api_key=***&sig=***&password=***",
         ),
         ("https://h.test/a?%73ig=s", "https://h.test/a?%73ig=***"),
-        ("https://h.test/a?q=1#token=frag", "https://h.test/a?q=1"),
+        ("https://h.test/a?q=1#token=frag", "https://h.test/a?q=1#token=***"),
+        ("https://h.test/a?Token=t&SIG=s", "https://h.test/a?Token=***&SIG=***"),
+        (
+            "https://h.test/a?X-Goog-Signature=s&se=2030",
+            "https://h.test/a?X-Goog-Signature=***&se=2030",
+        ),
     ],
 )
 def test_redact_url(url: str, shown: str) -> None:
