@@ -11,6 +11,7 @@ from celery.backends.redis import RedisBackend
 from tasks import TASK_NAME
 from tasks.redact import redact_reprs
 from worker.backend import DurableRedisBackend
+from worker.rabbitmq import rabbitmq_config, whole_seconds
 from worker.settings import Settings
 
 settings = Settings.from_env()
@@ -54,6 +55,7 @@ def celery_config(s: Settings) -> dict[str, Any]:
         "worker_max_memory_per_child": s.max_memory_per_child or None,
         "worker_hijack_root_logger": False,
         "broker_connection_max_retries": None,
+        **rabbitmq_config(s),
     }
 
 
@@ -69,6 +71,8 @@ class DownloadsCelery(Celery):  # type: ignore[misc]
             call_args = options.get("args", args[0] if args else None) or ()
             call_kwargs = options.get("kwargs", args[1] if len(args) > 1 else None) or {}
             options["argsrepr"], options["kwargsrepr"] = redact_reprs(call_args, call_kwargs)
+        if settings.broker_is_rabbitmq and options.get("countdown"):
+            options["countdown"] = whole_seconds(options["countdown"])
         return super().send_task(name, *args, **options)
 
     def _get_backend(self) -> Any:

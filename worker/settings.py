@@ -122,6 +122,10 @@ class Settings:
             )
 
     @property
+    def broker_is_rabbitmq(self) -> bool:
+        return self.broker_url.partition("://")[0] in ("amqp", "amqps", "pyamqp")
+
+    @property
     def partial_dir(self) -> Path:
         return self.download_dir / ".partial"
 
