@@ -12,6 +12,7 @@ from celery.result import AsyncResult
 
 from tasks import TASK_NAME
 from tasks.redact import redact_kwargs
+from worker.rabbitmq import rabbitmq_config
 from worker.settings import Settings
 
 DONE_STATES = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
@@ -32,6 +33,7 @@ def connect(settings: Settings | None = None) -> Celery:
         broker_connection_retry=False,
         broker_connection_max_retries=1,
     )
+    app.conf.update(rabbitmq_config(s))  # declare the queues as the workers do
     return app
 
 
