@@ -69,12 +69,14 @@ class RabbitServer:
             "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
             "ERL_EPMD_ADDRESS": "127.0.0.1",
             "ERL_EPMD_PORT": str(self.epmd_port),
+            "ERL_CRASH_DUMP": str(w / "erl_crash.dump"),  # not in the caller's directory
         }
 
     def start(self, timeout: float = 60) -> None:
         log = (self.workdir / "server.log").open("ab")
         self.proc = subprocess.Popen(
             [str(SCRIPT)],
+            cwd=self.workdir,
             env=self.env(),
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -124,6 +126,7 @@ class RabbitServer:
         """rabbitmqctl against this node, with its cookie; the output."""
         done = subprocess.run(
             [str(CTL), "-n", self.node, *args],
+            cwd=self.workdir,
             env=self.env(),
             capture_output=True,
             text=True,
