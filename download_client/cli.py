@@ -239,11 +239,19 @@ def _table(rows: list[dict[str, Any]], out: TextIO) -> None:
     out.write(f"{len(ok)} of {len(rows)} succeeded, {_size(total)}\n")
 
 
+def _queue_depth(conn: Any, queue: str) -> int:
+    """Messages waiting in `queue`, on Redis or RabbitMQ; a queue not declared yet holds none."""
+    try:
+        return int(conn.default_channel.queue_declare(queue, passive=True).message_count)
+    except conn.channel_errors:
+        return 0
+
+
 def _status(args: argparse.Namespace, out: TextIO) -> int:
     app = connect()
     with app.connection_for_write() as conn:
         conn.ensure_connection(max_retries=1)
-        depth = conn.default_channel.client.llen(args.queue)
+        depth = _queue_depth(conn, args.queue)
     # One broadcast: every worker that answers `active` is online (a ping would cost another
     # second of waiting for replies).
     active = app.control.inspect(timeout=1.0).active() or {}

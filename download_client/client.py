@@ -10,6 +10,7 @@ from typing import Any
 from celery import Celery
 from celery.result import AsyncResult
 
+from download_client.brokers import rabbitmq_config
 from download_client.contract import TASK_NAME
 from download_client.redact import add_secret_params, redact_kwargs
 from download_client.settings import Settings
@@ -33,6 +34,7 @@ def connect(settings: Settings | None = None) -> Celery:
         broker_connection_retry=False,
         broker_connection_max_retries=1,
     )
+    app.conf.update(rabbitmq_config(s))  # declare the queues as the workers do
     return app
 
 

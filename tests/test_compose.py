@@ -105,3 +105,66 @@ def test_docker_compose_config_accepts_the_file():
         timeout=60,
     )
     assert done.returncode == 0, done.stderr
+
+
+RABBIT_COMPOSE = ROOT / "docker-compose.rabbitmq.yml"
+
+
+@pytest.fixture(scope="module")
+def rabbit_compose() -> dict[str, Any]:
+    return yaml.safe_load(RABBIT_COMPOSE.read_text())  # type: ignore[no-any-return]
+
+
+def test_rabbitmq_override_moves_only_the_broker(compose, rabbit_compose):
+    services = rabbit_compose["services"]
+    broker = rabbit_compose["x-broker"]
+    assert set(broker) == {"CELERY_BROKER_URL"}  # results, claims and counters stay in Redis
+    assert broker["CELERY_BROKER_URL"].startswith("amqp://downloads:${RABBITMQ_PASSWORD:?")
+    assert broker["CELERY_BROKER_URL"].endswith("@rabbitmq:5672//")
+    assert services["worker"]["environment"] is broker
+    assert services["flower"]["environment"] is broker
+    assert set(services) == {"rabbitmq", "worker", "flower"}
+    assert services["worker"]["depends_on"] == {
+        **compose["services"]["worker"]["depends_on"],
+        "rabbitmq": {"condition": "service_healthy"},
+    }
+
+
+def test_rabbitmq_is_durable_unpublished_and_needs_a_password(rabbit_compose):
+    rabbit = rabbit_compose["services"]["rabbitmq"]
+    assert "ports" not in rabbit and rabbit["expose"] == ["5672"]
+    assert rabbit["hostname"] == "rabbitmq"  # the node name, hence the data directory, is stable
+    assert any(v.endswith(":/var/lib/rabbitmq") for v in rabbit["volumes"])
+    assert rabbit["environment"]["RABBITMQ_DEFAULT_PASS"].startswith("${RABBITMQ_PASSWORD:?")
+    assert "ping" in rabbit["healthcheck"]["test"]
+
+
+def test_rabbitmq_consumer_timeout_outlasts_a_download(rabbit_compose):
+    """With late acks RabbitMQ closes a consumer that holds a message past consumer_timeout: it
+    must outlast the hard time limit and the backoff cap, as DOWNLOAD_VISIBILITY_TIMEOUT does."""
+    args = rabbit_compose["services"]["rabbitmq"]["environment"][
+        "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS"
+    ]
+    m = re.search(r"-rabbit consumer_timeout (\d+)", args)
+    assert m, args
+    defaults = {var: float(default) for var, default in documented() if default[:1].isdigit()}
+    assert int(m[1]) >= defaults["DOWNLOAD_VISIBILITY_TIMEOUT"] * 1000
+    assert defaults["DOWNLOAD_VISIBILITY_TIMEOUT"] > (
+        defaults["DOWNLOAD_TIME_LIMIT"] + defaults["DOWNLOAD_RETRY_BACKOFF_MAX"]
+    )
+
+
+@pytest.mark.skipif(not _compose_plugin(), reason="no `docker compose` plugin on this machine")
+def test_docker_compose_config_accepts_the_rabbitmq_override():
+    done = subprocess.run(
+        ["docker", "compose", "-f", str(COMPOSE), "-f", str(RABBIT_COMPOSE), "config", "--quiet"],
+        env={
+            "FLOWER_BASIC_AUTH": "ops:secret",
+            "RABBITMQ_PASSWORD": "secret",
+            "PATH": "/usr/bin:/bin:/usr/local/bin",
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr

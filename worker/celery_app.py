@@ -9,6 +9,7 @@ from celery import Celery, states
 from celery.app import backends
 from celery.backends.redis import RedisBackend
 
+from download_client.brokers import is_rabbitmq, rabbitmq_config, whole_seconds
 from download_client.contract import TASK_NAME
 from download_client.redact import add_secret_params, redact_reprs
 from download_client.settings import Settings
@@ -59,6 +60,7 @@ def celery_config(s: Settings) -> dict[str, Any]:
         # producer, stored only where no state exists (worker/refusals.py).
         "worker_consumer": "worker.refusals:Consumer",
         "broker_connection_max_retries": None,
+        **rabbitmq_config(s),
     }
 
 
@@ -74,6 +76,8 @@ class DownloadsCelery(Celery):  # type: ignore[misc]
             call_args = options.get("args", args[0] if args else None) or ()
             call_kwargs = options.get("kwargs", args[1] if len(args) > 1 else None) or {}
             options["argsrepr"], options["kwargsrepr"] = redact_reprs(call_args, call_kwargs)
+        if is_rabbitmq(self.conf.broker_url or "") and options.get("countdown"):
+            options["countdown"] = whole_seconds(options["countdown"])
         return super().send_task(name, *args, **options)
 
     def _get_backend(self) -> Any:

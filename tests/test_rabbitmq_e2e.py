@@ -1,0 +1,222 @@
+"""RabbitMQ as the broker, Redis as the result backend (results, claims, delivery counters): the
+fault cases of the Redis setup against a private RabbitMQ node and real workers. Queues are
+quorum queues and every countdown (a retry, a wait for a busy destination) is held by the
+broker's delayed delivery, not by a worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from celery import Celery
+from kombu import Exchange, Queue
+
+from download_client.brokers import rabbitmq_config
+from download_client.settings import Settings
+from tests.conftest import active_pid, run, submit
+from tests.harness import ROOT, RedisServer, Worker, wait_for, worker_env
+from tests.rabbitmq import RabbitServer, installed
+from tests.server import body_sha256
+
+if not installed():
+    pytest.skip(
+        "rabbitmq-server is not installed (Debian: apt-get install rabbitmq-server)",
+        allow_module_level=True,
+    )
+
+Start = Callable[..., Worker]
+
+
+@pytest.fixture(scope="module")
+def rabbit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitServer]:
+    server = RabbitServer(tmp_path_factory.mktemp("rabbitmq"))
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def rclient(rabbit: RabbitServer, redis_server: RedisServer) -> Celery:
+    """A producer declaring what the workers declare (download_client.brokers), results in Redis."""
+    settings = Settings.from_env({"CELERY_BROKER_URL": rabbit.url})
+    app = Celery(broker=rabbit.url, backend=f"{redis_server.url}/1")
+    app.conf.update(accept_content=["json"], **rabbitmq_config(settings))
+    # The default queue exists, as it does once anything is submitted without a queue: every
+    # worker binds it to the delayed-delivery exchange, whatever queues it consumes.
+    with app.connection_for_write() as conn:
+        Queue("celery", Exchange("celery", "topic"), "celery", **_quorum()).declare(
+            channel=conn.default_channel
+        )
+    return app
+
+
+def _quorum() -> dict[str, dict[str, str]]:
+    return {"queue_arguments": {"x-queue-type": "quorum"}}
+
+
+@pytest.fixture(scope="module")
+def start(
+    rabbit: RabbitServer, redis_server: RedisServer, rclient: Celery, tmp_path_factory
+) -> Iterator[Start]:
+    """Start a worker on RabbitMQ; `queue` and `download_dir` let a second worker take over."""
+    started: list[Worker] = []
+
+    def begin(
+        queue: str, download_dir: Path | None = None, children: int = 2, **env: str
+    ) -> Worker:
+        name = f"r{len(started)}-{queue}"
+        ddir = download_dir or tmp_path_factory.mktemp(f"dl-{queue}")
+        settings = worker_env(redis_server.url, ddir, CELERY_BROKER_URL=rabbit.url, **env)
+        log = tmp_path_factory.mktemp("rlogs") / f"{name}.log"
+        w = Worker(settings, name, queue, log, ddir, ["-c", str(children)])
+        started.append(w)
+        return w.start(rclient)
+
+    yield begin
+    for w in started:  # all warm shutdowns at once, then wait for each
+        if w.proc is not None and w.proc.poll() is None:
+            w.proc.send_signal(signal.SIGTERM)
+    for w in started:
+        w.stop()
+
+
+@pytest.fixture(scope="module")
+def rworker(start: Start) -> Worker:
+    return start("shared")
+
+
+def _clean_start(w: Worker) -> None:
+    log = w.log()
+    assert "Failed to setup delayed delivery" not in log, log
+    assert "Direct exchanges are not supported" not in log, log
+    assert "Global QoS is disabled" in log  # quorum queues detected: per-consumer prefetch
+
+
+def test_the_download_queue_is_a_quorum_queue_on_a_topic_exchange(rabbit, rclient, rworker):
+    _clean_start(rworker)
+    listed = rabbit.ctl("list_queues", "name", "type", "-q", "--formatter", "json")
+    types = {q["name"]: q["type"] for q in json.loads(listed)}
+    assert types["shared"] == types["celery"] == "quorum"
+    assert types["celery_delayed_0"] == types["celery_delayed_27"] == "quorum"
+
+
+def test_a_countdown_waits_in_the_broker_while_the_only_child_works(rclient, start, origin, key):
+    """A 503 with Retry-After: 2 is retried 2 s later; meanwhile the worker's single child runs
+    another download. A worker holding the countdown message would have no slot for it."""
+    w = start("single", children=1, DOWNLOAD_RETRY_BACKOFF_MAX="10")
+    _clean_start(w)
+    url = f"{origin.url}/bytes/100?flaky=1&fail=503&retry_after=2&key={key}"
+    waiting = submit(rclient, w, url=url, dest="later.bin")
+    wait_for(lambda: origin.stats.for_key(key), 30, "the first request")
+    quick = run(rclient, w, url=f"{origin.url}/bytes/100?key={key}q", dest="quick.bin")
+    assert quick["size"] == 100 and len(origin.stats.for_key(key)) == 1
+    assert waiting.get(timeout=30)["attempts"] == 2
+    first, second = origin.stats.for_key(key)
+    assert 1.9 <= second.at - first.at < 5
+
+
+def test_a_flaky_server_succeeds_on_the_third_request(rclient, rworker, origin, key, dest):
+    """Backoffs below a second are sent as one-second delays (delayed delivery counts whole
+    seconds); the fault budget is the same."""
+    result = run(rclient, rworker, url=f"{origin.url}/bytes/5000?flaky=2&key={key}", dest=dest)
+    assert result["attempts"] == 3 and result["size"] == 5000
+    assert len(origin.stats.for_key(key)) == 3
+    state = rclient.send_task(
+        "downloads.fetch",
+        kwargs={"url": f"{origin.url}/bytes/10?status=500&key={key}x"},
+        queue=rworker.queue,
+    )
+    with pytest.raises(Exception, match="gave up after 4 attempts: HTTP 500"):
+        state.get(timeout=30)
+
+
+def test_a_child_killed_mid_download_is_redelivered_and_resumes(
+    rclient, rworker, origin, key, dest
+):
+    url = f"{origin.url}/bytes/1500000?rate=1000000&seed={key}&key={key}"
+    res = submit(rclient, rworker, url=url, dest=dest)
+    wait_for(lambda: res.state == "PROGRESS" and res.info["bytes"] > 100000, 30, "progress")
+    os.kill(active_pid(rclient, rworker, res.id), signal.SIGKILL)
+    result = res.get(timeout=60)
+    assert result["resumed_from"] > 0 and result["attempts"] == 2
+    assert result["sha256"] == body_sha256(1500000, key)
+
+
+def test_a_busy_destination_is_waited_for_in_the_broker(rclient, rworker, origin, key):
+    """The twin of a running download waits (countdowns, no child) and shares its result; a
+    download elsewhere runs on the second child meanwhile."""
+    url = f"{origin.url}/bytes/600000?seed={key}&key={key}&rate=300000"
+    holder = submit(rclient, rworker, url=url, dest="same.bin")
+    wait_for(lambda: holder.state == "PROGRESS", 30, "the holder to run")
+    twin = submit(rclient, rworker, url=url, dest="same.bin")
+    elsewhere = run(rclient, rworker, url=f"{origin.url}/bytes/1000?seed=e", dest="else.bin")
+    assert elsewhere["size"] == 1000 and holder.state == "PROGRESS"
+    first = holder.get(timeout=30)
+    shared = twin.get(timeout=30)
+    assert shared["skipped"] and shared["sha256"] == first["sha256"] == body_sha256(600000, key)
+    assert len(origin.stats.for_key(key)) == 1
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_a_download_finishes_on_a_restarted_worker(rclient, start, origin, key, how):
+    """SIGTERM: the grace runs out and the message is requeued at once. SIGKILL of the whole
+    worker: RabbitMQ requeues the unacknowledged message as soon as the connection drops (no
+    visibility timeout to wait for). Either way the next worker resumes from the partial."""
+    env = {"DOWNLOAD_SHUTDOWN_GRACE": "1"}
+    size = 2_000_000
+    url = f"{origin.url}/bytes/{size}?seed={key}&key={key}&rate=500000"
+    w = start(f"deploy-{how.lower()}", **env)
+    res = submit(rclient, w, url=url, dest="slow.bin")
+    wait_for(lambda: res.state == "PROGRESS" and res.info["bytes"] > 200_000, 30, "progress")
+    if how == "SIGKILL":
+        os.killpg(w.proc.pid, signal.SIGKILL)
+    w.stop(signal.SIGTERM, timeout=30)
+    again = start(w.queue, download_dir=w.download_dir, **env)
+    result = res.get(timeout=60)
+    assert result["resumed_from"] > 0 and result["sha256"] == body_sha256(size, key)
+    assert result["worker"] == again.hostname
+    assert len(origin.stats.for_key(key)) == 2
+
+
+def test_a_broker_restart_mid_download_loses_nothing(rabbit, rclient, rworker, origin, key):
+    """RabbitMQ is killed while one download runs and another waits in the queue, and comes back
+    5 s later: both end SUCCESS; the queued one survived in the quorum queue's log."""
+    size = 1_000_000
+    running_url = f"{origin.url}/bytes/{size}?seed={key}&key={key}&rate=100000"
+    running = submit(rclient, rworker, url=running_url, dest="running.bin")
+    wait_for(lambda: running.state == "PROGRESS", 30, "the download to run")
+    blocker = submit(rclient, rworker, url=f"{origin.url}/bytes/300000?rate=100000", dest="b")
+    wait_for(lambda: blocker.state == "PROGRESS", 30, "both children busy")
+    queued = submit(rclient, rworker, url=f"{origin.url}/bytes/2000?key={key}q", dest="q.bin")
+    rabbit.kill()
+    time.sleep(5)  # the outage itself, not a synchronisation
+    rabbit.start()
+    got = running.get(timeout=60)
+    assert got["sha256"] == body_sha256(size, key) and running.state == "SUCCESS"
+    assert queued.get(timeout=60)["size"] == 2000
+    assert blocker.get(timeout=60)["size"] == 300000
+    assert (rworker.download_dir / "running.bin").stat().st_size == size
+    bodies = [r for r in origin.stats.for_key(key) if "If-None-Match" not in r.headers]
+    assert len(bodies) == 1, "transferred twice"  # a redelivered copy may only ask for a 304
+
+
+def test_status_reports_the_rabbitmq_queue_depth(rabbit, redis_server, rworker, tmp_path):
+    env = worker_env(redis_server.url, tmp_path, CELERY_BROKER_URL=rabbit.url)
+    done = subprocess.run(
+        [sys.executable, "-m", "download_client.cli", "status", "--json", "--queue", rworker.queue],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    status = json.loads(done.stdout)
+    assert status["queue_depth"] == 0 and rworker.hostname in status["workers"]
