@@ -10,7 +10,7 @@ from download_client.settings import Settings
 
 
 def _settings(url: str) -> Settings:
-    return Settings.from_env({"CELERY_BROKER_URL": url})
+    return Settings.from_env({"CELERY_BROKER_URL": url, "CELERY_RESULT_BACKEND": "redis://h/1"})
 
 
 @pytest.mark.parametrize("url", ["redis://localhost:6379/0", "rediss://h:6380/0"])

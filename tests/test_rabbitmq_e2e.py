@@ -45,8 +45,11 @@ def rabbit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitServer]:
 @pytest.fixture(scope="module")
 def rclient(rabbit: RabbitServer, redis_server: RedisServer) -> Celery:
     """A producer declaring what the workers declare (download_client.brokers), results in Redis."""
-    settings = Settings.from_env({"CELERY_BROKER_URL": rabbit.url})
-    app = Celery(broker=rabbit.url, backend=f"{redis_server.url}/1")
+    backend = f"{redis_server.url}/1"
+    settings = Settings.from_env(
+        {"CELERY_BROKER_URL": rabbit.url, "CELERY_RESULT_BACKEND": backend}
+    )
+    app = Celery(broker=rabbit.url, backend=backend)
     app.conf.update(accept_content=["json"], **rabbitmq_config(settings))
     # The default queue exists, as it does once anything is submitted without a queue: every
     # worker binds it to the delayed-delivery exchange, whatever queues it consumes.
