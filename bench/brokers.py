@@ -22,6 +22,7 @@ from celery import Celery
 
 from bench.stack import BENCH_SETTINGS, last_done, rotated, send_all, wait_all
 from download_client.client import connect
+from download_client.contract import TASK_NAME
 from download_client.settings import Settings
 from tests.harness import ROOT, RedisServer, Worker, worker_env
 from tests.rabbitmq import RabbitServer, installed
@@ -61,7 +62,7 @@ def _round(app: Celery, w: Worker, origin: OriginServer, tag: str) -> float:
         for i in range(FILES)
     )
     started = time.time()
-    results = send_all(app, "downloads.fetch", w.queue, kwargs)
+    results = send_all(app, TASK_NAME, w.queue, kwargs)
     wait_all(results, timeout=600)
     return FILES / (last_done(results) - started)
 

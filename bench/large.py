@@ -14,6 +14,7 @@ from typing import Any
 from bench.config import KIB, MIB, Config
 from bench.stack import Nginx, Stack, available, reset_peak, rotated, run_measured, status_kib
 from bench.stats import ratios, summary
+from download_client.contract import TASK_NAME
 from download_client.settings import Settings
 from tests.harness import Worker
 
@@ -93,7 +94,7 @@ def _worker_client(stack: Stack, w: Worker, url: str, size: int) -> Client:
             raise RuntimeError("cannot reset peak RSS (/proc/<pid>/clear_refs): run as root")
         started = time.perf_counter()
         result = stack.client.send_task(
-            "downloads.fetch", kwargs={"url": url, "dest": f"{rel}/big.bin"}, queue=w.queue
+            TASK_NAME, kwargs={"url": url, "dest": f"{rel}/big.bin"}, queue=w.queue
         ).get(timeout=600)
         seconds = time.perf_counter() - started
         if result["size"] != size:

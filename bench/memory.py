@@ -25,6 +25,7 @@ from bench.stack import (
     time_wait,
     wait_all,
 )
+from download_client.contract import TASK_NAME
 from tests.harness import Worker
 
 RECYCLE_OFF = {"WORKER_MAX_TASKS_PER_CHILD": "0", "WORKER_MAX_MEMORY_PER_CHILD": "0"}
@@ -65,7 +66,7 @@ class _Run:
 def run(stack: Stack, cfg: Config, files: Path) -> dict[str, Any]:
     """`files` holds small/f0000.bin (16 KiB), served by a new nginx for each variant."""
     variants = [
-        Variant("a", "this worker (one Session per child)", "downloads.fetch", "bench.tasks"),
+        Variant("a", "this worker (one Session per child)", TASK_NAME, "bench.tasks"),
         Variant(
             "b", "anti-pattern: a Session per download", "bench.session_per_download", "bench.tasks"
         ),

@@ -18,6 +18,7 @@ from typing import Any, cast
 from celery import Celery, Task
 
 from bench.stack import Stack, send_all, wait_all
+from download_client.contract import TASK_NAME
 from download_client.settings import Settings
 from tasks.progress import Progress
 
@@ -63,7 +64,7 @@ def run(stack: Stack, url: str, downloads: int) -> dict[str, Any]:
         time.sleep(1.0)  # py-spy attaches
         kwargs = ({"url": url, "dest": f"p4/{i}.bin"} for i in range(downloads))
         started = time.perf_counter()
-        wait_all(send_all(stack.client, "downloads.fetch", w.queue, kwargs), timeout=600)
+        wait_all(send_all(stack.client, TASK_NAME, w.queue, kwargs), timeout=600)
         elapsed = time.perf_counter() - started
         spy.send_signal(signal.SIGINT)
         spy.wait(60)

@@ -21,6 +21,7 @@ from bench.stack import (
     wait_all,
 )
 from bench.stats import ratios, summary
+from download_client.contract import TASK_NAME
 from tests.harness import Worker
 
 Client = Callable[[Path, int], float]  # (new output directory, run number) -> seconds
@@ -37,7 +38,7 @@ def run(stack: Stack, cfg: Config, nginx: Nginx) -> dict[str, Any]:
     # the same worker, so configuration, broker and concurrency are the same by construction.
     w = stack.worker("small", include=["bench.tasks"])
     clients: dict[str, Client] = {
-        "worker": lambda out, r: _celery(stack, w, "downloads.fetch", urls, f"p3/{r}", n),
+        "worker": lambda out, r: _celery(stack, w, TASK_NAME, urls, f"p3/{r}", n),
         "no-op task": lambda out, r: _celery(stack, w, "bench.noop", urls, f"p3/noop-{r}", n),
     }
     peers: dict[str, tuple[str, Client]] = {
