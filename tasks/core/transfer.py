@@ -99,58 +99,63 @@ def _transfer(
 
     with redirects.opened(session, request.url, headers, limits.timeout) as response:
         if response.status_code == 304 and finished is not None:
-            return Outcome(
-                final_url=response.url,
-                path=request.dest,
-                size=finished.size or 0,
-                sha256=finished.sha256 or "",
-                content_type=finished.content_type,
-                content_encoding=finished.content_encoding,
-                http_status=304,
-                resumed_from=0,
-                skipped=True,
-            )
+            return _unchanged(response.url, request.dest, finished)
         start, total, cap = _admit(response, request, target, limits, offset)
-        new_record = Record(
-            url=request.url,
-            etag=response.headers.get("ETag"),
-            last_modified=response.headers.get("Last-Modified"),
-            content_type=response.headers.get("Content-Type"),
-            # Bodies are stored as sent (never decoded): the caller must know a gzip is a gzip.
-            content_encoding=response.headers.get("Content-Encoding"),
-        )
+        record = _record_of(response, request.url)
         # Keep the validators beside the partial when the body is worth resuming; a small one is
         # fetched again whole, which saves a file write on every small download.
-        resumable = bool(new_record.validator) and (
-            total is None or total - start > RESUME_MIN_BYTES
-        )
+        resumable = bool(record.validator) and (total is None or total - start > RESUME_MIN_BYTES)
         if resumable:
-            target.save_sidecar(new_record)
+            target.save_sidecar(record)
         f, hasher = target.open_partial(start)
         try:
             done = _stream(response, f, hasher, start, total, cap, limits.chunk_size, on_progress)
-        except PermanentError:
+        except BaseException as exc:
             f.close()
-            target.discard()
-            raise
-        except BaseException:
-            f.close()
-            if not resumable:
-                target.discard()  # without a saved validator the bytes can never be resumed
+            # Without a saved validator the bytes can never be resumed; a permanent error means
+            # nothing will try again.
+            if isinstance(exc, PermanentError) or not resumable:
+                target.discard()
             raise
 
-    new_record.sha256 = _verify(f, target, request, hasher.hexdigest(), done, total)
-    target.publish(f, new_record)
+    record.sha256 = _verify(f, target, request, hasher.hexdigest(), done, total)
+    target.publish(f, record)
     return Outcome(
         final_url=response.url,
         path=request.dest,
         size=done,
-        sha256=new_record.sha256,
-        content_type=new_record.content_type,
-        content_encoding=new_record.content_encoding,
+        sha256=record.sha256,
+        content_type=record.content_type,
+        content_encoding=record.content_encoding,
         http_status=response.status_code,
         resumed_from=start,
         skipped=False,
+    )
+
+
+def _unchanged(final_url: str, dest: str, finished: Record) -> Outcome:
+    """The origin answered 304 to the finished file's validators: the file stands as it is."""
+    return Outcome(
+        final_url=final_url,
+        path=dest,
+        size=finished.size or 0,
+        sha256=finished.sha256 or "",
+        content_type=finished.content_type,
+        content_encoding=finished.content_encoding,
+        http_status=304,
+        resumed_from=0,
+        skipped=True,
+    )
+
+
+def _record_of(response: requests.Response, url: str) -> Record:
+    return Record(
+        url=url,
+        etag=response.headers.get("ETag"),
+        last_modified=response.headers.get("Last-Modified"),
+        content_type=response.headers.get("Content-Type"),
+        # Bodies are stored as sent (never decoded): the caller must know a gzip is a gzip.
+        content_encoding=response.headers.get("Content-Encoding"),
     )
 
 
