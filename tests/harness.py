@@ -155,7 +155,10 @@ class Worker:
     def _ready(self, client: Celery) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
             raise AssertionError(f"worker exited early:\n{self.log()}")
-        return bool(client.control.ping(destination=[self.hostname], timeout=0.5))
+        try:
+            return bool(client.control.ping(destination=[self.hostname], timeout=0.5))
+        except (redis.ConnectionError, OSError):  # Redis restarting under the caller
+            return False
 
     def children(self) -> list[int]:
         import psutil

@@ -73,6 +73,35 @@ def test_downloads_that_end_while_redis_is_away_end_success(
         assert w.stop() == 0
 
 
+def test_a_retry_waiting_for_its_countdown_survives_a_redis_crash(
+    crashable_redis, origin, tmp_path
+):
+    """The worker holds a retry until its countdown ends; Redis crashes meanwhile and Celery
+    drops what it held. The message is put back once Redis answers again, not after the
+    visibility timeout (an hour here), and the worker stays up."""
+    server, client = crashable_redis
+    w = _worker(
+        server,
+        client,
+        tmp_path,
+        "countdown",
+        DOWNLOAD_RETRY_BACKOFF_MAX="8",
+        DOWNLOAD_VISIBILITY_TIMEOUT="3600",
+    )
+    url = f"{origin.url}/bytes/5000?seed=cd&key=cd&flaky=1&fail=429&retry_after=8"
+    try:
+        res = submit(client, w, url=url, dest="countdown.bin")
+        wait_for(lambda: res.state == "RETRY", 30, "the retry to be scheduled")
+        server.kill()
+        time.sleep(2)  # the outage itself, not a synchronisation
+        server.start()
+        assert res.get(timeout=90)["attempts"] == 2
+        assert _get(origin, "cd") == 2
+        assert "Unrecoverable error" not in w.log()
+    finally:
+        assert w.stop() == 0
+
+
 def test_a_busy_destination_is_waited_for_without_a_child_or_the_fault_budget(
     client, start_worker, origin, key
 ):

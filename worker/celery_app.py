@@ -12,7 +12,7 @@ from celery.backends.redis import RedisBackend
 from download_client.brokers import is_rabbitmq, rabbitmq_config, whole_seconds
 from download_client.contract import TASK_NAME
 from download_client.redact import add_secret_params, redact_reprs
-from download_client.settings import Settings
+from download_client.settings import REDIS_SCHEMES, Settings
 from tasks import runtime
 from tasks.fetch import FetchTask
 from worker import lifecycle, metrics, revoked, shutdown, sweeper
@@ -60,8 +60,13 @@ def celery_config(s: Settings) -> dict[str, Any]:
         # producer, stored only where no state exists (worker/refusals.py).
         "worker_consumer": "worker.refusals:Consumer",
         "broker_connection_max_retries": None,
+        **({"broker_transport": "worker.redis_transport:Transport"} if _on_redis(s) else {}),
         **rabbitmq_config(s),
     }
+
+
+def _on_redis(s: Settings) -> bool:
+    return s.broker_url.split("://", 1)[0].lower() in REDIS_SCHEMES
 
 
 class DownloadsCelery(Celery):  # type: ignore[misc]

@@ -1,0 +1,48 @@
+"""The worker's Redis transport against a real Redis: closing a channel whose connection was
+already released (what Celery does when Redis dies under unacknowledged messages) raises the
+connection error Celery recovers from, where kombu's own transport raises AttributeError and
+the worker exits."""
+
+from __future__ import annotations
+
+import pytest
+from kombu import Connection, Exchange, Queue
+from kombu.transport import redis as kombu_redis
+
+from worker.redis_transport import Transport
+
+
+def _close_after_release(redis_server, transport) -> None:
+    conn = Connection(f"{redis_server.url}/5", transport=transport)
+    channel = conn.default_channel
+    queue = Queue("transport-test", Exchange("transport-test"), "transport-test")
+    with conn.Producer() as producer:
+        producer.publish({"n": 1}, exchange=queue.exchange, routing_key="transport-test",
+                         declare=[queue])  # fmt: skip
+    message = channel.basic_get("transport-test", no_ack=False)
+    assert message is not None  # one delivered, unacknowledged message to restore on close
+    conn._do_close_transport()  # the release that comes first when the connection is lost
+    conn.maybe_close_channel(channel)
+
+
+def test_a_channel_closed_after_its_connection_is_released_raises_no_attribute_error(
+    redis_server,
+):
+    _close_after_release(redis_server, Transport)  # nothing escapes
+
+
+def test_kombus_own_transport_fails_there(redis_server):
+    with pytest.raises(AttributeError, match="hostname"):
+        _close_after_release(redis_server, kombu_redis.Transport)
+
+
+def test_the_worker_app_uses_it_for_redis_brokers_only():
+    from download_client.settings import Settings
+    from worker.celery_app import celery_config
+
+    on_redis = celery_config(Settings.from_env({"CELERY_BROKER_URL": "redis://h:6379/0"}))
+    assert on_redis["broker_transport"] == "worker.redis_transport:Transport"
+    amqp = Settings.from_env(
+        {"CELERY_BROKER_URL": "amqp://h//", "CELERY_RESULT_BACKEND": "redis://h:6379/1"}
+    )
+    assert "broker_transport" not in celery_config(amqp)
