@@ -57,6 +57,22 @@ def _names(raw: str) -> tuple[str, ...]:
     return names
 
 
+def _proxy_url(raw: str) -> str:
+    """An http:// or https:// proxy URL, credentials allowed (never shown: see redact_proxy)."""
+    raw = raw.strip()
+    if not raw:
+        return ""
+    parts = urlsplit(raw)
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ValueError("expected http://[user:password@]host:port or https://...")
+    return raw
+
+
+def _hosts(raw: str) -> tuple[str, ...]:
+    """A comma-separated list of host names, domains (.example.com) or IP addresses."""
+    return tuple(h.strip().lower() for h in raw.split(",") if h.strip())
+
+
 REDIS_SCHEMES = ("redis", "rediss")
 RESULTS_DB = 1
 
@@ -117,6 +133,14 @@ class Settings:
     max_tasks_per_child: int = _env("WORKER_MAX_TASKS_PER_CHILD", _non_negative_int, "1000")
     max_memory_per_child: int = _env("WORKER_MAX_MEMORY_PER_CHILD", _non_negative_int, "262144")
     redact_params: tuple[str, ...] = _env("DOWNLOAD_REDACT_PARAMS", _names, "")
+    # TLS and egress: trust a private CA (in addition to the default set, or instead of it with
+    # DOWNLOAD_CA_ONLY), a client certificate for origins that ask for one, an egress proxy.
+    ca_bundle: str = _env("DOWNLOAD_CA_BUNDLE", str, "")
+    ca_only: bool = _env("DOWNLOAD_CA_ONLY", _bool, "false")
+    client_cert: str = _env("DOWNLOAD_CLIENT_CERT", str, "")
+    client_key: str = _env("DOWNLOAD_CLIENT_KEY", str, "")
+    proxy: str = _env("DOWNLOAD_PROXY", _proxy_url, "")
+    no_proxy: tuple[str, ...] = _env("DOWNLOAD_NO_PROXY", _hosts, "")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -137,6 +161,10 @@ class Settings:
         return settings
 
     def check(self) -> None:
+        if self.ca_only and not self.ca_bundle:
+            raise SettingsError("DOWNLOAD_CA_ONLY=true needs DOWNLOAD_CA_BUNDLE")
+        if self.client_key and not self.client_cert:
+            raise SettingsError("DOWNLOAD_CLIENT_KEY needs DOWNLOAD_CLIENT_CERT")
         if self.soft_time_limit >= self.time_limit:
             raise SettingsError("DOWNLOAD_SOFT_TIME_LIMIT must be below DOWNLOAD_TIME_LIMIT")
         # Redis redelivers an unacked message once the visibility timeout passes, counted from

@@ -17,6 +17,7 @@ from pathlib import Path
 import requests
 
 from download_client.settings import Settings
+from tasks.core.egress import Egress
 from tasks.core.http import new_session
 from tasks.core.transfer import Limits
 
@@ -33,7 +34,8 @@ class Runtime:
     def open(cls, settings: Settings) -> Runtime:
         s = settings
         limits = Limits(s.connect_timeout, s.read_timeout, s.max_bytes, s.chunk_size)
-        return cls(s, new_session(s.allow_private), limits, s.download_dir)
+        session = new_session(s.allow_private, egress=Egress.from_settings(s))
+        return cls(s, session, limits, s.download_dir)
 
     def close(self) -> None:
         self.session.close()

@@ -7,16 +7,28 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery import Celery
+from celery import Celery, bootsteps
 from celery.signals import worker_process_init, worker_process_shutdown
 
 from download_client.settings import Settings
 from tasks import runtime
+from tasks.core.egress import Egress
 
 
 def connect(app: Celery, settings: Settings) -> None:
     worker_process_init.connect(_open, weak=False, dispatch_uid="downloads-runtime-open")
     worker_process_shutdown.connect(_close, weak=False, dispatch_uid="downloads-runtime-close")
+
+    class EgressCheck(bootsteps.Step):  # type: ignore[misc]
+        """A CA bundle or client certificate that cannot be loaded stops the worker as it
+        starts, naming the variable, instead of failing every child after fork (a signal
+        handler's error is only logged). Flower builds the same app and never loads them."""
+
+        def __init__(self, parent: Any, **kwargs: Any) -> None:
+            Egress.from_settings(settings).ssl_context()
+            super().__init__(parent, **kwargs)
+
+    app.steps["worker"].add(EgressCheck)
 
 
 def _open(**_: Any) -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import http.client
 import re
+import ssl
+from urllib.parse import urlsplit
 
 import requests
 import urllib3.exceptions
@@ -43,8 +45,43 @@ def on_request(exc: Exception, url: str) -> DownloadError | None:
         malformed = _malformed_head(exc)
         if malformed is not None:
             return PermanentError(f"the server's response is malformed: {malformed}")
+        tls = _tls_refusal(exc)
+        if tls is not None:
+            return PermanentError(f"TLS: {tls} ({origin_of(url)})")
         return TransientError(f"cannot reach {redact_url(url)}: {describe(exc)}")
     return None
+
+
+# TLS alerts a server sends when it will not take our client certificate (or our lack of one):
+# the same handshake fails the same way until the settings change.
+_CERT_ALERTS = {
+    "CERTIFICATE_REQUIRED": "the server requires a client certificate (DOWNLOAD_CLIENT_CERT)",
+    "BAD_CERTIFICATE": "the server refused the client certificate",
+    "UNKNOWN_CA": "the server does not trust the client certificate's issuer",
+    "CERTIFICATE_UNKNOWN": "the server refused the client certificate",
+}
+
+
+def _tls_refusal(exc: BaseException) -> str | None:
+    """A certificate problem, worded like curl's; None for TLS failures a retry may mend (a
+    reset, a timeout during the handshake)."""
+    for seen in _chain(exc):
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return f"certificate problem: {seen.verify_message or seen.reason}"
+        if isinstance(seen, ssl.SSLError):
+            for alert, meaning in _CERT_ALERTS.items():
+                if alert in str(seen.reason or "") or alert in str(seen):
+                    return meaning
+    return None
+
+
+def origin_of(url: str) -> str:
+    """scheme://host:port, the part of a URL that names who answered (never a path or query)."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    port = parts.port or (443 if scheme == "https" else 80)
+    host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname
+    return f"{scheme}://{host}:{port}"
 
 
 def on_body(exc: Exception) -> DownloadError | None:
@@ -71,19 +108,24 @@ def _length_conflict(exc: requests.exceptions.InvalidHeader) -> str | None:
 
 def _malformed_head(exc: BaseException) -> http.client.HTTPException | None:
     """http.client's refusal of a response head past its limits (over 100 header lines, a line
-    over 64 KiB): the server answers the same way every time, so a retry cannot help. urllib3
-    carries it as ProtocolError('Connection aborted.', <it>) inside MaxRetryError.reason."""
-    todo: list[object] = [exc]
-    for _ in range(16):  # a chain can loop
-        if not todo:
-            break
-        seen = todo.pop()
-        if not isinstance(seen, BaseException):
-            continue
+    over 64 KiB): the server answers the same way every time, so a retry cannot help."""
+    for seen in _chain(exc):
         if isinstance(seen, http.client.LineTooLong) or type(seen) is http.client.HTTPException:
             return seen
-        todo += [seen.__cause__, seen.__context__, getattr(seen, "reason", None), *seen.args]
     return None
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside `exc`: causes, contexts, urllib3's `reason` and exceptions carried
+    as arguments (ProtocolError('Connection aborted.', <it>) inside MaxRetryError.reason)."""
+    found: list[BaseException] = []
+    todo: list[object] = [exc]
+    while todo and len(found) < 16:  # a chain can loop
+        seen = todo.pop()
+        if isinstance(seen, BaseException) and seen not in found:
+            found.append(seen)
+            todo += [seen.__cause__, seen.__context__, getattr(seen, "reason", None), *seen.args]
+    return found
 
 
 def describe(exc: BaseException) -> str:

@@ -6,7 +6,9 @@ from __future__ import annotations
 import http.cookiejar
 import ipaddress
 import socket
+import ssl
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -16,6 +18,7 @@ from urllib3.exceptions import NameResolutionError, NewConnectionError
 from urllib3.util.retry import Retry
 
 from download_client.errors import BlockedAddressError
+from tasks.core.egress import Egress
 
 USER_AGENT = "download-workers/0.1 (+requests)"
 
@@ -90,13 +93,21 @@ class CheckedHTTPSConnection(_CheckedConnectionMixin, HTTPSConnection):
 
 
 class CheckedAdapter(HTTPAdapter):
-    """An HTTPAdapter whose pools dial through the address check."""
+    """An HTTPAdapter whose pools dial through the address check and verify TLS with the
+    egress settings' trust, directly or through the proxy's tunnel."""
 
-    def __init__(self, allow_private: bool, **kwargs: Any) -> None:
+    def __init__(self, allow_private: bool, ssl_context: ssl.SSLContext, **kwargs: Any) -> None:
         self._allow_private = allow_private
+        self._ssl_context = ssl_context
         super().__init__(**kwargs)
 
+    def proxy_manager_for(self, proxy: str, **kwargs: Any) -> Any:
+        # requests builds the proxy's pool manager without the direct one's TLS context.
+        kwargs.setdefault("ssl_context", self._ssl_context)
+        return super().proxy_manager_for(proxy, **kwargs)
+
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("ssl_context", self._ssl_context)
         super().init_poolmanager(*args, **kwargs)
         allow = self._allow_private
         http_conn = type("Conn", (CheckedHTTPConnection,), {"allow_private": allow})
@@ -106,10 +117,40 @@ class CheckedAdapter(HTTPAdapter):
         self.poolmanager.pool_classes_by_scheme = {"http": http, "https": https}
 
 
-def new_session(allow_private: bool, pool_maxsize: int = 4) -> requests.Session:
+class EgressSession(requests.Session):
+    """A session that picks the proxy per request (DOWNLOAD_NO_PROXY) and, when a request goes
+    through the proxy, checks the target's addresses itself first: the proxy dials the target,
+    so the connect-time check never sees it."""
+
+    def __init__(self, allow_private: bool, egress: Egress) -> None:
+        super().__init__()
+        self.allow_private, self.egress = allow_private, egress
+
+    def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> Any:
+        proxy = self.egress.proxy_for(str(url))
+        if proxy is not None:
+            _check_target(str(url), self.allow_private)
+        kwargs["proxies"] = {"http": proxy, "https": proxy} if proxy else {}
+        return super().request(method, url, *args, **kwargs)
+
+
+def _check_target(url: str, allow_private: bool) -> None:
+    parts = urlsplit(url)
+    host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        resolve_checked(host, port, allow_private)
+    except socket.gaierror as exc:
+        raise requests.ConnectionError(f"cannot resolve {host!r}: {exc}") from None
+
+
+def new_session(
+    allow_private: bool, pool_maxsize: int = 4, egress: Egress | None = None
+) -> requests.Session:
     """The one session a worker process (or thread) uses for all its downloads."""
-    session = requests.Session()
-    # Proxies and .netrc from the environment would route around the address check.
+    egress = egress or Egress()
+    session = EgressSession(allow_private, egress)
+    # Proxies, CA bundles and .netrc from the environment would route around the address check
+    # and the egress settings.
     session.trust_env = False
     # One session serves every caller's tasks in this process: a cookie a server set during one
     # download must never go out with another caller's request. Callers send their own Cookie.
@@ -119,7 +160,11 @@ def new_session(allow_private: bool, pool_maxsize: int = 4) -> requests.Session:
     # Retry-After; redirects are followed by the download code so each hop is checked.
     retries = Retry(total=0, redirect=False, respect_retry_after_header=False)
     adapter = CheckedAdapter(
-        allow_private, pool_connections=16, pool_maxsize=pool_maxsize, max_retries=retries
+        allow_private,
+        egress.ssl_context(),
+        pool_connections=16,
+        pool_maxsize=pool_maxsize,
+        max_retries=retries,
     )
     session.mount("http://", adapter)
     session.mount("https://", adapter)
