@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: help install run worker flower test lint fmt demo bench clean
+.PHONY: help install run worker flower test lint fmt demo bench soak clean
 
 help:
 	@echo "make run    the whole stack in the foreground: Redis (if none answers), worker, Flower"
@@ -12,6 +12,7 @@ help:
 	@echo "make lint   ruff, mypy and the import layers"
 	@echo "make demo   50 generated images through the real stack, with a summary"
 	@echo "make bench  the benchmark report (docs/benchmarks.md)"
+	@echo "make soak   the chaos soak, about 10 minutes (docs/soak.md; SOAK_QUICK=1: 2 minutes)"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +52,11 @@ $(VENV)/.bench-installed: $(VENV)/.installed pyproject.toml
 bench: install $(VENV)/.bench-installed
 	@bash scripts/bench-peers.sh
 	$(PY) -m bench
+
+# Not part of `make test`: a long run that crashes Redis and kills workers on purpose.
+# SOAK_QUICK=1: a short run; SOAK_DOWNLOADS=N: N downloads, the time scaled to match.
+soak: install
+	$(PY) -m soak
 
 clean:
 	rm -rf $(VENV) .run build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,83 @@
+"""The chaos driver: at random moments it SIGKILLs a worker child, restarts a worker with SIGTERM
+(a deploy), or crashes Redis for a while; and it watches for workers that die on their own."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+
+from celery import Celery
+
+from tests.harness import RedisServer, Worker
+
+
+@dataclass
+class Event:
+    at: float
+    kind: str
+    detail: str = ""
+    end: float = 0.0
+
+
+@dataclass
+class Chaos:
+    redis: RedisServer
+    client: Celery
+    workers: list[Worker]
+    rng: random.Random
+    outage: tuple[float, float]
+    pause: tuple[float, float]
+    stop_timeout: float
+    events: list[Event] = field(default_factory=list)
+    stopping: threading.Event = field(default_factory=threading.Event)
+
+    def run(self, until: float) -> None:
+        actions = [self.kill_child] * 5 + [self.restart_worker] * 2 + [self.redis_outage]
+        while time.monotonic() < until and not self.stopping.is_set():
+            if self.stopping.wait(self.rng.uniform(*self.pause)):
+                break
+            self.revive_the_dead()
+            self.rng.choice(actions)()
+        self.revive_the_dead()
+
+    def record(self, kind: str, detail: str = "") -> Event:
+        event = Event(time.monotonic(), kind, detail)
+        self.events.append(event)
+        return event
+
+    def kill_child(self) -> None:
+        worker = self.rng.choice(self.workers)
+        children = worker.children() if worker.proc and worker.proc.poll() is None else []
+        if children:
+            pid = self.rng.choice(children)
+            os.kill(pid, signal.SIGKILL)
+            self.record("child SIGKILLed", f"{worker.name} pid {pid}").end = time.monotonic()
+
+    def restart_worker(self) -> None:
+        worker = self.rng.choice(self.workers)
+        event = self.record("worker restarted (SIGTERM)", worker.name)
+        code = worker.stop(signal.SIGTERM, timeout=self.stop_timeout)
+        event.detail += f", exit {code}"
+        worker.start(self.client)
+        event.end = time.monotonic()
+
+    def redis_outage(self) -> None:
+        seconds = self.rng.uniform(*self.outage)
+        event = self.record("Redis SIGKILLed", f"{seconds:.1f} s")
+        self.redis.kill()
+        time.sleep(seconds)  # the outage itself
+        self.redis.start()
+        event.end = time.monotonic()
+
+    def revive_the_dead(self) -> None:
+        """A worker that exited without being asked is a finding: record it, then start it."""
+        for worker in self.workers:
+            if worker.proc is not None and worker.proc.poll() is not None:
+                code = worker.proc.returncode
+                worker.stop()
+                self.record("worker died on its own", f"{worker.name}, exit {code}")
+                worker.start(self.client)

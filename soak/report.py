@@ -1,0 +1,181 @@
+"""Judge a soak run by the figures the report defines, and write docs/soak.md.
+
+- accounted for: an accepted download ended SUCCESS with a file whose sha256 is the origin's
+  body, or FAILURE with the message its case is built to cause; nothing left PENDING or STARTED.
+- never two writers: no transfer of a download began while another of its transfers was still
+  sending a body that then completed (read at the origin, per download's own URL path).
+- no needless transfer: full bodies (200 with body bytes) per download beyond the first, each
+  with the cause read off the transfer before it; a full body after a complete one is needless.
+- nothing left: no file under .partial/ once the fleet is idle.
+- memory flat: each worker child's RSS at its last sample against its first."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from soak.origin import Ledger, Transfer
+
+ROOT = Path(__file__).resolve().parent.parent
+MiB = 1024 * 1024
+
+
+def judge(
+    *,
+    books: Any,
+    ledger: Ledger,
+    events: list[Any],
+    rss: dict[int, list[int]],
+    partial_left: list[str],
+    timings: dict[str, float],
+    size: Any,
+    seed: int,
+) -> dict[str, Any]:
+    outcomes: Counter[tuple[str, str]] = Counter()
+    unaccounted: list[str] = []
+    extra_causes: Counter[str] = Counter()
+    doubles: list[str] = []
+    served = expected = 0
+    for tid, d in books.accepted.items():
+        end = books.ended.get(tid)
+        verdict = _verdict(d, end)
+        outcomes[(d.case.name, verdict)] += 1
+        if verdict != "as built":
+            unaccounted.append(f"{d.key} ({d.case.name}): {verdict}")
+        transfers = ledger.of(d.key)
+        doubles += [f"{d.key}: {w}" for w in _double_writers(transfers)]
+        for cause in _extra_transfers(d, transfers, events):
+            extra_causes[cause] += 1
+        served += sum(t.body_bytes for t in transfers)
+        expected += d.size if end is not None and end.state == "SUCCESS" else 0
+    growth = {pid: (s[-1] - s[0]) / MiB for pid, s in rss.items() if len(s) >= 2}
+    needless = sum(n for c, n in extra_causes.items() if c.startswith("needless"))
+    accepted = len(books.accepted)
+    return {
+        "ok": not unaccounted and not doubles and not partial_left and not needless,
+        "seed": seed,
+        "accepted": accepted,
+        "accounted": accepted - len(unaccounted),
+        "unaccounted": unaccounted[:50],
+        "submit_retries": books.submit_retries,
+        "outcomes": {f"{c} -> {v}": n for (c, v), n in sorted(outcomes.items())},
+        "double_writers": doubles[:50],
+        "extra_full_transfers": dict(extra_causes.most_common()),
+        "needless": needless,
+        "bytes_served_over_stored": served / expected if expected else 0.0,
+        "partial_left": partial_left[:50],
+        "faults": dict(Counter(e.kind for e in events)),
+        "outages_s": [float(e.detail.split()[0]) for e in events if e.kind.startswith("Redis")],
+        "worker_deaths": [e.detail for e in events if e.kind == "worker died on its own"],
+        "children_sampled": len(growth),
+        "rss_growth_mib_max": max(growth.values(), default=0.0),
+        "rss_growth_mib_median": sorted(growth.values())[len(growth) // 2] if growth else 0.0,
+        "rss_mib_by_child": {pid: [round(x / MiB, 1) for x in s] for pid, s in rss.items()},
+        "timings_s": timings,
+        "size": {"downloads": size.downloads, "big_mib": size.big / MiB},
+    }
+
+
+def _verdict(d: Any, end: Any) -> str:
+    if end is None:
+        return "never ended (PENDING or STARTED)"
+    if d.case.expect == "SUCCESS":
+        if end.state != "SUCCESS":
+            return f"FAILURE: {str(end.result)[:160]}"
+        return "as built" if end.file_ok else "SUCCESS but the file is missing or wrong"
+    if end.state == "SUCCESS":
+        return "SUCCESS where the case is built to fail"
+    message = str((end.result or {}).get("exc_message", end.result))
+    return "as built" if d.case.expect in message else f"FAILURE of another kind: {message[:160]}"
+
+
+def _double_writers(transfers: list[Transfer]) -> list[str]:
+    found = []
+    bodies = [t for t in transfers if t.status in (200, 206) and t.body_bytes]
+    for a in bodies:
+        for b in bodies:
+            if a is not b and a.start < b.start < a.end and a.complete:
+                found.append(f"a transfer began {b.start - a.start:.2f} s into one that completed")
+    return found
+
+
+def _extra_transfers(d: Any, transfers: list[Transfer], events: list[Any]) -> list[str]:
+    causes = []
+    for i, t in enumerate(transfers):
+        if not t.full_body or not any(p.full_body for p in transfers[:i]):
+            continue
+        before = [p for p in transfers[:i] if p.status in (200, 206) and p.body_bytes]
+        prev = before[-1]
+        if prev.complete:
+            causes.append(f"needless: the body before it had arrived whole ({d.case.name})")
+            continue
+        causes.append(f"{_why_cut(d, prev, events)}; {_why_whole(d, t, prev)}")
+    return causes
+
+
+def _why_cut(d: Any, prev: Transfer, events: list[Any]) -> str:
+    for e in events:
+        if e.at - 1 <= prev.end <= (e.end or e.at) + 5:
+            return f"cut by the chaos ({e.kind})"
+    if any(w in d.case.query for w in ("cut", "stall", "short")):
+        return f"cut by the case ({d.case.name})"
+    return "cut for a reason the report cannot name"
+
+
+def _why_whole(d: Any, t: Transfer, prev: Transfer) -> str:
+    if t.range_start is not None:
+        return "the origin ignored Range"
+    if "noetag" in d.case.query:
+        return "no validator to resume with"
+    if d.size <= 256 * 1024:
+        return "a small body is fetched whole (no resume record under 256 KiB)"
+    return "the partial was not resumed"
+
+
+def markdown(f: dict[str, Any]) -> str:
+    lines = [
+        "# Chaos soak report",
+        "",
+        "Written by `make soak` (the figures below are from its last run; see the README's",
+        "Delivery section for what it proves and `soak/report.py` for each definition).",
+        "",
+        f"- downloads accepted: **{f['accepted']}**; accounted for: **{f['accounted']}** "
+        f"({100 * f['accounted'] / max(1, f['accepted']):.2f} %)",
+        f"- double writers: **{len(f['double_writers'])}**; needless full transfers: "
+        f"**{f['needless']}**; files left in `.partial/`: **{len(f['partial_left'])}**",
+        f"- body bytes served / bytes of the successful files: {f['bytes_served_over_stored']:.3f}",
+        f"- child RSS, last sample against first, over {f['children_sampled']} children: median "
+        f"{f['rss_growth_mib_median']:+.1f} MiB, largest {f['rss_growth_mib_max']:+.1f} MiB",
+        f"- chaos ran {f['timings_s']['chaos_s']:.0f} s; the queue drained "
+        f"{f['timings_s']['drain_s']:.0f} s later; submissions retried while Redis was away: "
+        f"{f['submit_retries']}",
+        f"- workers that died on their own: {len(f['worker_deaths'])}",
+        "",
+        "## Faults injected by the driver",
+        "",
+        "| fault | count |",
+        "|---|---|",
+        *[f"| {k} | {v} |" for k, v in sorted(f["faults"].items())],
+        "",
+        f"Redis outages (s): {', '.join(f'{s:.0f}' for s in f['outages_s']) or 'none'}",
+        "",
+        "## Outcomes by case (the origin's faults)",
+        "",
+        "| case -> verdict | downloads |",
+        "|---|---|",
+        *[f"| {k} | {v} |" for k, v in f["outcomes"].items()],
+        "",
+        "## Full transfers beyond the first, by cause",
+        "",
+        "| cause | transfers |",
+        "|---|---|",
+        *[f"| {k} | {v} |" for k, v in f["extra_full_transfers"].items()],
+        "",
+    ]
+    if f["unaccounted"] or f["double_writers"] or f["partial_left"] or f["worker_deaths"]:
+        lines += ["## Findings", ""]
+        for name in ("unaccounted", "double_writers", "partial_left", "worker_deaths"):
+            lines += [f"- {name}: {x}" for x in f[name]]
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,240 @@
+"""Run the soak: start the parts, submit while the chaos driver runs, account for every accepted
+download as it ends, then judge and write the report."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import psutil
+import redis
+from celery import Celery
+
+from soak.chaos import Chaos
+from soak.origin import RecordingOrigin
+from soak.plan import Download, MiB, plan
+from soak.report import judge
+from tests.harness import RedisServer, Worker, wait_for, worker_env
+
+TASK = "downloads.fetch"
+WORKERS = 2
+CHILDREN = 3
+
+
+@dataclass(frozen=True)
+class Size:
+    downloads: int
+    submit_s: float  # submissions are spread over this long
+    chaos_s: float  # the chaos driver runs this long
+    outage: tuple[float, float]
+    pause: tuple[float, float]
+    big: int
+    drain_s: float = 600  # how long the last downloads may take once the chaos has stopped
+
+    @classmethod
+    def from_env(cls) -> Size:
+        quick = os.environ.get("SOAK_QUICK") == "1"
+        size = (
+            cls(300, 60, 90, (1, 5), (2, 5), 8 * MiB)
+            if quick
+            else cls(3000, 360, 420, (1, 30), (3, 10), 24 * MiB)
+        )
+        if "SOAK_DOWNLOADS" in os.environ:
+            n = int(os.environ["SOAK_DOWNLOADS"])
+            scale = n / size.downloads
+            size = replace(size, downloads=n, submit_s=size.submit_s * scale,
+                           chaos_s=size.chaos_s * scale)  # fmt: skip
+        return size
+
+
+# Shortened where the production defaults would make the soak wait for nothing; the retry budget
+# is wider than the cases need, and deliveries are not capped by the chaos' own kills.
+SOAK_SETTINGS = {
+    "DOWNLOAD_CONNECT_TIMEOUT": "3",
+    "DOWNLOAD_READ_TIMEOUT": "3",
+    "DOWNLOAD_RETRY_BACKOFF": "0.5",
+    "DOWNLOAD_RETRY_BACKOFF_MAX": "5",
+    "DOWNLOAD_MAX_RETRIES": "6",
+    "DOWNLOAD_MAX_DELIVERIES": "50",
+    "DOWNLOAD_SHUTDOWN_GRACE": "10",
+    "DOWNLOAD_PROGRESS_INTERVAL": "1",
+    "WORKER_MAX_TASKS_PER_CHILD": "150",
+}
+
+
+@dataclass
+class Outcome:
+    state: str
+    result: Any
+    file_ok: bool | None = None
+
+
+@dataclass
+class Books:
+    """What became of each accepted download, filled in as each one ends."""
+
+    accepted: dict[str, Download] = field(default_factory=dict)
+    submit_retries: int = 0
+    ended: dict[str, Outcome] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def task_id(n: int) -> str:
+    # One id per download, kept when a submission is retried: a publish that reached Redis but
+    # whose answer was lost is the same download, not a second one.
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"soak-{n}"))
+
+
+def submit_all(
+    client: Celery, books: Books, downloads: list[Download], origin: str, span: float
+) -> None:
+    start = time.monotonic()
+    for i, d in enumerate(downloads):
+        time.sleep(max(0.0, start + span * i / len(downloads) - time.monotonic()))
+        while True:
+            try:
+                client.send_task(TASK, kwargs=d.kwargs(origin), task_id=task_id(d.n), queue="soak")
+                break
+            except Exception:  # Redis is away: not accepted yet, try again
+                books.submit_retries += 1
+                time.sleep(0.5)
+        with books.lock:
+            books.accepted[task_id(d.n)] = d
+
+
+def account(books: Books, backend_url: str, dl: Path, stop: threading.Event) -> None:
+    """Read final states as they appear; check each file against the origin's body and remove it
+    (the disk stays small however long the soak runs)."""
+    r = redis.Redis.from_url(backend_url)
+    while not stop.is_set():
+        with books.lock:
+            open_ids = [i for i in books.accepted if i not in books.ended]
+        try:
+            values = r.mget([f"celery-task-meta-{i}" for i in open_ids]) if open_ids else []
+        except redis.RedisError:
+            values = []
+        for tid, raw in zip(open_ids, values, strict=False):
+            if raw is None:
+                continue
+            meta = json.loads(raw)
+            if meta["status"] not in ("SUCCESS", "FAILURE"):
+                continue
+            d = books.accepted[tid]
+            outcome = Outcome(meta["status"], meta["result"])
+            if outcome.state == "SUCCESS":
+                path = dl / d.dest
+                outcome.file_ok = path.is_file() and _sha256(path) == d.sha256
+                path.unlink(missing_ok=True)
+            books.ended[tid] = outcome
+        stop.wait(1)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sample_rss(workers: list[Worker], samples: dict[int, list[int]], stop: threading.Event) -> None:
+    while not stop.wait(5):
+        for w in workers:
+            try:
+                pids = w.children() if w.proc and w.proc.poll() is None else []
+            except psutil.Error:
+                continue
+            for pid in pids:
+                with contextlib.suppress(psutil.Error):  # it exited since it was listed
+                    samples.setdefault(pid, []).append(psutil.Process(pid).memory_info().rss)
+
+
+@dataclass
+class Stack:
+    """The parts one soak runs against, all on 127.0.0.1."""
+
+    work: Path
+    redis: RedisServer
+    client: Celery
+    origin: RecordingOrigin
+    workers: list[Worker]
+
+    @classmethod
+    def start(cls, work: Path) -> Stack:
+        (work / "redis").mkdir(parents=True)
+        server = RedisServer(work / "redis", persistent=True)
+        server.start()
+        client = Celery(broker=f"{server.url}/0", backend=f"{server.url}/1")
+        client.conf.update(accept_content=["json"], broker_connection_retry_on_startup=True)
+        origin = RecordingOrigin()
+        origin.start()
+        env = worker_env(server.url, work / "dl", **SOAK_SETTINGS)
+        workers = [
+            Worker(
+                env, f"soak{i}", "soak", work / f"soak{i}.log", work / "dl", ["-c", str(CHILDREN)]
+            )
+            for i in range(WORKERS)
+        ]
+        for w in workers:
+            w.start(client)
+        return cls(work, server, client, origin, workers)
+
+    def partial_left(self) -> list[str]:
+        area = self.work / "dl" / ".partial"
+        return sorted(str(p.relative_to(area)) for p in area.rglob("*") if p.is_file())
+
+    def stop(self) -> None:
+        for w in self.workers:
+            w.stop()
+        self.origin.stop()
+        self.redis.stop()
+
+
+def main(size: Size | None = None, seed: int | None = None) -> dict[str, Any]:
+    size = size or Size.from_env()
+    seed = int(os.environ.get("SOAK_SEED", "1")) if seed is None else seed
+    stack = Stack.start(Path(tempfile.mkdtemp(prefix="soak-")))
+    books, stop = Books(), threading.Event()
+    rss: dict[int, list[int]] = {}
+    chaos = Chaos(stack.redis, stack.client, stack.workers, random.Random(seed), size.outage,
+                  size.pause, stop_timeout=60)  # fmt: skip
+    backend = f"{stack.redis.url}/1"
+    _background(account, books, backend, stack.work / "dl", stop)
+    _background(sample_rss, stack.workers, rss, stop)
+    downloads = plan(size.downloads, seed, size.big)
+    submitter = _background(
+        submit_all, stack.client, books, downloads, stack.origin.url, size.submit_s
+    )
+    began = time.monotonic()
+    chaos.run(until=began + size.chaos_s)
+    submitter.join()
+    chaos_end = time.monotonic()
+    with contextlib.suppress(AssertionError):  # what is still open is reported as unaccounted
+        wait_for(lambda: len(books.ended) == len(books.accepted), size.drain_s, "the last to end")
+    timings = {"chaos_s": chaos_end - began, "drain_s": time.monotonic() - chaos_end}
+    stop.set()
+    partial_left = stack.partial_left()
+    stack.stop()
+    figures = judge(books=books, ledger=stack.origin.ledger, events=chaos.events, rss=rss,
+                    partial_left=partial_left, timings=timings, size=size, seed=seed)  # fmt: skip
+    figures["work"] = str(stack.work)
+    if figures["ok"]:
+        shutil.rmtree(stack.work, ignore_errors=True)
+    return figures
+
+
+def _background(target: Any, *args: Any) -> threading.Thread:
+    thread = threading.Thread(target=target, args=args, daemon=True)
+    thread.start()
+    return thread

@@ -1,0 +1,59 @@
+"""The soak's machinery kept from rotting: its judge fails what it must fail, and a run of a few
+seconds (real workers, a crashable Redis, the chaos driver) accounts for every download.
+`make soak` is the real run."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from soak.origin import Ledger, Transfer
+from soak.plan import CASES, Download
+from soak.report import judge
+from soak.run import MiB, Outcome, Size, main
+
+PLAIN = CASES[0]
+
+
+def _judge(ended: dict[str, Outcome], transfers: list[Transfer]) -> dict:
+    d = Download(0, PLAIN, 1000)
+    ledger = Ledger()
+    for t in transfers:
+        ledger.add(t)
+    books = SimpleNamespace(accepted={"t0": d}, ended=ended, submit_retries=0)
+    size = SimpleNamespace(downloads=1, big=MiB)
+    return judge(books=books, ledger=ledger, events=[], rss={}, partial_left=[],
+                 timings={"chaos_s": 0, "drain_s": 0}, size=size, seed=0)  # fmt: skip
+
+
+def _transfer(start: float, end: float, sent: int) -> Transfer:
+    return Transfer("d0", start, status=200, length=1000, body_bytes=sent, end=end)
+
+
+def test_the_judge_counts_a_download_that_never_ended():
+    figures = _judge({}, [])
+    assert not figures["ok"] and figures["accounted"] == 0
+
+
+def test_the_judge_sees_two_writers_at_once():
+    ok = Outcome("SUCCESS", {}, file_ok=True)
+    figures = _judge({"t0": ok}, [_transfer(0, 2, 1000), _transfer(1, 3, 1000)])
+    assert not figures["ok"] and len(figures["double_writers"]) >= 1
+
+
+def test_the_judge_calls_a_second_whole_body_needless():
+    ok = Outcome("SUCCESS", {}, file_ok=True)
+    figures = _judge({"t0": ok}, [_transfer(0, 1, 1000), _transfer(2, 3, 1000)])
+    assert figures["needless"] == 1 and not figures["ok"]
+
+
+def test_the_judge_names_the_cause_of_a_transfer_after_a_cut():
+    ok = Outcome("SUCCESS", {}, file_ok=True)
+    figures = _judge({"t0": ok}, [_transfer(0, 1, 300), _transfer(2, 3, 1000)])
+    assert figures["ok"] and figures["extra_full_transfers"]
+
+
+def test_a_short_soak_accounts_for_every_download():
+    size = Size(24, submit_s=4, chaos_s=8, outage=(1, 2), pause=(1, 2), big=MiB, drain_s=120)
+    figures = main(size, seed=7)
+    assert figures["accepted"] == 24
+    assert figures["ok"], figures
