@@ -110,16 +110,19 @@ def _extra_transfers(d: Any, transfers: list[Transfer], events: list[Any]) -> li
         if prev.complete:
             causes.append(f"needless: the body before it had arrived whole ({d.case.name})")
             continue
-        causes.append(f"{_why_cut(d, prev, events)}; {_why_whole(d, t, prev)}")
+        first = prev is before[0]
+        causes.append(f"{_why_cut(d, prev, events, first)}; {_why_whole(d, t, prev)}")
     return causes
 
 
-def _why_cut(d: Any, prev: Transfer, events: list[Any]) -> str:
+def _why_cut(d: Any, prev: Transfer, events: list[Any], first: bool) -> str:
+    query = d.case.query
+    every_time = "short" in query or ("cut" in query and "cut_times" not in query)
+    if every_time or (first and any(w in query for w in ("cut", "stall"))):
+        return f"cut by the case ({d.case.name})"
     for e in events:
         if e.at - 1 <= prev.end <= (e.end or e.at) + 5:
             return f"cut by the chaos ({e.kind})"
-    if any(w in d.case.query for w in ("cut", "stall", "short")):
-        return f"cut by the case ({d.case.name})"
     return "cut for a reason the report cannot name"
 
 

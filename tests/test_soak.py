@@ -53,7 +53,7 @@ def test_the_judge_names_the_cause_of_a_transfer_after_a_cut():
 
 
 def test_a_short_soak_accounts_for_every_download():
-    size = Size(24, submit_s=4, chaos_s=8, outage=(1, 2), pause=(1, 2), big=MiB, drain_s=120)
+    size = Size(24, submit_s=4, chaos_s=8, outage=(1, 2), pause=(1, 2), big=5 * MiB, drain_s=120)
     figures = main(size, seed=7)
     assert figures["accepted"] == 24
     assert figures["ok"], figures
