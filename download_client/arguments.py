@@ -14,7 +14,7 @@ from urllib.parse import unquote, urlsplit
 
 from download_client.errors import PermanentError
 
-ARGUMENTS = ("url", "dest", "sha256", "headers", "max_bytes")
+ARGUMENTS = ("url", "dest", "sha256", "headers", "max_bytes", "callback_url")
 MAX_URL_LENGTH = 8192
 MAX_NAME_BYTES = 255
 MAX_DEST_BYTES = 1024
@@ -57,6 +57,7 @@ class DownloadRequest:
     sha256: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
     max_bytes: int | None = None
+    callback_url: str | None = None
 
 
 def parse(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> DownloadRequest:
@@ -89,7 +90,17 @@ def parse(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> DownloadRequest:
         sha256=_check_sha256(values.get("sha256")),
         headers=_check_headers(values.get("headers")),
         max_bytes=_check_max_bytes(values.get("max_bytes")),
+        callback_url=_check_callback_url(values.get("callback_url")),
     )
+
+
+def _check_callback_url(value: Any) -> str | None:
+    if value is None:
+        return None
+    try:
+        return check_url(value)
+    except PermanentError as exc:
+        raise PermanentError(f"callback_{exc}") from None
 
 
 def check_url(url: Any) -> str:

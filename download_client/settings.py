@@ -141,6 +141,12 @@ class Settings:
     client_key: str = _env("DOWNLOAD_CLIENT_KEY", str, "")
     proxy: str = _env("DOWNLOAD_PROXY", _proxy_url, "")
     no_proxy: tuple[str, ...] = _env("DOWNLOAD_NO_PROXY", _hosts, "")
+    # Completion callbacks: signed with the secret, sent only to hosts on the allowlist, retried
+    # with backoff (doubling from 1 s, capped at 10 min) for DOWNLOAD_CALLBACK_GIVE_UP seconds.
+    callback_secret: str = _env("DOWNLOAD_CALLBACK_SECRET", str, "")
+    callback_allow: tuple[str, ...] = _env("DOWNLOAD_CALLBACK_ALLOW", _hosts, "")
+    callback_give_up: float = _env("DOWNLOAD_CALLBACK_GIVE_UP", _positive(float), "86400")
+    callback_backoff_max: float = _env("DOWNLOAD_CALLBACK_BACKOFF_MAX", _positive(float), "600")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:

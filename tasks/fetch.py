@@ -22,7 +22,8 @@ from download_client.errors import (
 )
 from download_client.redact import redact_url
 from download_client.settings import Settings
-from tasks import deliveries, runtime
+from tasks import callback, deliveries, runtime
+from tasks.core import callbacks
 from tasks.core.claims import Claims, Held
 from tasks.core.transfer import Outcome, download
 from tasks.deliveries import REDIS_ERRORS
@@ -47,11 +48,16 @@ class FetchTask(Task):  # type: ignore[misc]
         started = time.monotonic()
         rt = runtime.current()
         request = arguments.parse(args, kwargs)
+        if request.callback_url is not None:
+            _check_callback(rt.settings, request.callback_url)
         journey = Journey.of(self)
         claims = self.claims(rt.settings, request)
         held = _acquire(claims, journey)
         if held is not None and held.self_done:
-            raise Ignore()  # a redelivered copy of a download that already succeeded
+            # A redelivered copy of a download that already succeeded: its process may have died
+            # before the callback was queued, so queue it again (receivers dedupe by task id).
+            self._call_back_again()
+            raise Ignore()
         if held is not None and held.done is not None:
             return {**held.done, "skipped": True, "elapsed_s": _since(started)}  # type: ignore[typeddict-item]
         if held is not None:
@@ -109,6 +115,13 @@ class FetchTask(Task):  # type: ignore[misc]
             exc=why, countdown=delay, headers=journey.headers(self), retry_policy=publish_policy(s)
         )
 
+    def _call_back_again(self) -> None:
+        if callback.callback_url_of(self.request) is not None:
+            meta = self.backend.get_task_meta(self.request.id)
+            callback.enqueue(
+                self.app, self.request.id, meta["status"], meta["result"], self.request
+            )
+
     def session(self, rt: Runtime) -> requests.Session:
         """The process's one shared session (a benchmark's anti-pattern task overrides this)."""
         return rt.session
@@ -123,6 +136,15 @@ class FetchTask(Task):  # type: ignore[misc]
             return None
         # The holder may run up to its hard time limit, then wait up to the longest countdown.
         return Claims(client, request, self.request.id, s.time_limit + s.retry_backoff_max + 60)
+
+
+def _check_callback(s: Settings, url: str) -> None:
+    """Refused before anything connects: no secret to sign with, or a host not allowed."""
+    if not s.callback_secret:
+        raise PermanentError(
+            "callback_url: the workers have no DOWNLOAD_CALLBACK_SECRET to sign with"
+        )
+    callbacks.check_allowed(url, s.callback_allow)
 
 
 def _acquire(claims: Claims | None, journey: Journey) -> Held | None:

@@ -51,6 +51,11 @@ def configure(settings: Settings) -> None:
     _configured["settings"] = settings
 
 
+def configured() -> Settings:
+    """The settings the app was built with, in any process (no runtime needed)."""
+    return _configured["settings"]
+
+
 def open_for_process() -> Runtime:
     """Called right after fork: this process's runtime, made here."""
     close_for_process()

@@ -19,6 +19,8 @@ from billiard.process import current_process
 from celery import states
 from celery.backends.redis import RedisBackend
 
+from tasks import callback
+
 log = logging.getLogger(__name__)
 _WAITED_FOR = frozenset({*states.READY_STATES, states.RETRY})
 
@@ -36,6 +38,23 @@ class DurableRedisBackend(RedisBackend):  # type: ignore[misc]
         traceback: Any = None,
         request: Any = None,
         **kwargs: Any,
+    ) -> Any:
+        stored = self._store(task_id, result, state, traceback, request, **kwargs)
+        if state in states.READY_STATES:
+            self._call_back(task_id, state, result, request)
+        return stored
+
+    def _call_back(self, task_id: str, state: str, result: Any, request: Any) -> None:
+        """Queue the download's completion callback, if it asked for one: after its final state
+        is stored and before its message is acknowledged (worker/ calls this in the process
+        that stores, the child or the main process)."""
+        try:
+            callback.enqueue(self.app, task_id, state, result, request)
+        except Exception:
+            log.exception("callback of %s not queued", task_id)
+
+    def _store(
+        self, task_id: str, result: Any, state: str, traceback: Any, request: Any, **kwargs: Any
     ) -> Any:
         store = super().store_result
         if state not in _WAITED_FOR:

@@ -67,9 +67,9 @@ def test_bad_argument_refused_before_connecting(
 def test_too_many_positional_arguments(client: Celery, sec: Worker, sandbox: Sandbox) -> None:
     tag = mark()
     res = client.send_task(
-        "downloads.fetch", args=[f"{sandbox.origin.url}/bytes/1?m={tag}", *"abcde"], queue=sec.queue
+        "downloads.fetch", args=[f"{sandbox.origin.url}/bytes/1?m={tag}", *"abcdef"], queue=sec.queue
     )
-    with pytest.raises(Exception, match="at most 5 positional arguments"):
+    with pytest.raises(Exception, match="at most 6 positional arguments"):
         res.get(timeout=30)
     assert sandbox.requests(tag) == 0
     sandbox.assert_contained()
