@@ -3,7 +3,7 @@
 A download that reaches a final state (SUCCESS, FAILURE, REVOKED) with a `callback_url` gets this
 task queued on its own queue, before its message is acknowledged: the result backend queues it
 right after storing the state (worker/backend.py), in whichever process stores it (a child, or
-the main process for a hard time limit, a lost child or a revoke). It POSTs the signed body
+the main process for a hard time limit or a revoke). It POSTs the signed body
 until a 2xx, with backoff, and gives up after DOWNLOAD_CALLBACK_GIVE_UP seconds: then it ends
 FAILURE (Flower shows it), logs an error and keeps a record in Redis for the operator."""
 
