@@ -25,6 +25,7 @@ class DownloadResult(TypedDict):
     elapsed_s: float
     worker: str | None
     content_encoding: str | None
+    waited_s: float
 
 
 RESULT_KEYS = tuple(DownloadResult.__annotations__)

@@ -73,6 +73,21 @@ def _hosts(raw: str) -> tuple[str, ...]:
     return tuple(h.strip().lower() for h in raw.split(",") if h.strip())
 
 
+def _origin_limits(raw: str) -> tuple[tuple[str, int], ...]:
+    """`origin=N` pairs, comma-separated; an origin is scheme://host[:port] (default ports)."""
+    pairs = []
+    for item in (i.strip() for i in raw.split(",") if i.strip()):
+        origin, sep, count = item.rpartition("=")
+        parts = urlsplit(origin)
+        if not sep or parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{item!r}: expected scheme://host[:port]=N")
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        pairs.append(
+            (f"{parts.scheme}://{parts.hostname.lower()}:{port}", _non_negative_int(count))
+        )
+    return tuple(pairs)
+
+
 REDIS_SCHEMES = ("redis", "rediss")
 RESULTS_DB = 1
 
@@ -141,6 +156,10 @@ class Settings:
     client_key: str = _env("DOWNLOAD_CLIENT_KEY", str, "")
     proxy: str = _env("DOWNLOAD_PROXY", _proxy_url, "")
     no_proxy: tuple[str, ...] = _env("DOWNLOAD_NO_PROXY", _hosts, "")
+    # Downloads running at once against one origin (scheme, host, port) across the whole fleet;
+    # 0: no limit. Overrides per origin: "https://cdn.example.com=32,http://10.0.0.5:8080=2".
+    host_concurrency: int = _env("DOWNLOAD_HOST_CONCURRENCY", _non_negative_int, "8")
+    host_limits: tuple[tuple[str, int], ...] = _env("DOWNLOAD_HOST_LIMITS", _origin_limits, "")
     # Completion callbacks: signed with the secret, sent only to hosts on the allowlist, retried
     # with backoff (doubling from 1 s, capped at 10 min) for DOWNLOAD_CALLBACK_GIVE_UP seconds.
     callback_secret: str = _env("DOWNLOAD_CALLBACK_SECRET", str, "")
@@ -165,6 +184,10 @@ class Settings:
         settings = cls(**values)
         settings.check()
         return settings
+
+    def host_limit(self, origin: str) -> int:
+        """The fleet-wide cap for one origin (scheme://host:port): an override, else the default."""
+        return dict(self.host_limits).get(origin, self.host_concurrency)
 
     def check(self) -> None:
         if self.ca_only and not self.ca_bundle:

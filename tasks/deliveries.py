@@ -51,3 +51,13 @@ def uncount(client: Any, runs: list[tuple[str, int]]) -> None:
         pipe.execute()
     except REDIS_ERRORS as exc:
         log.warning("deliveries of requeued downloads not uncounted (%s)", exc)
+
+
+def deferred(client: Any, task_id: str, retries: int) -> None:
+    """Take back this run's count: it waited for an origin slot and did not download."""
+    try:
+        client.pipeline().decr(delivery_key(task_id, retries)).decr(
+            f"downloads:attempts:{task_id}"
+        ).execute()
+    except REDIS_ERRORS as exc:
+        log.warning("deferred run not uncounted (%s)", exc)

@@ -22,9 +22,10 @@ from download_client.errors import (
 )
 from download_client.redact import redact_url
 from download_client.settings import Settings
-from tasks import callback, deliveries, runtime
+from tasks import callback, deliveries, parking, runtime
 from tasks.core import callbacks
 from tasks.core.claims import Claims, Held
+from tasks.core.origins import OriginBusy, Origins
 from tasks.core.transfer import Outcome, download
 from tasks.deliveries import REDIS_ERRORS
 from tasks.progress import Progress
@@ -59,17 +60,28 @@ class FetchTask(Task):  # type: ignore[misc]
             self._call_back_again()
             raise Ignore()
         if held is not None and held.done is not None:
-            return {**held.done, "skipped": True, "elapsed_s": _since(started)}  # type: ignore[typeddict-item]
+            shared = {**held.done, "skipped": True, "elapsed_s": _since(started)}
+            return {**shared, "waited_s": round(journey.waited_s, 3)}  # type: ignore[typeddict-item]
         if held is not None:
             busy = DestinationBusyError(f"another task is downloading to {request.dest} right now")
             raise self.wait(rt.settings, journey, held.task, busy)
-        outcome, attempts = self.attempt(rt, request, journey, claims)
-        result = _result(self, outcome, request.url, attempts, started)
+        origins = self.origins(rt.settings)
+        try:
+            outcome, attempts = self.attempt(rt, request, journey, claims, origins)
+        finally:
+            if origins is not None:
+                self._leave(origins)
+        result = _result(self, outcome, request.url, attempts, started, journey)
         _settle(claims, result)
         return result
 
     def attempt(
-        self, rt: Runtime, request: DownloadRequest, journey: Journey, claims: Claims | None
+        self,
+        rt: Runtime,
+        request: DownloadRequest,
+        journey: Journey,
+        claims: Claims | None,
+        origins: Origins | None,
     ) -> tuple[Outcome, int]:
         """One try at the transfer; a failure becomes a wait, a retry or the task's end."""
         s = rt.settings
@@ -83,11 +95,16 @@ class FetchTask(Task):  # type: ignore[misc]
             raise
         last = journey.faults >= s.max_retries
         progress = Progress(self, s.progress_interval)
+        gate = origins.enter if origins is not None else None
         try:
-            outcome = download(self.session(rt), request, rt.root, rt.limits, progress, last)
+            outcome = download(self.session(rt), request, rt.root, rt.limits, progress, last, gate)
         except DestinationBusyError as exc:
             raise self.wait(s, journey, journey.waiting_for, exc) from None
+        except OriginBusy as busy:
+            raise self.park(busy) from None
         except TransientError as exc:
+            if origins is not None and exc.retry_after:
+                origins.pause_held(min(exc.retry_after, s.retry_backoff_max))
             if last:
                 _settle(claims, None)
                 raise TransientError(f"gave up after {attempts} attempts: {exc}") from None
@@ -104,6 +121,25 @@ class FetchTask(Task):  # type: ignore[misc]
                 "received so far are kept, so submitting it again resumes"
             ) from None
         return outcome, attempts
+
+    def origins(self, s: Settings) -> Origins | None:
+        client = self.redis()
+        if client is None or (not s.host_concurrency and not s.host_limits):
+            return None
+        return Origins(client, self.request.id, s.host_limit, lambda: parking.message(self))
+
+    def park(self, busy: OriginBusy) -> Ignore:
+        """The message waits in Redis for a slot (tasks/parking.py); this run is not counted."""
+        deliveries.deferred(self.redis(), self.request.id, self.request.retries)
+        self.backend.mark_as_retry(self.request.id, busy, request=self.request)
+        return Ignore()
+
+    def _leave(self, origins: Origins) -> None:
+        try:
+            origins.leave()
+            parking.publish(self.app, origins.woken)
+        except REDIS_ERRORS as exc:
+            log.warning("origin slot not released (%s); its lease ends on its own", exc)
 
     def wait(self, s: Settings, journey: Journey, holder: str | None, why: DownloadError) -> Retry:
         """Look again later without spending the fault budget; no worker process is held."""
@@ -168,7 +204,7 @@ def _settle(claims: Claims | None, result: DownloadResult | None) -> None:
 
 
 def _result(
-    task: Task, outcome: Outcome, url: str, attempts: int, started: float
+    task: Task, outcome: Outcome, url: str, attempts: int, started: float, journey: Journey
 ) -> DownloadResult:
     return DownloadResult(
         url=redact_url(url),
@@ -184,6 +220,7 @@ def _result(
         elapsed_s=_since(started),
         worker=task.request.hostname,
         content_encoding=outcome.content_encoding,
+        waited_s=round(journey.waited_s, 3),
     )
 
 

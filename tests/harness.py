@@ -198,6 +198,8 @@ def worker_env(redis_url: str, download_dir: Path, **overrides: str) -> dict[str
         DOWNLOAD_RETRY_BACKOFF_MAX="0.3",
         DOWNLOAD_MAX_RETRIES="3",
         DOWNLOAD_PROGRESS_INTERVAL="0.1",
+        # Many tests share one loopback origin at once; the per-origin limit has tests of its own.
+        DOWNLOAD_HOST_CONCURRENCY="0",
         PYTHONPATH=str(ROOT),
     )
     env.update(overrides)

@@ -78,6 +78,7 @@ class Logged:
     query: dict[str, str]
     headers: dict[str, str]
     at: float = 0.0
+    end: float = 0.0  # when the handler finished (the body sent or the connection gone)
 
 
 @dataclass
@@ -90,6 +91,18 @@ class Stats:
     def count(self, path_prefix: str = "") -> int:
         with self.lock:
             return sum(1 for r in self.requests if r.path.startswith(path_prefix))
+
+    def most_at_once(self, key_prefix: str) -> int:
+        """The most requests whose key starts with `key_prefix` served at one moment."""
+        with self.lock:
+            mine = [r for r in self.requests if r.query.get("key", "").startswith(key_prefix)]
+            spans = [(r.at, r.end or float("inf")) for r in mine]
+        edges = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans])
+        most = now = 0
+        for _, step in edges:
+            now += step
+            most = max(most, now)
+        return most
 
     def for_key(self, key: str) -> list[Logged]:
         """The requests made with ?key=<key>, in order."""
@@ -109,13 +122,16 @@ class Handler(BaseHTTPRequestHandler):
         query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
         stats = self.server.stats
         key = query.get("key", parts.path)
+        logged = Logged("GET", parts.path, query, dict(self.headers.items()), time.monotonic())
         with stats.lock:
-            headers = dict(self.headers.items())
-            stats.requests.append(Logged("GET", parts.path, query, headers, time.monotonic()))
+            stats.requests.append(logged)
             stats.hits[key] += 1
             hit = stats.hits[key]
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            self._route(parts.path, query, hit)
+        try:
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                self._route(parts.path, query, hit)
+        finally:
+            logged.end = time.monotonic()
 
     def _route(self, path: str, q: dict[str, str], hit: int) -> None:
         if "redirect" in q and int(q["redirect"]) > 0:
@@ -256,7 +272,8 @@ class Handler(BaseHTTPRequestHandler):
                     break
                 self.wfile.write(data[i : i + step])
                 self.wfile.flush()
-                time.sleep(step / rate)
+                if i + step < len(data):  # the request ends with its last byte, not a pause later
+                    time.sleep(step / rate)
             return
         if not no_body:
             self.wfile.write(data)

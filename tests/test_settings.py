@@ -83,6 +83,7 @@ def test_the_public_task_name_and_result_keys_are_pinned():
         "elapsed_s",
         "worker",
         "content_encoding",
+        "waited_s",
     )
 
 

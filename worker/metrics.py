@@ -21,12 +21,13 @@ from typing import Any
 from billiard.pool import EX_RECYCLE
 from celery import Celery
 from celery.signals import task_success, worker_process_shutdown
-from prometheus_client.core import REGISTRY, CounterMetricFamily
+from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from redis.exceptions import RedisError
 
 from download_client.contract import TASK_NAME
 from download_client.settings import Settings
+from tasks.core import origins
 
 log = logging.getLogger(__name__)
 BYTES_KEY = "downloads:metrics:bytes"
@@ -116,6 +117,30 @@ class DownloadsCollector(Collector):
             for worker, value in sorted(values.items()):
                 family.add_metric([_text(worker)], float(value))
             yield family
+        yield from _origin_families(client)
+
+
+def _origin_families(client: Any) -> Iterator[Any]:
+    """Per origin: downloads holding a slot now, deferrals and pauses so far."""
+    try:
+        seen = origins.stats(client)
+    except RedisError as exc:
+        log.warning("origin metrics unavailable: %s", exc)
+        return
+    flight = GaugeMetricFamily(
+        "downloads_origin_in_flight", "Downloads holding a slot at the origin", labels=["origin"]
+    )
+    for origin, n in sorted(seen["in_flight"].items()):
+        flight.add_metric([origin], float(n))
+    yield flight
+    for kind, text in (("deferrals", "parked for a slot"), ("pauses", "paused by Retry-After")):
+        family = CounterMetricFamily(
+            f"downloads_origin_{kind}", f"Times a download was {text}", labels=["origin"]
+        )
+        for key, n in sorted(seen["counts"].items()):
+            if key.startswith(kind + " "):
+                family.add_metric([key.split(" ", 1)[1]], float(n))
+        yield family
 
 
 def _text(value: bytes | str) -> str:

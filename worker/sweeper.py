@@ -13,7 +13,11 @@ from celery.signals import worker_ready, worker_shutdown
 
 from download_client.arguments import PARTIAL_DIR
 from download_client.settings import Settings
+from tasks import parking
+from tasks.core import origins
 from tasks.core.sweep import sweep_partials
+
+ORIGIN_SWEEP_S = 1.0
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +29,11 @@ def connect(app: Celery, settings: Settings) -> None:
         stop.clear()
         threading.Thread(target=sweep_until, args=(settings, stop), daemon=True).start()
 
+    def wake(**_: Any) -> None:
+        threading.Thread(target=wake_until, args=(app, settings, stop), daemon=True).start()
+
     worker_ready.connect(start, weak=False, dispatch_uid="downloads-sweeper-start")
+    worker_ready.connect(wake, weak=False, dispatch_uid="downloads-origin-sweeper-start")
     worker_shutdown.connect(
         lambda **_: stop.set(), weak=False, dispatch_uid="downloads-sweeper-stop"
     )
@@ -47,3 +55,18 @@ def sweep_once(settings: Settings) -> None:
         return
     if removed:
         log.info("removed %d abandoned files from %s", removed, where)
+
+
+def wake_until(app: Celery, settings: Settings, stop: threading.Event) -> None:
+    """Every second: publish the parked downloads a pause's end or a dead holder's lease freed
+    a slot for (a released slot wakes its successor at once; this is for what nobody released)."""
+    if not settings.host_concurrency and not settings.host_limits:
+        return
+    while not stop.wait(ORIGIN_SWEEP_S):
+        client = getattr(app.backend, "client", None)
+        if client is None:
+            return
+        try:
+            parking.publish(app, origins.sweep(client, settings.host_limit))
+        except Exception as exc:  # Redis away: next second
+            log.debug("origin sweep skipped (%s)", exc)

@@ -4,7 +4,7 @@ like the first and the caller's headers go only to the origin they were given fo
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from urllib.parse import urljoin, urlsplit
 
 import requests
@@ -20,15 +20,22 @@ _OURS = ("Range", "If-Range")
 
 @contextlib.contextmanager
 def opened(
-    session: requests.Session, url: str, headers: dict[str, str], timeout: tuple[float, float]
+    session: requests.Session,
+    url: str,
+    headers: dict[str, str],
+    timeout: tuple[float, float],
+    gate: Callable[[str], None] | None = None,
 ) -> Iterator[requests.Response]:
     """The final response, its head checked; errors of the body read inside become
-    DownloadErrors too. The response is closed (its connection back to the pool) on exit."""
+    DownloadErrors too. The response is closed (its connection back to the pool) on exit.
+    `gate` sees each hop's URL before its request: the origin slot is the hop's."""
     origin = _origin(url)
     caller = {k: v for k, v in headers.items() if k not in _OURS}
     ours = {k: v for k, v in headers.items() if k in _OURS}
     for _ in range(MAX_REDIRECTS + 1):
         hop_headers = {**caller, **ours} if _origin(url) == origin else ours
+        if gate is not None:
+            gate(url)
         response = _send(session, url, hop_headers, timeout)
         if not response.is_redirect:
             # The URL as asked for (the submitted text, or the Location joined to it), not the

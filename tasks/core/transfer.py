@@ -17,6 +17,7 @@ from tasks.core.records import Record
 from tasks.core.storage import Target, disk_error
 
 Progress = Callable[[int, int | None], None]
+Gate = Callable[[str], None]  # called with each hop's URL before its request (origin slots)
 RESUME_MIN_BYTES = 256 * 1024
 
 
@@ -52,6 +53,7 @@ def download(
     limits: Limits,
     on_progress: Progress = lambda done, total: None,
     last_attempt: bool = False,
+    gate: Gate | None = None,
 ) -> Outcome:
     """Download `request.url` to `root / request.dest`, resuming what an earlier attempt left.
     On the last attempt a transient failure also drops the partial: no retry will resume it."""
@@ -73,7 +75,7 @@ def download(
                     skipped=True,
                 )
         try:
-            return _transfer(session, request, target, limits, on_progress)
+            return _transfer(session, request, target, limits, on_progress, gate)
         except PermanentError:
             target.discard()  # a retry cannot help, so nothing will resume it
             raise
@@ -89,6 +91,7 @@ def _transfer(
     target: Target,
     limits: Limits,
     on_progress: Progress,
+    gate: Gate | None,
 ) -> Outcome:
     validators = target.load_sidecar()
     offset = target.partial_size() if validators.validator else 0
@@ -97,7 +100,7 @@ def _transfer(
     finished = None if offset else target.finished_record()
     headers = {**request.headers, **_condition_headers(validators, offset, finished)}
 
-    with redirects.opened(session, request.url, headers, limits.timeout) as response:
+    with redirects.opened(session, request.url, headers, limits.timeout, gate) as response:
         if response.status_code == 304 and finished is not None:
             return _unchanged(response.url, request.dest, finished)
         start, total, cap = _admit(response, request, target, limits, offset)

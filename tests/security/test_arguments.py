@@ -67,7 +67,9 @@ def test_bad_argument_refused_before_connecting(
 def test_too_many_positional_arguments(client: Celery, sec: Worker, sandbox: Sandbox) -> None:
     tag = mark()
     res = client.send_task(
-        "downloads.fetch", args=[f"{sandbox.origin.url}/bytes/1?m={tag}", *"abcdef"], queue=sec.queue
+        "downloads.fetch",
+        args=[f"{sandbox.origin.url}/bytes/1?m={tag}", *"abcdef"],
+        queue=sec.queue,
     )
     with pytest.raises(Exception, match="at most 6 positional arguments"):
         res.get(timeout=30)

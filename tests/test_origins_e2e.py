@@ -1,0 +1,136 @@
+"""Per-origin limits and pauses across a fleet: three worker processes with different hostnames
+on one Redis and one queue, and an origin that records every request's span. Counted at the
+origin: the most requests at once, and the requests inside a pause."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from tests.conftest import active_pid, submit
+from tests.harness import wait_for
+from tests.server import OriginServer, body_sha256
+
+
+def _fleet(start_worker, queue: str, **env: str) -> list:
+    return [start_worker(queue=queue, **env) for _ in range(3)]
+
+
+def _active(client, worker) -> list[str]:
+    replies = client.control.inspect([worker.hostname], timeout=1).active() or {}
+    return [t["id"] for t in replies.get(worker.hostname, [])]
+
+
+@pytest.fixture
+def other_origin():
+    o = OriginServer().start()
+    yield o
+    o.stop()
+
+
+def test_the_cap_holds_at_the_origin_and_other_origins_run_meanwhile(
+    start_worker, client, origin, other_origin, key
+):
+    fleet = _fleet(start_worker, f"cap-{key[:8]}", DOWNLOAD_HOST_CONCURRENCY="2")
+    slow = [
+        submit(
+            client,
+            fleet[i % 3],
+            url=f"{origin.url}/bytes/40000?seed={key}{i}&key={key}-{i}&rate=40000",
+            dest=f"{key}/{i}.bin",
+        )
+        for i in range(8)
+    ]
+    quick = submit(client, fleet[0], url=f"{other_origin.url}/bytes/100?seed=q",
+                   dest=f"{key}/quick.bin")  # fmt: skip
+    assert quick.get(timeout=30)["waited_s"] == 0  # another origin: not held back
+    results = [r.get(timeout=120) for r in slow]
+    assert origin.stats.most_at_once(f"{key}-") == 2
+    assert all(r["attempts"] == 1 for r in results)  # waiting is not an attempt
+    assert sum(1 for r in results if r["waited_s"] > 0) >= 5
+    assert all(r["sha256"] == body_sha256(40000, f"{key}{i}") for i, r in enumerate(results))
+    assert quick.get()["size"] == 100 and not slow[-1].get()["skipped"]
+
+
+def test_a_killed_child_gives_its_slot_back(start_worker, client, origin, key):
+    fleet = _fleet(start_worker, f"kill-{key[:8]}", DOWNLOAD_HOST_CONCURRENCY="1")
+    holder = submit(client, fleet[0], url=f"{origin.url}/bytes/400000?seed={key}&key={key}-h"
+                    "&rate=20000", dest=f"{key}/h.bin")  # fmt: skip
+    wait_for(lambda: holder.state == "PROGRESS", 30, "the holder to run")
+    waiter = submit(client, fleet[1], url=f"{origin.url}/bytes/100?seed={key}&key={key}-w",
+                    dest=f"{key}/w.bin")  # fmt: skip
+    wait_for(lambda: waiter.state == "RETRY", 30, "the waiter to park")
+    runner = next(w for w in fleet if holder.id in _active(client, w))
+    os.kill(active_pid(client, runner, holder.id), signal.SIGKILL)
+    killed = time.monotonic()
+    assert waiter.get(timeout=60)["size"] == 100
+    assert time.monotonic() - killed < 20  # the lease (10 s) and the sweep, not the holder's end
+    assert origin.stats.most_at_once(f"{key}-") == 1
+
+
+def test_a_pause_holds_for_every_worker(flower, start_worker, client, origin, key):
+    fleet = _fleet(start_worker, f"pause-{key[:8]}", DOWNLOAD_HOST_CONCURRENCY="4",
+                   DOWNLOAD_RETRY_BACKOFF_MAX="10")  # fmt: skip
+    first = submit(client, fleet[0], url=f"{origin.url}/bytes/100?seed={key}&key={key}-p"
+                   "&flaky=1&fail=429&retry_after=4", dest=f"{key}/p.bin")  # fmt: skip
+    wait_for(lambda: origin.stats.for_key(f"{key}-p"), 30, "the 429")
+    paused_at = origin.stats.for_key(f"{key}-p")[0].at
+    others = [
+        submit(
+            client,
+            fleet[i % 3],
+            url=f"{origin.url}/bytes/100?seed={key}{i}&key={key}-o{i}",
+            dest=f"{key}/o{i}.bin",
+        )
+        for i in range(9)
+    ]
+    results = [r.get(timeout=60) for r in others]
+    assert first.get(timeout=60)["attempts"] == 2
+    inside = [
+        r for r in origin.stats.requests
+        if r.query.get("key", "").startswith(f"{key}-") and paused_at < r.at < paused_at + 3.9
+    ]  # fmt: skip
+    assert inside == []
+    assert all(r["attempts"] == 1 and r["waited_s"] > 0 for r in results)
+    labels = {"origin": origin.url + ("" if origin.url.count(":") == 2 else ":80")}
+    assert flower.metric("downloads_origin_pauses_total", **labels) >= 1
+    assert flower.metric("downloads_origin_deferrals_total", **labels) >= 9
+    assert flower.metric("downloads_origin_in_flight", **labels) == 0
+
+
+def test_a_redis_outage_in_the_middle_loses_nothing_and_grants_nothing_twice(tmp_path, origin, key):
+    from celery import Celery
+
+    from tests.harness import RedisServer
+    from tests.test_delivery_e2e import _worker
+
+    (tmp_path / "redis").mkdir()
+    server = RedisServer(tmp_path / "redis", persistent=True)
+    server.start()
+    client = Celery(broker=f"{server.url}/0", backend=f"{server.url}/1")
+    client.conf.update(accept_content=["json"], broker_connection_retry_on_startup=True)
+    fleet = [_worker(server, client, tmp_path, f"o{i}", DOWNLOAD_HOST_CONCURRENCY="2")
+             for i in range(3)]  # fmt: skip
+    try:
+        res = [
+            submit(
+                client,
+                fleet[i % 3],
+                url=f"{origin.url}/bytes/60000?seed={key}{i}&key={key}-r{i}&rate=30000",
+                dest=f"r{i}.bin",
+            )
+            for i in range(6)
+        ]
+        wait_for(lambda: sum(r.state == "PROGRESS" for r in res) == 2, 30, "two to run")
+        server.kill()
+        time.sleep(4)  # the outage itself, not a synchronisation
+        server.start()
+        assert all(r.get(timeout=120)["size"] == 60000 for r in res)
+        assert origin.stats.most_at_once(f"{key}-r") <= 2
+    finally:
+        for w in fleet:
+            w.stop()
+        server.stop()
