@@ -52,6 +52,7 @@ $(VENV)/.bench-installed: $(VENV)/.installed pyproject.toml
 bench: install $(VENV)/.bench-installed
 	@bash scripts/bench-peers.sh
 	$(PY) -m bench
+	$(PY) -m bench.origins
 
 # Not part of `make test`: a long run that crashes Redis and kills workers on purpose.
 # SOAK_QUICK=1: a short run; SOAK_DOWNLOADS=N: N downloads, the time scaled to match.
