@@ -43,9 +43,12 @@ def wait_for(check: Callable[[], Any], timeout: float = 30, what: str = "conditi
 class RedisServer:
     """A private redis-server this test session owns; it can be stopped and started again."""
 
-    def __init__(self, workdir: Path, persistent: bool = False) -> None:
+    def __init__(
+        self, workdir: Path, persistent: bool = False, also_bind: tuple[str, ...] = ()
+    ) -> None:
         self.port = free_port()
         self.workdir = workdir
+        self.also_bind = also_bind  # addresses of network namespaces a test made, besides loopback
         self.persistence = (
             ["--appendonly", "yes", "--appendfsync", "always"]
             if persistent
@@ -70,6 +73,10 @@ class RedisServer:
                 str(self.port),
                 "--bind",
                 "127.0.0.1",
+                *self.also_bind,
+                # Clients from a test's own namespaces are not loopback: let them in (no password).
+                "--protected-mode",
+                "no" if self.also_bind else "yes",
                 "--save",
                 "",
                 *self.persistence,

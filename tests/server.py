@@ -79,6 +79,7 @@ class Logged:
     headers: dict[str, str]
     at: float = 0.0
     end: float = 0.0  # when the handler finished (the body sent or the connection gone)
+    peer: str = ""  # the client's address
 
 
 @dataclass
@@ -123,6 +124,7 @@ class Handler(BaseHTTPRequestHandler):
         stats = self.server.stats
         key = query.get("key", parts.path)
         logged = Logged("GET", parts.path, query, dict(self.headers.items()), time.monotonic())
+        logged.peer = str(self.client_address[0])
         with stats.lock:
             stats.requests.append(logged)
             stats.hits[key] += 1

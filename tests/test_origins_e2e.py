@@ -9,9 +9,11 @@ import signal
 import time
 
 import pytest
+from celery import Celery
 
 from tests.conftest import active_pid, submit
-from tests.harness import wait_for
+from tests.harness import TASK, RedisServer, Worker, free_port, wait_for, worker_env
+from tests.netns import NAME, Hosts
 from tests.server import OriginServer, body_sha256
 
 
@@ -56,7 +58,10 @@ def test_the_cap_holds_at_the_origin_and_other_origins_run_meanwhile(
 
 
 def test_a_killed_child_gives_its_slot_back(start_worker, client, origin, key):
-    fleet = _fleet(start_worker, f"kill-{key[:8]}", DOWNLOAD_HOST_CONCURRENCY="1")
+    # One delivery: the killed holder is not run again, so only its lease can give the slot back.
+    fleet = _fleet(
+        start_worker, f"kill-{key[:8]}", DOWNLOAD_HOST_CONCURRENCY="1", DOWNLOAD_MAX_DELIVERIES="1"
+    )
     holder = submit(client, fleet[0], url=f"{origin.url}/bytes/400000?seed={key}&key={key}-h"
                     "&rate=20000", dest=f"{key}/h.bin")  # fmt: skip
     wait_for(lambda: holder.state == "PROGRESS", 30, "the holder to run")
@@ -68,10 +73,22 @@ def test_a_killed_child_gives_its_slot_back(start_worker, client, origin, key):
     killed = time.monotonic()
     assert waiter.get(timeout=60)["size"] == 100
     assert time.monotonic() - killed < 20  # the lease (10 s) and the sweep, not the holder's end
-    assert origin.stats.most_at_once(f"{key}-") == 1
+    spans = [
+        (
+            r.query["key"][-1],
+            round(r.at - killed, 2),
+            round(r.end - killed, 2),
+            r.headers.get("Range"),
+        )
+        for r in origin.stats.requests
+        if r.query.get("key", "").startswith(f"{key}-")
+    ]
+    assert origin.stats.most_at_once(f"{key}-") == 1, spans
+    assert holder.state == "FAILURE"  # its one delivery used up
 
 
-def test_a_pause_holds_for_every_worker(flower, start_worker, client, origin, key):
+def test_a_pause_holds_for_every_worker(flower, start_worker, client, other_origin, key):
+    origin = other_origin  # its own origin: in-flight counts are per origin
     fleet = _fleet(start_worker, f"pause-{key[:8]}", DOWNLOAD_HOST_CONCURRENCY="4",
                    DOWNLOAD_RETRY_BACKOFF_MAX="10")  # fmt: skip
     first = submit(client, fleet[0], url=f"{origin.url}/bytes/100?seed={key}&key={key}-p"
@@ -134,3 +151,50 @@ def test_a_redis_outage_in_the_middle_loses_nothing_and_grants_nothing_twice(tmp
         for w in fleet:
             w.stop()
         server.stop()
+
+
+@pytest.mark.skipif(not Hosts.available(), reason="no network namespaces here (needs root)")
+def test_the_cap_holds_across_separate_hosts(tmp_path, key):
+    """Three workers in three network namespaces (separate hosts, each with its own address),
+    one origin reached by one name from all of them, the cap counted at the origin."""
+    hosts = Hosts(3, "dlh").create()
+    server = RedisServer(tmp_path, persistent=False, also_bind=tuple(hosts.root_side))
+    server.start()
+    port = free_port()
+    servers = [OriginServer(host=a, port=port).start() for a in hosts.root_side]
+    for o in servers[1:]:
+        o.stats = servers[0].stats  # one origin, three doors
+    client = Celery(broker=f"{server.url}/0", backend=f"{server.url}/1")
+    client.conf.update(accept_content=["json"])
+    fleet = []
+    try:
+        for i, ns in enumerate(hosts.names):
+            env = worker_env(f"redis://{hosts.root_side[i]}:{server.port}", tmp_path / f"dl{i}",
+                             DOWNLOAD_HOST_CONCURRENCY="2")  # fmt: skip
+            w = Worker(env, f"host{i}", "fleet", tmp_path / f"host{i}.log", tmp_path / f"dl{i}",
+                       ["-c", "2"])  # fmt: skip
+            w.cmd = ["ip", "netns", "exec", ns, *w.cmd]
+            fleet.append(w.start(client))
+        res = [
+            client.send_task(
+                TASK,
+                kwargs={
+                    "url": f"http://{NAME}:{port}/bytes/40000?seed={key}{i}&key={key}-{i}&rate=40000",
+                    "dest": f"{i}.bin",
+                },
+                queue="fleet",
+            )  # fmt: skip
+            for i in range(9)
+        ]
+        assert all(r.get(timeout=120)["size"] == 40000 for r in res)
+        stats = servers[0].stats
+        assert stats.most_at_once(f"{key}-") == 2
+        peers = {r.peer for r in stats.requests if r.query.get("key", "").startswith(key)}
+        assert len(peers) >= 2 and peers <= {f"10.213.{i + 1}.2" for i in range(3)}
+    finally:
+        for w in fleet:
+            w.stop()
+        for o in servers:
+            o.stop()
+        server.stop()
+        hosts.remove()

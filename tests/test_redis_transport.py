@@ -36,13 +36,12 @@ def test_kombus_own_transport_fails_there(redis_server):
         _close_after_release(redis_server, kombu_redis.Transport)
 
 
-def test_the_worker_app_uses_it_for_redis_brokers_only():
-    from download_client.settings import Settings
-    from worker.celery_app import celery_config
+def test_the_worker_app_uses_it_for_redis_urls_which_keep_their_scheme():
+    from kombu.transport import resolve_transport
 
-    on_redis = celery_config(Settings.from_env({"CELERY_BROKER_URL": "redis://h:6379/0"}))
-    assert on_redis["broker_transport"] == "worker.redis_transport:Transport"
-    amqp = Settings.from_env(
-        {"CELERY_BROKER_URL": "amqp://h//", "CELERY_RESULT_BACKEND": "redis://h:6379/1"}
-    )
-    assert "broker_transport" not in celery_config(amqp)
+    from worker import app
+
+    conn = app.connection()
+    assert conn.transport_cls in ("redis", "rediss")  # Flower reads the scheme
+    assert resolve_transport("redis") is Transport
+    assert conn.as_uri().startswith("redis://")

@@ -12,11 +12,11 @@ from celery.backends.redis import RedisBackend
 from download_client.brokers import is_rabbitmq, rabbitmq_config, whole_seconds
 from download_client.contract import TASK_NAME
 from download_client.redact import add_secret_params, redact_reprs
-from download_client.settings import REDIS_SCHEMES, Settings
+from download_client.settings import Settings
 from tasks import runtime
 from tasks.callback import CallbackTask
 from tasks.fetch import FetchTask
-from worker import lifecycle, metrics, revoked, shutdown, sweeper
+from worker import lifecycle, metrics, redis_transport, revoked, shutdown, sweeper
 from worker.backend import DurableRedisBackend
 
 
@@ -63,13 +63,8 @@ def celery_config(s: Settings) -> dict[str, Any]:
         # producer, stored only where no state exists (worker/refusals.py).
         "worker_consumer": "worker.refusals:Consumer",
         "broker_connection_max_retries": None,
-        **({"broker_transport": "worker.redis_transport:Transport"} if _on_redis(s) else {}),
         **rabbitmq_config(s),
     }
-
-
-def _on_redis(s: Settings) -> bool:
-    return s.broker_url.split("://", 1)[0].lower() in REDIS_SCHEMES
 
 
 class DownloadsCelery(Celery):  # type: ignore[misc]
@@ -105,6 +100,7 @@ def create_app(settings: Settings) -> DownloadsCelery:
     runtime.configure(settings)
     add_secret_params(settings.redact_params)
     _rank_progress_with_started()
+    redis_transport.register()
     for part in (lifecycle, shutdown, sweeper, revoked, metrics):
         part.connect(app, settings)
     return app

@@ -15,6 +15,8 @@ from __future__ import annotations
 from typing import Any
 
 import redis
+from kombu import transport as kombu_transport
+from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import redis as kombu_redis
 
 # Delivery tags of this process's messages not yet put back: their bodies wait in Redis's
@@ -57,3 +59,12 @@ class Channel(kombu_redis.Channel):
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
+
+
+def register() -> None:
+    """Make `redis://` and `rediss://` URLs use this transport in this process (the worker and
+    Flower build the same app). Registered under the schemes, not named in `broker_transport`,
+    so URLs keep their scheme: Flower picks its broker API by it."""
+    for scheme in ("redis", "rediss"):
+        TRANSPORT_ALIASES[scheme] = f"{__name__}:Transport"
+        kombu_transport._transport_cache.pop(scheme, None)  # resolved before: resolve again
