@@ -183,7 +183,7 @@ def test_the_cap_holds_across_separate_hosts(tmp_path, key):
                     "dest": f"{i}.bin",
                 },
                 queue="fleet",
-            )  # fmt: skip
+            )
             for i in range(9)
         ]
         assert all(r.get(timeout=120)["size"] == 40000 for r in res)
