@@ -68,11 +68,12 @@ class FetchTask(Task):  # type: ignore[misc]
         origins = self.origins(rt.settings)
         try:
             outcome, attempts = self.attempt(rt, request, journey, claims, origins)
-        finally:
+        except BaseException:
             if origins is not None:
                 self._leave(origins)
+            raise
         result = _result(self, outcome, request.url, attempts, started, journey)
-        _settle(claims, result)
+        self._finish(claims, origins, result)
         return result
 
     def attempt(
@@ -133,6 +134,24 @@ class FetchTask(Task):  # type: ignore[misc]
         deliveries.deferred(self.redis(), self.request.id, self.request.retries)
         self.backend.mark_as_retry(self.request.id, busy, request=self.request)
         return Ignore()
+
+    def _finish(
+        self, claims: Claims | None, origins: Origins | None, result: DownloadResult
+    ) -> None:
+        """Leave the result to the destination's waiters and give the origin slot back, in one
+        round trip; then publish who the slot woke."""
+        if origins is None:
+            return _settle(claims, result)
+        try:
+            pipe = self.redis().pipeline(transaction=False)
+            origins.leave(pipe)
+            if claims is not None:
+                claims.finish(dict(result), pipe)
+            origins.took_back(pipe.execute()[0])
+            parking.publish(self.app, origins.woken)
+        except REDIS_ERRORS as exc:
+            log.warning("claim and origin slot not released (%s); they expire on their own", exc)
+        return None
 
     def _leave(self, origins: Origins) -> None:
         try:

@@ -84,7 +84,7 @@ def test_a_killed_child_gives_its_slot_back(start_worker, client, origin, key):
         if r.query.get("key", "").startswith(f"{key}-")
     ]
     assert origin.stats.most_at_once(f"{key}-") == 1, spans
-    assert holder.state == "FAILURE"  # its one delivery used up
+    wait_for(lambda: holder.state == "FAILURE", 30, "the holder to fail: one delivery only")
 
 
 def test_a_pause_holds_for_every_worker(flower, start_worker, client, other_origin, key):

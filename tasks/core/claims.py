@@ -89,14 +89,15 @@ class Claims:
         seen = json.loads(raw)
         return Held(seen["task"], seen.get("done"), bool(seen.get("self_done")))
 
-    def finish(self, result: dict[str, Any]) -> None:
-        """Leave the result for those who waited, and the destination to whoever comes next."""
+    def finish(self, result: dict[str, Any], pipe: Any = None) -> None:
+        """Leave the result for those who waited, and the destination to whoever comes next
+        (queued on `pipe` when given, to share a round trip)."""
         left = json.dumps({"task": self.task_id, "key": self.key, "done": result})
-        self._settle(left)
+        self._settle(left, pipe)
 
     def release(self) -> None:
         self._settle("")
 
-    def _settle(self, left: str) -> None:
+    def _settle(self, left: str, pipe: Any = None) -> None:
         keys = (self.name, left_name(self.task_id))
-        self.client.eval(_SETTLE, 2, *keys, self.task_id, left, DONE_TTL_S * 1000)
+        (pipe or self.client).eval(_SETTLE, 2, *keys, self.task_id, left, DONE_TTL_S * 1000)

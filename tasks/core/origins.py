@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from redis.commands.core import Script
+
 LEASE_MS = 10_000
 RENEW_S = 3.0
 WAKING_STALE_MS = 30_000
@@ -37,7 +39,7 @@ def origin_of(url: str) -> str:
 
 def _keys(origin: str) -> list[str]:
     base = f"downloads:origin:{origin}"
-    return [f"{base}:slots", f"{base}:paused", f"{base}:parked", f"{base}:waking"]
+    return [f"{base}:slots", f"{base}:paused", f"{base}:parked", f"{base}:waking", f"{base}:cap"]
 
 
 _NOW = """
@@ -48,6 +50,7 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 # Hand free slots to the parked, head first: each gets a lease and moves to `waking`.
 _WAKE = """
 local function wake(cap, lease)
+  cap = tonumber(redis.call('GET', KEYS[5]) or cap)
   local woken = {}
   if redis.call('EXISTS', KEYS[2]) == 1 then return woken end
   while redis.call('LLEN', KEYS[3]) > 0 and (cap == 0 or redis.call('ZCARD', KEYS[1]) < cap) do
@@ -57,7 +60,7 @@ local function wake(cap, lease)
     redis.call('HSET', KEYS[4], id, now .. '|' .. msg)
     woken[#woken + 1] = msg
   end
-  if redis.call('LLEN', KEYS[3]) == 0 then redis.call('SREM', KEYS[5], ARGV[99]) end
+  if redis.call('LLEN', KEYS[3]) == 0 then redis.call('SREM', KEYS[6], ARGV[99]) end
   return woken
 end
 """
@@ -67,6 +70,7 @@ _ACQUIRE = (
     _NOW
     + """
 local id, cap, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+redis.call('SET', KEYS[5], cap)
 redis.call('HDEL', KEYS[4], id)
 if redis.call('ZSCORE', KEYS[1], id) then
   redis.call('ZADD', KEYS[1], now + lease, id)
@@ -79,8 +83,8 @@ if paused <= 0 and not full and redis.call('LLEN', KEYS[3]) == 0 then
   return {1, 0}
 end
 redis.call('RPUSH', KEYS[3], ARGV[4])
-redis.call('SADD', KEYS[5], ARGV[5])
-redis.call('HINCRBY', KEYS[6], 'deferrals ' .. ARGV[5], 1)
+redis.call('SADD', KEYS[6], ARGV[5])
+redis.call('HINCRBY', KEYS[7], 'deferrals ' .. ARGV[5], 1)
 if paused > 0 then return {-1, paused} end
 return {0, 0}
 """
@@ -126,23 +130,24 @@ _PAUSE = """
 local left = redis.call('PTTL', KEYS[2])
 if left < tonumber(ARGV[1]) then
   redis.call('SET', KEYS[2], '1', 'PX', ARGV[1])
-  redis.call('HINCRBY', KEYS[6], 'pauses ' .. ARGV[2], 1)
+  redis.call('HINCRBY', KEYS[7], 'pauses ' .. ARGV[2], 1)
 end
 return 1
 """
 
 
-_scripts: dict[tuple[int, str], Any] = {}
+_scripts: dict[str, Script] = {}
 
 
 def _run(client: Any, script: str, origin: str, *argv: Any) -> Any:
-    """Run a script (by its SHA after the first time) on one origin's keys."""
-    key = (id(client), script)
-    if key not in _scripts:
-        _scripts[key] = client.register_script(script)
+    """Run a script (by its SHA after the first time) on one origin's keys; on a pipeline it is
+    queued, and the pipeline loads it if Redis does not know it."""
+    if script not in _scripts:
+        _scripts[script] = client.register_script(script)
     args = [str(a) for a in argv]
     args += [""] * (98 - len(args)) + [origin]  # ARGV[99]: the origin, for the parked set
-    return _scripts[key](keys=[*_keys(origin), PARKED_ORIGINS, STATS], args=args)
+    keys = [*_keys(origin), PARKED_ORIGINS, STATS]
+    return _scripts[script](keys=keys, args=args, client=client)
 
 
 class OriginBusy(Exception):
@@ -194,13 +199,21 @@ class Origins:
             except Exception:  # Redis away: the lease runs on; try again next time
                 continue
 
-    def leave(self) -> None:
-        """Give the slot back; the messages it wakes are collected in `woken`."""
+    def leave(self, pipe: Any = None) -> None:
+        """Give the slot back; the messages it wakes are collected in `woken` (with `pipe`, the
+        release is queued there and `took_back` reads its answer after the pipe ran)."""
         if self.held is None:
             return
         origin, self.held = self.held, None
         self._stop.set()
-        self.woken += self._run(_RELEASE, origin, self.task_id, self.cap_for(origin), LEASE_MS)
+        woken = _run(
+            pipe or self.client, _RELEASE, origin, self.task_id, self.cap_for(origin), LEASE_MS
+        )
+        if pipe is None:
+            self.woken += woken
+
+    def took_back(self, answer: list[Any]) -> None:
+        self.woken += [m.decode() if isinstance(m, bytes) else m for m in answer]
 
     def pause_held(self, seconds: float) -> None:
         """The held origin asked to slow down (429 or 503 with Retry-After): nobody in the fleet
