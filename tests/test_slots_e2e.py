@@ -66,3 +66,30 @@ def test_recycled_children_come_back_as_small_as_the_first(client, start_worker,
     )
     recycled = wait_for(lambda: _all_pss(worker.children()), 30, "the new children to settle")
     assert max(recycled) <= baseline * 1.25 + 2 * MIB, (baseline, recycled)
+
+
+def _private_share(pid: int) -> float:
+    """The part of a process's resident memory that no other process shares."""
+    rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    kib = {k: int(v.split()[0]) for k, v in (x.split(":", 1) for x in rollup.splitlines()[1:])}
+    return (kib["Private_Clean"] + kib["Private_Dirty"]) / kib["Rss"]
+
+
+def test_children_keep_sharing_the_parents_memory_after_work(client, start_worker, origin):
+    worker = start_worker(concurrency=SLOTS, WORKER_MAX_TASKS_PER_CHILD="0")
+    batch = [
+        submit(client, worker, url=f"{origin.url}/bytes/20000?seed=share{i}")
+        for i in range(SLOTS * 10)
+    ]
+    for r in batch:
+        r.get(timeout=60)
+    shares = wait_for(lambda: _all_shares(worker.children()), 30, "the children's memory maps")
+    # Without the freeze of the parent's objects at fork, more than half of a child is its own.
+    assert max(shares) < 0.4, shares
+
+
+def _all_shares(pids: list[int]) -> list[float] | None:
+    try:
+        return [_private_share(pid) for pid in pids]
+    except (ProcessLookupError, FileNotFoundError):
+        return None
