@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import large, machine, memory, profile, report, small
+from bench import large, latency, machine, memory, profile, report, small
 from bench.config import KIB, MIB, Config
 from bench.stack import Nginx, Stack, make_files
 
@@ -63,6 +63,8 @@ def measure(cfg: Config, work: Path) -> dict[str, Any]:
             results["profile"] = _part4(stack, url, cfg, results["large"])
         finally:
             nginx.stop()
+        _step("part 5: latency, slots x time to first byte")
+        results["latency"] = latency.run(stack, cfg)
     results["load_at_end"] = machine.load()
     results["duration_s"] = time.monotonic() - started
     return results

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from bench import latency
 from bench.large import DEFAULT_CHUNK, chunk_label
 from bench.stats import fmt, ratios
 
@@ -35,6 +36,8 @@ def render(r: Mapping[str, Any], plotted: bool = True) -> str:
         parts.append(_small(r["small"], plotted))
     if "profile" in r:
         parts.append(_profile(r["profile"], r.get("large")))
+    if "latency" in r:
+        parts.append(latency.render(r["latency"]))
     return "\n".join(parts)
 
 
@@ -402,4 +405,6 @@ def plots(r: Mapping[str, Any], docs: Path) -> bool:
         fig.tight_layout()
         fig.savefig(docs / name, dpi=100)
         plt.close(fig)
+    if "latency" in r:
+        latency.plot(r["latency"], docs, plt)
     return True

@@ -94,12 +94,12 @@ def _run(cmd: list[str], out: Path) -> float:
     return seconds
 
 
-def _curl(out: Path, urls: list[str], names: list[str]) -> float:
+def _curl(out: Path, urls: list[str], names: list[str], *flags: str) -> float:
     config = out.parent / f"{out.name}.curlrc"
     config.write_text(
         "".join(f'url = "{u}"\noutput = "{n}"\n' for u, n in zip(urls, names, strict=True))
     )
-    return _run(["curl", "-sS", "--fail", "-K", str(config)], out)
+    return _run(["curl", "-sS", "--fail", *flags, "-K", str(config)], out)
 
 
 def _aria2(out: Path, urls: Path, jobs: int) -> float:

@@ -156,9 +156,11 @@ class Stack:
         return self.app
 
     def worker(self, name: str, include: Sequence[str] = (), **overrides: str) -> Worker:
-        """A worker of 2 prefork children on its own queue and its own download directory."""
+        """A worker on its own queue and its own download directory: 2 prefork children unless
+        WORKER_CONCURRENCY is among the overrides."""
         ddir = self.work / f"downloads-{name}"
-        env = worker_env(self.redis.url, ddir, **{**BENCH_SETTINGS, **overrides})
+        settings = {"WORKER_CONCURRENCY": "2", **BENCH_SETTINGS, **overrides}
+        env = worker_env(self.redis.url, ddir, **settings)
         extra = [f"--include={','.join(include)}"] if include else []
         queue = f"{name}-{uuid.uuid4().hex[:6]}"
         w = Worker(env, name, queue, self.work / f"{name}.log", ddir, extra)

@@ -145,6 +145,8 @@ class Settings:
     result_expires: int = _env("DOWNLOAD_RESULT_EXPIRES", _positive(int), str(7 * 24 * 3600))
     result_outage: float = _env("DOWNLOAD_RESULT_OUTAGE", _positive(float), "300")
     shutdown_grace: float = _env("DOWNLOAD_SHUTDOWN_GRACE", _positive(float), "90")
+    # Downloads wait on the network, not the CPU: slots are sized for waiting, not for cores.
+    concurrency: int = _env("WORKER_CONCURRENCY", _positive(int), "16")
     max_tasks_per_child: int = _env("WORKER_MAX_TASKS_PER_CHILD", _non_negative_int, "1000")
     max_memory_per_child: int = _env("WORKER_MAX_MEMORY_PER_CHILD", _non_negative_int, "262144")
     redact_params: tuple[str, ...] = _env("DOWNLOAD_REDACT_PARAMS", _names, "")

@@ -67,14 +67,15 @@ def start_worker(
         download_dir: Path | None = None,
         extra: list[str] | None = None,
         queue: str | None = None,
-        concurrency: int = 2,
+        concurrency: int | None = 2,
         **overrides: str,
     ) -> Worker:
         name = f"w{len(started)}-{uuid.uuid4().hex[:6]}"
         ddir = download_dir or tmp_path_factory.mktemp(f"downloads-{name}")
         env = worker_env(redis_server.url, ddir, **overrides)
         logs = tmp_path_factory.mktemp("logs")
-        extra = [*(extra or []), "-c", str(concurrency)]
+        # None: no -c, so the worker sizes its pool from WORKER_CONCURRENCY.
+        extra = [*(extra or []), *(["-c", str(concurrency)] if concurrency else [])]
         worker = Worker(env, name, queue or name, logs / f"{name}.log", ddir, extra)
         started.append(worker)
         return worker.start(client)

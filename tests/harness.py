@@ -111,7 +111,8 @@ def _pings(client: redis.Redis) -> bool:
 
 
 class Worker:
-    """A real `celery -A worker worker` process with its own environment."""
+    """A real `celery -A worker worker` process with its own environment. Its pool size comes
+    from `extra` (`-c N`) or, without one, from WORKER_CONCURRENCY."""
 
     def __init__(
         self,
@@ -137,8 +138,6 @@ class Worker:
             f"{name}@%h",
             "-Q",
             queue,
-            "-c",
-            "2",
             "--without-mingle",
             "--without-gossip",
             *extra,

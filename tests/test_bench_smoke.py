@@ -6,12 +6,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from bench import profile, report
 from bench.stats import fmt, ratios, summary
 
 
 def _s(*values: float) -> dict[str, float]:
     return summary(list(values))
+
+
+def _latency_cell(worker: float, curl: float) -> dict[str, Any]:
+    return {
+        "files_per_s": {"worker": _s(worker), "curl --parallel": _s(curl)},
+        "worker_vs_curl": ratios([worker], [curl]),
+    }
 
 
 def fake_results() -> dict[str, Any]:
@@ -72,6 +81,18 @@ def fake_results() -> dict[str, Any]:
             "worker_vs_noop": ratios([300, 310], [500, 520]),
             "worker_vs": {"no-op task": ratios([300, 310], [500, 520])},
         },
+        "latency": {
+            "rounds": 1,
+            "ttfb_ms": [20, 100],
+            "by_slots": {
+                str(slots): {
+                    "pss_per_slot_mib": 60.0 / slots,
+                    "20": _latency_cell(40.0 * slots, 45.0 * slots),
+                    "100": _latency_cell(9.0 * slots, 10.0 * slots),
+                }
+                for slots in (2, 8)
+            },
+        },
         "profile": {
             **profile.summarise(profile.parse(COLLAPSED)),
             "downloads": 10,
@@ -111,7 +132,7 @@ def test_report_renders_targets_and_sections(tmp_path: Path) -> None:
     text = report.render(fake_results(), plotted=False)
     assert "| 1 GiB: speed against curl | >= 0.7 x | 0.84 (0.80-0.88) x | met |" in text
     assert "files/s against the no-op task | >= 0.5 x | 0.60 (0.60-0.60) x | met |" in text
-    for heading in ("## 1.", "## 2.", "## 3.", "## 4."):
+    for heading in ("## 1.", "## 2.", "## 3.", "## 4.", "## 5."):
         assert heading in text
     assert "Not measured (not installed): wget." in text
     assert report.write(fake_results(), tmp_path).read_text().startswith("# Benchmarks")
@@ -121,3 +142,15 @@ def test_fmt_prints_median_and_range() -> None:
     assert fmt(summary([3.0, 1.0, 2.0])) == "2 (1-3)"
     assert fmt(summary([2.5]), 1) == "2.5"
     assert fmt(None) == "n/a"
+
+
+def test_latency_section_has_a_row_per_slots_and_delay(tmp_path: Path) -> None:
+    text = report.render(fake_results(), plotted=False)
+    assert "| 8 | 7.5 | 100 ms | 72.0 | 80.0 | 0.90 |" in text
+    assert "| 2 | 30.0 | 20 ms | 80.0 | 90.0 | 0.89 |" in text
+
+
+def test_latency_plot_is_drawn(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")  # the `bench` extra
+    report.write(fake_results(), tmp_path)
+    assert (tmp_path / "bench-latency.png").stat().st_size > 0

@@ -56,6 +56,8 @@ def celery_config(s: Settings) -> dict[str, Any]:
         "worker_send_task_events": True,
         "task_send_sent_event": True,
         "task_track_started": True,
+        # `celery worker --concurrency` still wins over this when given.
+        "worker_concurrency": s.concurrency,
         "worker_max_tasks_per_child": s.max_tasks_per_child or None,
         "worker_max_memory_per_child": s.max_memory_per_child or None,
         "worker_hijack_root_logger": False,

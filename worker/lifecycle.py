@@ -5,6 +5,8 @@ making a Session opens no connection."""
 
 from __future__ import annotations
 
+import gc
+import os
 from typing import Any
 
 from celery import Celery, bootsteps
@@ -16,6 +18,9 @@ from tasks.core.egress import Egress
 
 
 def connect(app: Celery, settings: Settings) -> None:
+    if not _freezing:
+        _freezing.append(True)
+        os.register_at_fork(before=_freeze_before_fork)
     worker_process_init.connect(_open, weak=False, dispatch_uid="downloads-runtime-open")
     worker_process_shutdown.connect(_close, weak=False, dispatch_uid="downloads-runtime-close")
 
@@ -29,6 +34,24 @@ def connect(app: Celery, settings: Settings) -> None:
             super().__init__(parent, **kwargs)
 
     app.steps["worker"].add(EgressCheck)
+
+
+_freezing: list[bool] = []  # the fork hook is registered once, however many apps are made
+
+
+def _freeze_before_fork() -> None:
+    """Keep the parent's objects out of every later garbage collection, in the parent and in the
+    child, so neither writes to the pages they share after fork.
+
+    A collection writes to the header of every object it scans. When the parent scans the
+    objects it had at fork, the kernel copies each page for the parent and the child's copy
+    becomes its own: measured at 8 slots, an idle child went from 30 to 10 MiB private and the
+    whole worker from 35 to 18 MiB PSS a slot. So the freeze is never undone (unfreezing after
+    fork cost all of it). Collecting first frees the garbage of the moment; what is frozen alive
+    and dies later stays allocated, bounded by what the parent holds at each fork (start and
+    each recycle). The collection scans only objects made since the last freeze."""
+    gc.collect()
+    gc.freeze()
 
 
 def _open(**_: Any) -> None:
