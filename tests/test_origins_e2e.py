@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from urllib.parse import quote
 
 import pytest
 from celery import Celery
@@ -198,3 +199,25 @@ def test_the_cap_holds_across_separate_hosts(tmp_path, key):
             o.stop()
         server.stop()
         hosts.remove()
+
+
+def test_a_redirect_takes_its_slot_at_the_origin_it_lands_on(
+    start_worker, client, origin, other_origin, key
+):
+    """Cap 1 everywhere. A download from A redirected to B gives A's slot back at the hop: a
+    second download from A runs meanwhile, and a download from B waits for the redirected one."""
+    fleet = _fleet(start_worker, f"hop-{key[:8]}", DOWNLOAD_HOST_CONCURRENCY="1")
+    landing = f"{other_origin.url}/bytes/60000?seed={key}b&key={key}-b1&rate=30000"
+    hop = submit(client, fleet[0], url=f"{origin.url}/bytes/1?key={key}-a0&redirect=1"
+                 f"&to={quote(landing, safe='')}", dest=f"{key}/hop.bin")  # fmt: skip
+    wait_for(lambda: other_origin.stats.for_key(f"{key}-b1"), 30, "the redirected request")
+    from_a = submit(client, fleet[1], url=f"{origin.url}/bytes/100?seed={key}&key={key}-a1",
+                    dest=f"{key}/a.bin")  # fmt: skip
+    from_b = submit(client, fleet[2], url=f"{other_origin.url}/bytes/100?seed={key}&key={key}-b2",
+                    dest=f"{key}/b.bin")  # fmt: skip
+    assert from_a.get(timeout=30)["waited_s"] == 0
+    assert hop.get(timeout=60)["size"] == 60000
+    assert from_b.get(timeout=60)["waited_s"] > 0
+    landed = other_origin.stats.for_key(f"{key}-b1")[0]
+    assert origin.stats.for_key(f"{key}-a1")[0].at < landed.end  # A was free during the hop
+    assert other_origin.stats.for_key(f"{key}-b2")[0].at >= landed.end  # B was not
