@@ -20,20 +20,17 @@ def delivery_key(task_id: str, retries: int) -> str:
     return f"downloads:deliveries:{task_id}:{retries}"
 
 
-def count(client: Any, task_id: str, retries: int, limit: int, expires: int) -> int:
-    """Count this run; return the download's runs so far (its `attempts`), or raise
-    PermanentError when this message was delivered more than `limit` times."""
-    if client is None:
-        return retries + 1
+def count_on(pipe: Any, task_id: str, retries: int, expires: int) -> None:
+    """Queue the count of this run on `pipe`: four answers that `counted` reads."""
     deliveries, attempts = delivery_key(task_id, retries), f"downloads:attempts:{task_id}"
-    pipe = client.pipeline()
     pipe.incr(deliveries).expire(deliveries, expires)
     pipe.incr(attempts).expire(attempts, expires)
-    try:
-        delivered, _, attempt, _ = pipe.execute()
-    except REDIS_ERRORS as exc:
-        log.warning("deliveries not counted (%s)", exc)
-        return retries + 1
+
+
+def counted(answers: list[Any], limit: int) -> int:
+    """The download's runs so far (its `attempts`) from `count_on`'s answers, or PermanentError
+    when this message was delivered more than `limit` times."""
+    delivered, _, attempt, _ = answers
     if delivered > limit:
         raise PermanentError(
             f"the download was started {delivered - 1} times and its worker process died each "
@@ -53,11 +50,13 @@ def uncount(client: Any, runs: list[tuple[str, int]]) -> None:
         log.warning("deliveries of requeued downloads not uncounted (%s)", exc)
 
 
-def deferred(client: Any, task_id: str, retries: int) -> None:
-    """Take back this run's count: it waited for an origin slot and did not download."""
+def deferred(client: Any, task_id: str, retries: int, pipe: Any = None) -> None:
+    """Take back this run's count: it waited (for an origin slot, a destination) and did not
+    download (queued on `pipe` when given)."""
     try:
-        client.pipeline().decr(delivery_key(task_id, retries)).decr(
-            f"downloads:attempts:{task_id}"
-        ).execute()
+        p = pipe or client.pipeline()
+        p.decr(delivery_key(task_id, retries)).decr(f"downloads:attempts:{task_id}")
+        if pipe is None:
+            p.execute()
     except REDIS_ERRORS as exc:
         log.warning("deferred run not uncounted (%s)", exc)

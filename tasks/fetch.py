@@ -22,7 +22,7 @@ from download_client.errors import (
 )
 from download_client.redact import redact_url
 from download_client.settings import Settings
-from tasks import callback, deliveries, parking, runtime
+from tasks import callback, counters, deliveries, parking, runtime
 from tasks.core import callbacks
 from tasks.core.claims import Claims, Held
 from tasks.core.origins import OriginBusy, Origins
@@ -53,7 +53,10 @@ class FetchTask(Task):  # type: ignore[misc]
             _check_callback(rt.settings, request.callback_url)
         journey = Journey.of(self)
         claims = self.claims(rt.settings, request)
-        held = _acquire(claims, journey)
+        origins = self.origins(rt.settings)
+        held, attempts = self.begin(rt.settings, request, journey, claims, origins)
+        if held is not None:
+            self._step_aside(origins)
         if held is not None and held.self_done:
             # A redelivered copy of a download that already succeeded: its process may have died
             # before the callback was queued, so queue it again (receivers dedupe by task id).
@@ -65,9 +68,8 @@ class FetchTask(Task):  # type: ignore[misc]
         if held is not None:
             busy = DestinationBusyError(f"another task is downloading to {request.dest} right now")
             raise self.wait(rt.settings, journey, held.task, busy)
-        origins = self.origins(rt.settings)
         try:
-            outcome, attempts = self.attempt(rt, request, journey, claims, origins)
+            outcome = self.attempt(rt, request, journey, claims, origins, attempts)
         except BaseException:
             if origins is not None:
                 self._leave(origins)
@@ -76,6 +78,57 @@ class FetchTask(Task):  # type: ignore[misc]
         self._finish(claims, origins, result)
         return result
 
+    def begin(
+        self,
+        s: Settings,
+        request: DownloadRequest,
+        journey: Journey,
+        claims: Claims | None,
+        origins: Origins | None,
+    ) -> tuple[Held | None, int]:
+        """Take the destination's claim, count this run (the poison guard) and try for a slot at
+        the origin, in one round trip. Returns who else holds the destination (None: nobody)
+        and the download's runs so far."""
+        client = self.redis()
+        if client is None:
+            return None, self.request.retries + 1
+        pipe = client.pipeline(transaction=False)
+        if claims is not None:
+            claims.acquire_on(pipe, journey.waiting_for)
+        deliveries.count_on(pipe, self.request.id, self.request.retries, s.result_expires)
+        if origins is not None:
+            origins.try_enter(request.url, pipe)
+        try:
+            answers = pipe.execute()
+        except REDIS_ERRORS as exc:
+            # Redis away: the destination's flock alone keeps writers apart on this file system.
+            log.warning("destination claim and delivery count not taken (%s)", exc)
+            return None, self.request.retries + 1
+        if origins is not None:
+            answers = origins.tried(answers)
+        try:
+            attempts = deliveries.counted(answers[-4:], s.max_deliveries)
+        except PermanentError:  # a poison message: its waiters must not wait for it any longer
+            _settle(claims, None)
+            if origins is not None:
+                self._leave(origins)
+            raise
+        return (claims.acquired(answers[0]) if claims is not None else None), attempts
+
+    def _step_aside(self, origins: Origins | None) -> None:
+        """This run does not download (another task has the destination): its count and any
+        origin slot it took go back."""
+        try:
+            pipe = self.redis().pipeline(transaction=False)
+            deliveries.deferred(None, self.request.id, self.request.retries, pipe)
+            released = origins is not None and origins.leave(pipe)
+            answers = pipe.execute()
+            if origins is not None and released:
+                origins.took_back(answers[2])
+                parking.publish(self.app, origins.woken)
+        except REDIS_ERRORS as exc:
+            log.warning("run not stepped aside (%s); counts and slots expire on their own", exc)
+
     def attempt(
         self,
         rt: Runtime,
@@ -83,22 +136,15 @@ class FetchTask(Task):  # type: ignore[misc]
         journey: Journey,
         claims: Claims | None,
         origins: Origins | None,
-    ) -> tuple[Outcome, int]:
+        attempts: int,
+    ) -> Outcome:
         """One try at the transfer; a failure becomes a wait, a retry or the task's end."""
         s = rt.settings
-        client = self.redis()
-        try:
-            attempts = deliveries.count(
-                client, self.request.id, self.request.retries, s.max_deliveries, s.result_expires
-            )
-        except PermanentError:  # a poison message: its waiters must not wait for it any longer
-            _settle(claims, None)
-            raise
         last = journey.faults >= s.max_retries
         progress = Progress(self, s.progress_interval)
         gate = origins.enter if origins is not None else None
         try:
-            outcome = download(self.session(rt), request, rt.root, rt.limits, progress, last, gate)
+            return download(self.session(rt), request, rt.root, rt.limits, progress, last, gate)
         except DestinationBusyError as exc:
             raise self.wait(s, journey, journey.waiting_for, exc) from None
         except OriginBusy as busy:
@@ -121,7 +167,6 @@ class FetchTask(Task):  # type: ignore[misc]
                 f"stopped after DOWNLOAD_SOFT_TIME_LIMIT ({s.soft_time_limit:g}s); the bytes "
                 "received so far are kept, so submitting it again resumes"
             ) from None
-        return outcome, attempts
 
     def origins(self, s: Settings) -> Origins | None:
         client = self.redis()
@@ -138,20 +183,23 @@ class FetchTask(Task):  # type: ignore[misc]
     def _finish(
         self, claims: Claims | None, origins: Origins | None, result: DownloadResult
     ) -> None:
-        """Leave the result to the destination's waiters and give the origin slot back, in one
-        round trip; then publish who the slot woke."""
-        if origins is None:
-            return _settle(claims, result)
+        """Leave the result to the destination's waiters, give the origin slot back and count
+        the bytes, in one round trip; then publish who the slot woke."""
+        client = self.redis()
+        if client is None:
+            return
         try:
-            pipe = self.redis().pipeline(transaction=False)
-            origins.leave(pipe)
+            pipe = client.pipeline(transaction=False)
+            released = origins is not None and origins.leave(pipe)
             if claims is not None:
                 claims.finish(dict(result), pipe)
-            origins.took_back(pipe.execute()[0])
-            parking.publish(self.app, origins.woken)
+            counters.count_bytes_on(pipe, result)
+            answers = pipe.execute()
+            if origins is not None and released:
+                origins.took_back(answers[0])
+                parking.publish(self.app, origins.woken)
         except REDIS_ERRORS as exc:
             log.warning("claim and origin slot not released (%s); they expire on their own", exc)
-        return None
 
     def _leave(self, origins: Origins) -> None:
         try:
@@ -200,17 +248,6 @@ def _check_callback(s: Settings, url: str) -> None:
             "callback_url: the workers have no DOWNLOAD_CALLBACK_SECRET to sign with"
         )
     callbacks.check_allowed(url, s.callback_allow)
-
-
-def _acquire(claims: Claims | None, journey: Journey) -> Held | None:
-    if claims is None:
-        return None
-    try:
-        return claims.acquire(journey.waiting_for)
-    except REDIS_ERRORS as exc:
-        # Redis away: the destination's flock alone keeps writers apart on this file system.
-        log.warning("destination claim not taken (%s); relying on the file lock", exc)
-        return None
 
 
 def _settle(claims: Claims | None, result: DownloadResult | None) -> None:

@@ -1,11 +1,12 @@
 """The two figures operators need that Flower's /metrics lacks: bytes downloaded and worker
 children recycled.
 
-Workers count them in Redis (the result backend's database), one hash field per worker:
-`downloads:metrics:bytes` after each successful download (bytes received by that run: its size
-minus what it resumed from, 0 when skipped) and `downloads:metrics:recycled` when a prefork child
-exits because it reached WORKER_MAX_TASKS_PER_CHILD or WORKER_MAX_MEMORY_PER_CHILD. Every process
-that creates the app registers a collector in prometheus_client's default registry, so Flower
+Workers count them in Redis (the result backend's database), one hash field per worker
+(tasks/counters.py): `downloads:metrics:bytes` after each successful download (bytes received
+by that run: its size minus what it resumed from, 0 when skipped) and
+`downloads:metrics:recycled` when a prefork child exits because it reached
+WORKER_MAX_TASKS_PER_CHILD or WORKER_MAX_MEMORY_PER_CHILD. Every process that creates the app
+registers a collector in prometheus_client's default registry, so Flower
 (`celery -A worker flower`) serves them on its own /metrics, beside flower_*:
 
     downloads_bytes_total{worker="celery@host"}
@@ -20,25 +21,16 @@ from typing import Any
 
 from billiard.pool import EX_RECYCLE
 from celery import Celery
-from celery.signals import task_success, worker_process_shutdown
+from celery.signals import worker_process_shutdown
 from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from redis.exceptions import RedisError
 
-from download_client.contract import TASK_NAME
 from download_client.settings import Settings
 from tasks.core import origins
+from tasks.counters import BYTES_KEY, RECYCLED_KEY
 
 log = logging.getLogger(__name__)
-BYTES_KEY = "downloads:metrics:bytes"
-RECYCLED_KEY = "downloads:metrics:recycled"
-
-
-def received_bytes(result: Any) -> int:
-    """Bytes a finished download received over the network in its last run."""
-    if not isinstance(result, dict) or result.get("skipped"):
-        return 0
-    return max(0, int(result.get("size") or 0) - int(result.get("resumed_from") or 0))
 
 
 def connect(app: Celery, settings: Settings) -> None:
@@ -48,16 +40,10 @@ def connect(app: Celery, settings: Settings) -> None:
     def redis() -> Any:
         return getattr(app.backend, "client", None)
 
-    def count_bytes(sender: Any = None, result: Any = None, **_: Any) -> None:
-        if getattr(sender, "name", None) == TASK_NAME:
-            worker = result.get("worker") if isinstance(result, dict) else None
-            _incr(redis(), BYTES_KEY, str(worker or "unknown"), received_bytes(result))
-
     def count_recycled(sender: Any = None, exitcode: int | None = None, **_: Any) -> None:
         if exitcode == EX_RECYCLE:
             _incr(redis(), RECYCLED_KEY, str(sender or "unknown"), 1)
 
-    task_success.connect(count_bytes, weak=False, dispatch_uid="downloads-metrics-bytes")
     worker_process_shutdown.connect(
         count_recycled, weak=False, dispatch_uid="downloads-metrics-recycled"
     )

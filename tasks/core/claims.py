@@ -82,8 +82,15 @@ class Claims:
 
     def acquire(self, waited_for: str | None) -> Held | None:
         """Take (or renew) the claim: None when it is ours now."""
+        return self.acquired(self.acquire_on(self.client, waited_for))
+
+    def acquire_on(self, pipe: Any, waited_for: str | None) -> Any:
+        """Queue the taking on `pipe` (to share a round trip); `acquired` reads its answer."""
         keys = (self.name, f"celery-task-meta-{self.task_id}", left_name(waited_for or "-"))
-        raw = self.client.eval(_ACQUIRE, 3, *keys, self.task_id, self.key, self.ttl_ms)
+        return pipe.eval(_ACQUIRE, 3, *keys, self.task_id, self.key, self.ttl_ms)
+
+    @staticmethod
+    def acquired(raw: Any) -> Held | None:
         if raw is None:
             return None
         seen = json.loads(raw)

@@ -11,17 +11,19 @@ Each origin (scheme, host, port) has:
   sweep, once a pause or a lease ends) moves the head to `downloads:origin:<o>:waking`, reserves
   a slot for it, and the caller publishes it again; once it starts it leaves `waking`. An entry
   left in `waking` (its publisher died) is published again by the sweep.
-Every step is one Lua script: the uncontended path is one round trip (take a slot)."""
+Every step is one Lua script: the uncontended path is one round trip (take a slot), and it can
+share that round trip with the task's other bookkeeping (`try_enter` on a pipeline). Leases are
+renewed by one thread per process, whatever the number of downloads it runs."""
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
-
-from redis.commands.core import Script
 
 LEASE_MS = 10_000
 RENEW_S = 3.0
@@ -64,8 +66,8 @@ local function wake(cap, lease)
   return woken
 end
 """
-# ARGV: id, cap, lease ms, message (parked if no slot), origin. Returns {status, pttl}:
-# 1 granted, 0 parked, -1 parked behind a pause (pttl: ms left).
+# ARGV: id, cap, lease ms, message (parked if no slot; '' = only try), origin. Returns
+# {status, pttl}: 1 granted, 0 parked (or not granted), -1 parked behind a pause (pttl: ms left).
 _ACQUIRE = (
     _NOW
     + """
@@ -82,6 +84,7 @@ if paused <= 0 and not full and redis.call('LLEN', KEYS[3]) == 0 then
   redis.call('ZADD', KEYS[1], now + lease, id)
   return {1, 0}
 end
+if ARGV[4] == '' then return {0, 0} end
 redis.call('RPUSH', KEYS[3], ARGV[4])
 redis.call('SADD', KEYS[6], ARGV[5])
 redis.call('HINCRBY', KEYS[7], 'deferrals ' .. ARGV[5], 1)
@@ -136,18 +139,53 @@ return 1
 """
 
 
-_scripts: dict[str, Script] = {}
-
-
 def _run(client: Any, script: str, origin: str, *argv: Any) -> Any:
-    """Run a script (by its SHA after the first time) on one origin's keys; on a pipeline it is
-    queued, and the pipeline loads it if Redis does not know it."""
-    if script not in _scripts:
-        _scripts[script] = client.register_script(script)
+    """Run a script on one origin's keys. EVAL with the text: Redis caches it by its SHA, and a
+    pipeline needs no SCRIPT EXISTS round trip before it runs (as a registered Script would)."""
     args = [str(a) for a in argv]
     args += [""] * (98 - len(args)) + [origin]  # ARGV[99]: the origin, for the parked set
     keys = [*_keys(origin), PARKED_ORIGINS, STATS]
-    return _scripts[script](keys=keys, args=args, client=client)
+    return client.eval(script, len(keys), *keys, *args)
+
+
+class _Renewer:
+    """The one thread of a process that renews its leases every RENEW_S: a thread per download
+    would cost a thread start for every small file."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.leases: dict[tuple[str, str], Any] = {}  # (task id, origin) -> Redis client
+        self.thread: threading.Thread | None = None
+
+    def hold(self, client: Any, task_id: str, origin: str) -> None:
+        with self.lock:
+            self.leases[(task_id, origin)] = client
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._loop, name="origin-leases", daemon=True)
+                self.thread.start()
+
+    def drop(self, task_id: str, origin: str) -> None:
+        with self.lock:
+            self.leases.pop((task_id, origin), None)
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(RENEW_S)
+            with self.lock:
+                held = list(self.leases.items())
+            for (task_id, origin), client in held:
+                try:
+                    _run(client, _RENEW, origin, task_id, LEASE_MS)
+                except Exception:  # Redis away: the lease runs on; try again next time
+                    continue
+
+    def forked(self) -> None:
+        """A forked child has none of its parent's threads or downloads."""
+        self.lock, self.leases, self.thread = threading.Lock(), {}, None
+
+
+_renewer = _Renewer()
+os.register_at_fork(after_in_child=_renewer.forked)
 
 
 class OriginBusy(Exception):
@@ -169,10 +207,28 @@ class Origins:
     parked_message: Callable[[], str]
     held: str | None = None
     woken: list[str] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
+    _trying: str | None = None
 
     def _run(self, script: str, origin: str, *argv: Any) -> Any:
         return _run(self.client, script, origin, *argv)
+
+    def try_enter(self, url: str, pipe: Any) -> None:
+        """Queue a try for a slot at `url`'s origin on `pipe`, parking nothing; `tried` reads
+        the answer. A slot not had this way is asked for again by `enter`, which may park."""
+        origin = origin_of(url)
+        cap = self.cap_for(origin)
+        if self.held is None and cap:
+            self._trying = origin
+            _run(pipe, _ACQUIRE, origin, self.task_id, cap, LEASE_MS, "", origin)
+
+    def tried(self, answers: list[Any]) -> list[Any]:
+        """Take the try's answer off the end of the pipeline's `answers`; return the rest."""
+        if self._trying is None:
+            return answers
+        origin, self._trying = self._trying, None
+        if int(answers[-1][0]) == 1:
+            self._hold(origin)
+        return answers[:-1]
 
     def enter(self, url: str) -> None:
         """Hold a slot at `url`'s origin (releasing one held elsewhere), or park and raise."""
@@ -188,29 +244,25 @@ class Origins:
         )
         if int(status) != 1:
             raise OriginBusy(origin, int(left))
+        self._hold(origin)
+
+    def _hold(self, origin: str) -> None:
         self.held = origin
-        self._stop = threading.Event()
-        threading.Thread(target=self._renew, args=(origin, self._stop), daemon=True).start()
+        _renewer.hold(self.client, self.task_id, origin)
 
-    def _renew(self, origin: str, stop: threading.Event) -> None:
-        while not stop.wait(RENEW_S):
-            try:
-                self._run(_RENEW, origin, self.task_id, LEASE_MS)
-            except Exception:  # Redis away: the lease runs on; try again next time
-                continue
-
-    def leave(self, pipe: Any = None) -> None:
+    def leave(self, pipe: Any = None) -> bool:
         """Give the slot back; the messages it wakes are collected in `woken` (with `pipe`, the
         release is queued there and `took_back` reads its answer after the pipe ran)."""
         if self.held is None:
-            return
+            return False
         origin, self.held = self.held, None
-        self._stop.set()
+        _renewer.drop(self.task_id, origin)
         woken = _run(
             pipe or self.client, _RELEASE, origin, self.task_id, self.cap_for(origin), LEASE_MS
         )
         if pipe is None:
             self.woken += woken
+        return True
 
     def took_back(self, answer: list[Any]) -> None:
         self.woken += [m.decode() if isinstance(m, bytes) else m for m in answer]

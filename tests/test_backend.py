@@ -1,0 +1,72 @@
+"""The result backend against a real Redis: a stored SUCCESS is never overwritten (a lost
+worker's late copy must not undo a finished download), each state reaches the pollers and the
+subscribers, and one state costs one round trip."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+import redis
+
+from download_client.settings import Settings
+from tests.harness import worker_env
+from worker.celery_app import create_app
+
+
+@pytest.fixture
+def backend(redis_server, tmp_path):
+    app = create_app(Settings.from_env(worker_env(redis_server.url, tmp_path)))
+    return app.backend
+
+
+def _stored(redis_server, task_id: str) -> dict:
+    raw = redis.Redis.from_url(f"{redis_server.url}/1").get(f"celery-task-meta-{task_id}")
+    return json.loads(raw)
+
+
+def test_a_success_is_never_overwritten_by_a_late_copy(backend, redis_server):
+    task_id = str(uuid.uuid4())
+    backend.store_result(task_id, {"size": 1}, "SUCCESS")
+    backend.store_result(task_id, None, "STARTED")
+    backend.store_result(task_id, {"bytes": 5, "total": 9}, "PROGRESS")
+    stored = _stored(redis_server, task_id)
+    assert (stored["status"], stored["result"]) == ("SUCCESS", {"size": 1})
+
+
+def test_other_states_follow_each_other_and_expire(backend, redis_server):
+    task_id = str(uuid.uuid4())
+    backend.store_result(task_id, None, "STARTED")
+    backend.store_result(task_id, {"bytes": 5, "total": 9}, "PROGRESS")
+    assert _stored(redis_server, task_id)["result"] == {"bytes": 5, "total": 9}
+    backend.store_result(task_id, {"size": 9}, "SUCCESS")
+    stored = _stored(redis_server, task_id)
+    assert (stored["status"], stored["task_id"]) == ("SUCCESS", task_id)
+    ttl = redis.Redis.from_url(f"{redis_server.url}/1").ttl(f"celery-task-meta-{task_id}")
+    assert 0 < ttl <= backend.expires
+
+
+def test_subscribers_hear_each_state(backend, redis_server):
+    task_id = str(uuid.uuid4())
+    sub = redis.Redis.from_url(f"{redis_server.url}/1").pubsub()
+    sub.subscribe(f"celery-task-meta-{task_id}")
+    assert sub.get_message(timeout=5)["type"] == "subscribe"
+    backend.store_result(task_id, {"size": 2}, "SUCCESS")
+    heard = sub.get_message(timeout=5)
+    assert json.loads(heard["data"])["status"] == "SUCCESS"
+    sub.close()
+
+
+def test_a_state_costs_one_round_trip(backend, redis_server, monkeypatch):
+    sent = []
+    real = redis.connection.AbstractConnection.send_packed_command
+    monkeypatch.setattr(
+        redis.connection.AbstractConnection,
+        "send_packed_command",
+        lambda self, *a, **k: sent.append(1) or real(self, *a, **k),
+    )
+    backend.client.ping()  # the connection is open before counting
+    sent.clear()
+    backend.store_result(str(uuid.uuid4()), {"size": 3}, "SUCCESS")
+    assert len(sent) == 1
