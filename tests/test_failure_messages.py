@@ -16,6 +16,7 @@ import urllib3.exceptions as u3
 
 from tasks.core.failures import on_request
 from tasks.core.http import new_session
+from tasks.retries import note_ttl
 from tests.conftest import failure, submit
 from tests.harness import free_port, wait_for
 
@@ -57,6 +58,10 @@ def test_a_download_in_retry_leaves_a_note_with_the_reason_and_when_it_is_due(
     assert note["due"] > time.time()  # the 4 s Retry-After has not run out yet
     assert 0 < redis.ttl(f"downloads:retry:{res.id}") <= 4 + 60
     assert res.get(timeout=30)["attempts"] == 2
+
+
+def test_a_retry_note_never_outlives_the_results():
+    assert note_ttl(4, 3600) == 64 and note_ttl(7200, 3600) == 3600
 
 
 def test_a_name_that_does_not_resolve_is_named(monkeypatch):

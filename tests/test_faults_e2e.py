@@ -112,6 +112,7 @@ def test_two_tasks_never_write_one_destination_at_once(client, worker, origin, k
     fast = submit(client, worker, url=f"{origin.url}/bytes/1000?seed=b&key={key}", dest=dest)
     assert slow.get(timeout=30)["size"] == 400000
     assert fast.get(timeout=30)["size"] == 1000
+    assert client.backend.client.get(f"downloads:retry:{fast.id}") is None  # a wait, no fault
     assert (Path(worker.download_dir) / dest).read_bytes() == body(1000, "b")
 
 

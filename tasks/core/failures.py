@@ -142,6 +142,8 @@ def root_cause(
 
 def gave_up(message: str, attempts: int, seconds: float) -> str:
     """The final word on a download whose retries ran out: its last cause and what was tried."""
+    if attempts == 1:
+        return f"{message}, 1 attempt"
     return f"{message}, {attempts} attempts over {duration(seconds)}"
 
 
