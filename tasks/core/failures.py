@@ -120,10 +120,10 @@ def root_cause(
     if any(isinstance(e, urllib3.exceptions.NewConnectionError) for e in timeouts):
         timeouts = []
     if any(isinstance(e, _CONNECT_TIMEOUTS) for e in timeouts):
-        return f"timed out after {_seconds(timeout, 0)} connecting to {at}"
+        return f"timed out{_after(timeout, 0)} connecting to {at}"
     if timeouts:
         got = f" with {size(received)} received" if received else ""
-        return f"timed out after {_seconds(timeout, 1)} waiting for {at}{got}"
+        return f"timed out{_after(timeout, 1)} waiting for {at}{got}"
     short = _find(chain, (urllib3.exceptions.IncompleteRead, http.client.IncompleteRead))
     if short is not None:
         return f"connection closed by {at}{_short_by(short, received)}"
@@ -185,10 +185,11 @@ def duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def _seconds(timeout: Timeout, which: int) -> str:
+def _after(timeout: Timeout, which: int) -> str:
+    """ " after 30 s": the connect (0) or read (1) timeout that ran out, when it is known."""
     if isinstance(timeout, tuple):
-        return f"{timeout[which]:g} s"
-    return "?" if timeout is None else f"{timeout:g} s"
+        return f" after {timeout[which]:g} s"
+    return "" if timeout is None else f" after {timeout:g} s"
 
 
 def _short_by(short: BaseException, received: int | None) -> str:
