@@ -7,6 +7,11 @@ class DownloadError(Exception):
     """Base of every failure the download code raises on purpose. The message is safe to show:
     it never carries header values or URL credentials."""
 
+    def __repr__(self) -> str:
+        # Celery's task-failed and task-retried events carry the exception's repr, which is what
+        # Flower shows as the exception: the message alone, as the result shows it.
+        return str(self)
+
 
 class PermanentError(DownloadError):
     """Retrying cannot help: a bad argument, a 4xx, a checksum mismatch, a size cap."""

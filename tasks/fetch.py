@@ -25,11 +25,20 @@ from download_client.settings import Settings
 from tasks import callback, counters, deliveries, parking, runtime
 from tasks.core import callbacks
 from tasks.core.claims import Claims, Held
+from tasks.core.failures import gave_up
 from tasks.core.origins import OriginBusy, Origins
 from tasks.core.transfer import Outcome, download
 from tasks.deliveries import REDIS_ERRORS
 from tasks.progress import Progress
-from tasks.retries import Journey, fault_delay, publish_policy, wait_delay
+from tasks.retries import (
+    Journey,
+    fault_delay,
+    note_key,
+    note_ttl,
+    publish_policy,
+    retry_note,
+    wait_delay,
+)
 from tasks.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -140,6 +149,7 @@ class FetchTask(Task):  # type: ignore[misc]
     ) -> Outcome:
         """One try at the transfer; a failure becomes a wait, a retry or the task's end."""
         s = rt.settings
+        journey = journey.begun(time.time())
         last = journey.faults >= s.max_retries
         progress = Progress(self, s.progress_interval)
         gate = origins.enter if origins is not None else None
@@ -154,9 +164,11 @@ class FetchTask(Task):  # type: ignore[misc]
                 origins.pause_held(min(exc.retry_after, s.retry_backoff_max))
             if last:
                 _settle(claims, None)
-                raise TransientError(f"gave up after {attempts} attempts: {exc}") from None
+                spent = time.time() - (journey.first_at or time.time())
+                raise TransientError(gave_up(str(exc), attempts, spent)) from None
             # The claim stays: the destination is still this task's while it waits to retry.
             delay = fault_delay(s, journey.faults, exc.retry_after)
+            self.note_retry(s, exc, delay, attempts)
             raise self.resend(s, journey.after_fault(), delay, exc) from None
         except PermanentError:
             _settle(claims, None)
@@ -212,6 +224,18 @@ class FetchTask(Task):  # type: ignore[misc]
         """Look again later without spending the fault budget; no worker process is held."""
         delay = wait_delay(journey.waits)
         return self.resend(s, journey.after_wait(delay, holder), delay, why)
+
+    def note_retry(self, s: Settings, why: DownloadError, delay: float, attempt: int) -> None:
+        """Why the download is in RETRY and when the next attempt is due, in the result
+        backend's Redis where clients read results (README: Results)."""
+        client = self.redis()
+        if client is None:
+            return
+        note = retry_note(str(why), delay, attempt)
+        try:
+            client.set(note_key(self.request.id), note, ex=note_ttl(delay, s.result_expires))
+        except REDIS_ERRORS as exc:
+            log.warning("retry note not written (%s)", exc)
 
     def resend(self, s: Settings, journey: Journey, delay: float, why: DownloadError) -> Retry:
         return self.retry(

@@ -9,7 +9,10 @@ contract): see Journey.
 
 from __future__ import annotations
 
+import json
+import math
 import random
+import time
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -18,6 +21,8 @@ from celery import Task
 from download_client.settings import Settings
 
 WAIT_CAP_S = 10.0
+# A retry note outlives its due time by this much: the retry may wait in a busy queue.
+NOTE_MARGIN_S = 60
 
 
 def fault_delay(settings: Settings, faults: int, retry_after: float | None) -> float:
@@ -43,15 +48,33 @@ def publish_policy(settings: Settings) -> dict[str, float]:
     return {"max_retries": tries, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}
 
 
+def note_key(task_id: str) -> str:
+    """Where a download in RETRY keeps why and until when (README: Results)."""
+    return f"downloads:retry:{task_id}"
+
+
+def retry_note(reason: str, delay: float, attempt: int) -> str:
+    """The note a client reads while the download waits for its retry: Celery's RETRY state
+    holds the exception but not when the next attempt is due."""
+    return json.dumps({"reason": reason, "due": round(time.time() + delay, 3), "attempt": attempt})
+
+
+def note_ttl(delay: float, result_expires: int) -> int:
+    """The note lasts until a little after the retry is due, never longer than the results."""
+    return max(1, min(math.ceil(delay) + NOTE_MARGIN_S, result_expires))
+
+
 @dataclass(frozen=True)
 class Journey:
     """What a download carries in its message headers: transient faults so far, waits so far,
-    seconds spent waiting, and the holder it waits for."""
+    seconds spent waiting, the holder it waits for, and when its first attempt began (epoch
+    seconds; a final failure says how long the attempts took)."""
 
     faults: int = 0
     waits: int = 0
     waited_s: float = 0.0
     waiting_for: str | None = None
+    first_at: float | None = None
 
     @classmethod
     def of(cls, task: Task) -> Journey:
@@ -62,9 +85,14 @@ class Journey:
                 int(seen.get("download_waits", 0)),
                 float(seen.get("download_waited_s", 0.0)),
                 seen.get("download_waiting_for") or None,
+                float(seen["download_first_at"]) if seen.get("download_first_at") else None,
             )
         except (TypeError, ValueError):
             return cls()
+
+    def begun(self, now: float) -> Journey:
+        """At an attempt: the first one's time is kept, a later one's ignored."""
+        return self if self.first_at is not None else replace(self, first_at=now)
 
     def after_fault(self) -> Journey:
         return replace(self, faults=self.faults + 1)
@@ -81,4 +109,5 @@ class Journey:
             "download_waits": self.waits,
             "download_waited_s": round(self.waited_s, 3),
             "download_waiting_for": self.waiting_for or "",
+            "download_first_at": self.first_at or "",
         }

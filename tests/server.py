@@ -7,6 +7,7 @@ Last-Modified, Range/If-Range and If-None-Match support. Query parameters switch
   flaky=<n>            the first n requests for this key answer 503 (fail=<code> to change it)
   cut=<k>              send the headers for the whole body, then drop the connection after k bytes
                        (cut_times=<n>: only the first n requests; default every request)
+  reset=1              with cut: end the connection with a TCP reset instead of a close
   short=<k>            Content-Length says n, the body stops at k and the connection closes
   stall=<s>            sleep s seconds after the headers, before the body (stall_times=<n>:
                        only the first n requests)
@@ -33,6 +34,7 @@ import gzip
 import hashlib
 import os
 import socket
+import struct
 import threading
 import time
 from collections import Counter
@@ -43,6 +45,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+LINGER_ZERO = struct.pack("ii", 1, 0)
 LAST_MODIFIED = formatdate(1_700_000_000, usegmt=True)
 _BLOCKS: dict[str, bytes] = {}
 
@@ -198,6 +201,7 @@ class Handler(BaseHTTPRequestHandler):
             data,
             headers,
             cut=cut if cut is None else max(0, cut - start),
+            reset="reset" in q,
             short=short,
             stall=float(q["stall"]) if stalls else 0,
             rate=float(q.get("rate", "0")),
@@ -235,6 +239,7 @@ class Handler(BaseHTTPRequestHandler):
         *,
         no_body: bool = False,
         cut: int | None = None,
+        reset: bool = False,
         short: int | None = None,
         stall: float = 0,
         rate: float = 0,
@@ -264,7 +269,12 @@ class Handler(BaseHTTPRequestHandler):
         if cut is not None:
             self.wfile.write(data[:cut])
             self.wfile.flush()
-            self.connection.shutdown(socket.SHUT_RDWR)
+            if reset:  # a zero linger turns the close into a TCP reset
+                time.sleep(0.05)  # the bytes reach the client before the reset overtakes them
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_ZERO)
+                self.connection.close()
+            else:
+                self.connection.shutdown(socket.SHUT_RDWR)
             self.close_connection = True
             return
         if rate:

@@ -71,6 +71,15 @@ def test_rest_submit_poll_and_listing(flower, worker, origin):
     assert set(ids) <= set(listed)
 
 
+def test_flower_shows_the_failures_short_message_as_its_exception(flower, worker, origin):
+    url = f"{origin.url}/bytes/10?status=500&key={uuid.uuid4().hex}"
+    r = flower.post(f"/api/task/send-task/{TASK}", fetch_body(url, dest="fails/500.bin"))
+    info = flower.wait_state(r.json()["task-id"], "FAILURE")
+    host = origin.url.removeprefix("http://")
+    said = rf"HTTP 500 Internal Server Error from {host}, 4 attempts over .+"
+    assert re.fullmatch(said, info["exception"]), info["exception"]
+
+
 def test_rest_revoke_queued_and_running_and_queue_length(flower, start_worker, origin):
     queue = f"revoke-{uuid.uuid4().hex[:6]}"
     start_worker(queue=queue, concurrency=1)

@@ -1,11 +1,15 @@
 """The one place where what requests, urllib3 and http.client raise becomes a DownloadError:
 PermanentError when the same request would fail the same way, TransientError when it may work
-later. Messages never carry the URL's path or query (tokens live there)."""
+later. Messages are short and worded like curl's ("connection refused by 127.0.0.1:8080",
+"could not resolve host files.example"): the root cause is found in the exception chain and
+named with the host and port only, never the URL's path or query (tokens live there) nor a
+proxy's credentials."""
 
 from __future__ import annotations
 
 import http.client
 import re
+import socket
 import ssl
 from urllib.parse import urlsplit
 
@@ -13,7 +17,6 @@ import requests
 import urllib3.exceptions
 
 from download_client.errors import DownloadError, PermanentError, TransientError
-from download_client.redact import redact_url
 
 # Errors of the network and of a body cut short; the download may work when tried again.
 NETWORK_ERRORS = (
@@ -30,9 +33,19 @@ _REFUSED_REQUESTS = (
     requests.exceptions.InvalidSchema,
     requests.exceptions.MissingSchema,
 )
+_PROXY_ERRORS = (requests.exceptions.ProxyError, urllib3.exceptions.ProxyError)
+_CONNECT_TIMEOUTS = (requests.exceptions.ConnectTimeout, urllib3.exceptions.ConnectTimeoutError)
+_TIMEOUTS = (
+    TimeoutError,
+    requests.Timeout,
+    urllib3.exceptions.ConnectTimeoutError,
+    urllib3.exceptions.ReadTimeoutError,
+)
+# Seconds to wait: connect and read, or one for both (what requests' `timeout` takes).
+Timeout = float | tuple[float, float] | None
 
 
-def on_request(exc: Exception, url: str) -> DownloadError | None:
+def on_request(exc: Exception, url: str, timeout: Timeout = None) -> DownloadError | None:
     """What a failure to get a response head means; None for an error that is not ours to map."""
     if isinstance(exc, requests.exceptions.InvalidHeader):
         conflict = _length_conflict(exc)
@@ -48,8 +61,23 @@ def on_request(exc: Exception, url: str) -> DownloadError | None:
         tls = _tls_refusal(exc)
         if tls is not None:
             return PermanentError(f"TLS: {tls} ({origin_of(url)})")
-        return TransientError(f"cannot reach {redact_url(url)}: {describe(exc)}")
+        cause = root_cause(exc, url, timeout)
+        return TransientError(cause or f"cannot reach {_at(_chain(exc), url)}: {describe(exc)}")
     return None
+
+
+def on_body(
+    exc: Exception, url: str = "", received: int | None = None, timeout: Timeout = None
+) -> DownloadError | None:
+    """What a failure while reading the body means (`received`: the body's bytes this response
+    brought before it); None for an error that is not ours to map."""
+    if not isinstance(exc, NETWORK_ERRORS):
+        return None
+    cause = root_cause(exc, url, timeout, received)
+    if cause is None:
+        after = f" after {size(received)}" if received else ""
+        cause = f"transfer from {_at(_chain(exc), url)} failed{after}: {describe(exc)}"
+    return TransientError(cause)
 
 
 # TLS alerts a server sends when it will not take our client certificate (or our lack of one):
@@ -75,20 +103,121 @@ def _tls_refusal(exc: BaseException) -> str | None:
     return None
 
 
-def origin_of(url: str) -> str:
-    """scheme://host:port, the part of a URL that names who answered (never a path or query)."""
+def root_cause(
+    exc: BaseException, url: str, timeout: Timeout = None, received: int | None = None
+) -> str | None:
+    """The cause of a network failure in a few words, or None when it is not one we know."""
+    chain = _chain(exc)
+    at = _at(chain, url)
+    after = f" after {size(received)}" if received else ""
+    if _find(chain, (socket.gaierror, urllib3.exceptions.NameResolutionError)) is not None:
+        proxied = _find(chain, _PROXY_ERRORS) is not None
+        return f"could not resolve host {at if proxied else urlsplit(url).hostname or at}"
+    if _find(chain, (ConnectionRefusedError,)) is not None:
+        return f"connection refused by {at}"
+    # urllib3's NewConnectionError is a ConnectTimeoutError too, for any failed connect.
+    timeouts = [e for e in chain if isinstance(e, _TIMEOUTS)]
+    if any(isinstance(e, urllib3.exceptions.NewConnectionError) for e in timeouts):
+        timeouts = []
+    if any(isinstance(e, _CONNECT_TIMEOUTS) for e in timeouts):
+        return f"timed out{_after(timeout, 0)} connecting to {at}"
+    if timeouts:
+        got = f" with {size(received)} received" if received else ""
+        return f"timed out{_after(timeout, 1)} waiting for {at}{got}"
+    short = _find(chain, (urllib3.exceptions.IncompleteRead, http.client.IncompleteRead))
+    if short is not None:
+        return f"connection closed by {at}{_short_by(short, received)}"
+    if _find(chain, (http.client.RemoteDisconnected,)) is not None:
+        return f"empty reply from {at}"  # closed before a response head: curl's words
+    if _find(chain, (ConnectionResetError,)) is not None:
+        return f"connection reset by {at}{after}"
+    tls = _find(chain, (ssl.SSLError,))
+    if isinstance(tls, ssl.SSLError):
+        return f"TLS error with {at}: {tls.reason or tls.strerror or 'handshake failed'}{after}"
+    system = next((e for e in chain if isinstance(e, OSError) and e.strerror), None)
+    if isinstance(system, OSError):  # no route to host, network unreachable...
+        return f"cannot connect to {at}: {str(system.strerror).lower()}{after}"
+    return None
+
+
+def gave_up(message: str, attempts: int, seconds: float) -> str:
+    """The final word on a download whose retries ran out: its last cause and what was tried."""
+    if attempts == 1:
+        return f"{message}, 1 attempt"
+    return f"{message}, {attempts} attempts over {duration(seconds)}"
+
+
+def where(url: str) -> str:
+    """host:port of a URL, the part that names who answered (never a path, a query or a user)."""
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
-    port = parts.port or (443 if scheme == "https" else 80)
-    host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname
-    return f"{scheme}://{host}:{port}"
+    try:
+        port = parts.port or (443 if scheme == "https" else 80)
+    except ValueError:
+        port = None
+    host = parts.hostname or "?"
+    host = f"[{host}]" if ":" in host else host
+    return host if port is None else f"{host}:{port}"
 
 
-def on_body(exc: Exception) -> DownloadError | None:
-    """What a failure while reading the body means; None for an error that is not ours to map."""
-    if isinstance(exc, NETWORK_ERRORS):
-        return TransientError(f"connection failed during the body: {describe(exc)}")
-    return None
+def origin_of(url: str) -> str:
+    """scheme://host:port, the part of a URL that names who answered (never a path or query)."""
+    return f"{urlsplit(url).scheme.lower()}://{where(url)}"
+
+
+def size(n: int) -> str:
+    """Bytes as people read them: 512 B, 1.2 MiB."""
+    value, unit = float(n), "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            break
+        value /= 1024
+    return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
+
+
+def duration(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _after(timeout: Timeout, which: int) -> str:
+    """ " after 30 s": the connect (0) or read (1) timeout that ran out, when it is known."""
+    if isinstance(timeout, tuple):
+        return f" after {timeout[which]:g} s"
+    return "" if timeout is None else f" after {timeout:g} s"
+
+
+def _short_by(short: BaseException, received: int | None) -> str:
+    """How much of the body came, and how much was promised: urllib3's IncompleteRead counts
+    both as ints, http.client's holds the bytes read."""
+    partial, expected = getattr(short, "partial", None), getattr(short, "expected", None)
+    got = partial if isinstance(partial, int) else received
+    if isinstance(got, int) and isinstance(expected, int):
+        return f" after {size(got)} of {size(got + expected)}"
+    return f" after {size(got)}" if got else ""
+
+
+def _at(chain: list[BaseException], url: str) -> str:
+    """Who failed: the URL's host:port, or the proxy's when the proxy did (never the proxy's
+    URL, which may carry credentials), from the connection urllib3 failed to make."""
+    if _find(chain, _PROXY_ERRORS) is None:
+        return where(url)
+    for seen in chain:
+        conn = getattr(seen, "conn", None)
+        host, port = getattr(conn, "host", None), getattr(conn, "port", None)
+        if isinstance(host, str) and host:
+            host = f"[{host}]" if ":" in host else host
+            return f"the proxy {host}:{port}" if port else f"the proxy {host}"
+    return "the proxy"
+
+
+def _find(chain: list[BaseException], types: tuple[type, ...]) -> BaseException | None:
+    return next((e for e in chain if isinstance(e, types)), None)
 
 
 def invalid_length(value: str) -> str:

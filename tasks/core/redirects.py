@@ -44,7 +44,7 @@ def opened(
             try:
                 yield response
             except Exception as exc:
-                mapped = failures.on_body(exc)
+                mapped = failures.on_body(exc, url, _received(response), timeout)
                 if mapped is None:
                     raise
                 raise mapped from None
@@ -68,7 +68,7 @@ def _send(
             url, headers=headers, stream=True, allow_redirects=False, timeout=timeout
         )
     except Exception as exc:
-        mapped = failures.on_request(exc, url)
+        mapped = failures.on_request(exc, url, timeout)
         if mapped is None:
             raise
         raise mapped from None
@@ -78,6 +78,14 @@ def _send(
         response.close()
         raise
     return response
+
+
+def _received(response: requests.Response) -> int | None:
+    """Bytes of this response's body read so far (urllib3 counts them as they arrive)."""
+    try:
+        return int(response.raw.tell())
+    except (AttributeError, TypeError, ValueError, OSError):
+        return None
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:

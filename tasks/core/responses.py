@@ -10,6 +10,7 @@ import time
 import requests
 
 from download_client.errors import PermanentError, TransientError
+from tasks.core.failures import where
 
 RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
@@ -20,9 +21,11 @@ def raise_for_status(response: requests.Response, offset: int) -> None:
     status = response.status_code
     if status in (200, 206):
         return
+    reason = f" {response.reason}" if response.reason else ""
+    said = f"HTTP {status}{reason} from {where(response.url)}"
     if status in RETRY_STATUSES or (status == 416 and offset):
-        raise TransientError(f"HTTP {status} {response.reason}", _retry_after(response))
-    raise PermanentError(f"HTTP {status} {response.reason}")
+        raise TransientError(said, _retry_after(response))
+    raise PermanentError(said)
 
 
 def _retry_after(response: requests.Response) -> float | None:

@@ -99,7 +99,9 @@ def test_connection_error_message_shows_no_query(
     """urllib3 puts the request's path and query in 'Max retries exceeded with url: ...'; the
     failure message (result, events, log) must not carry the token that came with it."""
     tag = mark()
-    url = f"http://127.0.0.1:{free_port()}/x?access_token=SECRET{tag}"  # nothing listens there
-    message = sandbox.refused(client, sec, "gave up after 2 attempts", url=url, dest=f"c/{tag}")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/x?access_token=SECRET{tag}"  # nothing listens there
+    said = f"connection refused by 127.0.0.1:{port}, 2 attempts over "
+    message = sandbox.refused(client, sec, said, url=url, dest=f"c/{tag}")
     assert f"SECRET{tag}" not in message
     assert f"SECRET{tag}" not in sec.log()
