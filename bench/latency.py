@@ -76,7 +76,10 @@ def run(stack: Stack, cfg: Config) -> dict[str, Any]:
 def _slots(
     stack: Stack, origin: DelayedOrigin, slots: int, rounds: int, waves: int
 ) -> dict[str, Any]:
-    w = stack.worker(f"lat{slots}", WORKER_CONCURRENCY=str(slots))
+    # Every slot at the one delayed origin: its per-origin cap is the slot count.
+    w = stack.worker(
+        f"lat{slots}", WORKER_CONCURRENCY=str(slots), DOWNLOAD_HOST_CONCURRENCY=str(slots)
+    )
     n = slots * waves  # every slot busy for `waves` downloads in a row
     names = [f"f{i:04d}.bin" for i in range(n)]
     out: dict[str, Any] = {}

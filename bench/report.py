@@ -13,8 +13,10 @@ from bench.large import DEFAULT_CHUNK, chunk_label
 from bench.stats import fmt, ratios
 
 RSS_PLOT, LARGE_PLOT, SMALL_PLOT = "bench-rss.png", "bench-large.png", "bench-small.png"
-GROWTH_TARGET_MIB, LARGE_RSS_TARGET_MIB, LARGE_SPEED_TARGET = 4.0, 32.0, 0.7
-SMALL_TARGET, CONNECTIONS_TARGET = 0.5, 2
+GROWTH_TARGET_MIB, LARGE_RSS_TARGET_MIB, LARGE_SPEED_TARGET = 4.0, 16.0, 0.9
+SMALL_TARGET, CONNECTIONS_TARGET = 0.75, 2
+# The durable limit: the same bytes, from memory (the page cache), written and fsynced.
+DURABLE = "dd + fsync"
 
 
 def write(results: Mapping[str, Any], docs: Path) -> Path:
@@ -98,11 +100,11 @@ def _targets(r: Mapping[str, Any]) -> str:
                 g["max"] <= LARGE_RSS_TARGET_MIB,
             )
         )
-    if large and "curl" in large.get("worker_vs", {}):
-        v = large["worker_vs"]["curl"]
+    if large and DURABLE in large.get("worker_vs", {}):
+        v = large["worker_vs"][DURABLE]
         rows.append(
             (
-                "1 GiB: speed against curl",
+                "1 GiB: speed against the durable limit (the same bytes written with fsync)",
                 f">= {LARGE_SPEED_TARGET:g} x",
                 f"{fmt(v, 2)} x",
                 v["median"] >= LARGE_SPEED_TARGET,
@@ -126,26 +128,18 @@ def _targets(r: Mapping[str, Any]) -> str:
 
 
 def _why_missed(r: Mapping[str, Any]) -> list[str]:
-    """For a missed speed target, the peers that say whose cost remains."""
+    """The three ratios of the large body, read together."""
     vs = r.get("large", {}).get("worker_vs", {})
-    if "curl" not in vs or vs["curl"]["median"] >= LARGE_SPEED_TARGET:
+    if not {"curl", "curl + fsync", DURABLE} <= set(vs):
         return []
-    notes = [
+    return [
         "",
-        "Why the 1 GiB speed target is missed: the worker fsyncs the file before its "
-        "atomic rename (a download appears only complete and durable), curl does not.",
+        f"The 1 GiB ratios read together: {fmt(vs[DURABLE], 2)} x the durable limit (the disk "
+        "taking the same bytes with an fsync: the most a download that is on disk when it "
+        f"reports SUCCESS can reach), {fmt(vs['curl + fsync'], 2)} x `curl` followed by an "
+        f"fsync (a download made as durable by hand), and {fmt(vs['curl'], 2)} x plain `curl`, "
+        "which finishes into the page cache and leaves the disk write for later.",
     ]
-    if "curl + fsync" in vs:
-        notes.append(
-            f"Against curl followed by an fsync the worker runs at {fmt(vs['curl + fsync'], 2)} x;"
-        )
-    if "dd (disk copy)" in vs:
-        notes.append(
-            f"against a plain copy of the file to this disk (the disk's own limit) at "
-            f"{fmt(vs['dd (disk copy)'], 2)} x. What remains is the disk's, not the "
-            "download path's (see the profile for hashing, the one cost of ours on that path)."
-        )
-    return notes
 
 
 def _memory(m: Mapping[str, Any], plotted: bool) -> str:

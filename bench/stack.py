@@ -27,11 +27,16 @@ from download_client.settings import Settings
 from tests.harness import RedisServer, Worker, free_port, wait_for, worker_env
 
 T = TypeVar("T")
-# The worker's production defaults where the test environment shortens them.
+# The worker's production defaults where the test environment changes them: the per-origin
+# bookkeeping (slots at each origin) is on, as it is in production.
 BENCH_SETTINGS = {
     "DOWNLOAD_CONNECT_TIMEOUT": "10",
     "DOWNLOAD_READ_TIMEOUT": "30",
     "DOWNLOAD_PROGRESS_INTERVAL": "0.5",
+    "DOWNLOAD_RETRY_BACKOFF": "2",
+    "DOWNLOAD_RETRY_BACKOFF_MAX": "600",
+    "DOWNLOAD_MAX_RETRIES": "5",
+    "DOWNLOAD_HOST_CONCURRENCY": "8",
 }
 SMALL_BYTES = 16 * 1024
 NGINX_CONF = """\

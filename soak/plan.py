@@ -31,9 +31,9 @@ CASES = [
     Case("Range ignored after a cut", "cut={cut}&cut_times=1&norange=1", "SUCCESS", 4),
     Case("no validators, cut", "cut={cut}&cut_times=1&noetag=1&nolm=1", "SUCCESS", 3),
     Case("404", "status=404", "HTTP 404", 4),
-    Case("500 forever", "status=500", "gave up", 2),
+    Case("500 forever", "status=500", "attempts over", 2),
     # Without validators: a short body with an ETag is resumed until it is whole, and succeeds.
-    Case("short body forever", "short={cut}&noetag=1&nolm=1", "gave up", 2),
+    Case("short body forever", "short={cut}&noetag=1&nolm=1", "attempts over", 2),
     Case("sha256 mismatch", "", "sha256 mismatch", 2, wrong_sha=True),
 ]
 
