@@ -100,6 +100,16 @@ def test_rest_revoke_queued_and_running_and_queue_length(flower, start_worker, o
     wait_for(lambda: flower.queue_lengths().get(queue) == 0, 30, "the queue to drain")
 
 
+def test_progress_line_for_people():
+    from tasks.progress import progress_text
+
+    assert progress_text(1_258_292, 5_033_165) == "1.2 MiB of 4.8 MiB (25%)"
+    assert progress_text(999, 1000) == "999 B of 1000 B (99%)"  # 100% only once all is there
+    assert progress_text(1000, 1000) == "1000 B of 1000 B (100%)"
+    assert progress_text(3 * 2**30, 2**40) == "3.0 GiB of 1.0 TiB (0%)"
+    assert progress_text(1_258_291, None) == "1.2 MiB (size unknown)"
+
+
 def test_progress_reaches_pollers_and_flower(flower, worker, origin, client, event_log):
     size = 1_000_000
     res = client.send_task(TASK, kwargs={"url": f"{origin.url}/bytes/{size}?rate=400000"})

@@ -16,6 +16,7 @@ import psutil
 import requests
 from celery import Celery
 
+from tests.flower_process import make_run_default
 from tests.harness import ROOT, Worker, free_port, wait_for
 
 
@@ -90,6 +91,10 @@ def in_session(sid: int) -> list[psutil.Process]:
     return found
 
 
+def test_make_run_forgets_offline_workers_after_ten_seconds():
+    assert make_run_default("FLOWER_PURGE_OFFLINE_WORKERS") == "10"
+
+
 def test_make_run_logs_in_when_ready_keeps_the_password_off_ps_and_stops_on_ctrl_c(
     redis_server, tmp_path
 ):
@@ -104,7 +109,7 @@ def test_make_run_logs_in_when_ready_keeps_the_password_off_ps_and_stops_on_ctrl
         CELERY_RESULT_BACKEND=results,
         FLOWER_PORT=str(port),
         FLOWER_BASIC_AUTH=f"ops:{password}",
-        FLOWER_PURGE_OFFLINE_WORKERS="1",
+        FLOWER_PURGE_OFFLINE_WORKERS="1",  # 10 s unless set, as the README says
         WORKER_CONCURRENCY="2",
         DOWNLOAD_DIR=str(tmp_path / "downloads"),
     )
