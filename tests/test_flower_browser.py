@@ -88,9 +88,14 @@ def test_task_list_shows_a_running_downloads_progress(flower, worker, origin, cl
         flower.wait_state(running.id, "PROGRESS", timeout=30)
         page = f"http://{USER}:{flower.password}@127.0.0.1:{flower.port}/tasks"
         shot = tmp_path / "flower-tasks.png"
-        dom = chromium(page, tmp_path / "profile", "--dump-dom")
-        row = cells(dom, running.id)
-        assert row, f"the running download is not in the list:\n{dom[-3000:]}"
+        doms: list[str] = []
+
+        def listed() -> dict[str, str]:
+            doms.append(chromium(page, tmp_path / "profile", "--dump-dom"))
+            return cells(doms[-1], running.id)
+
+        row = wait_for(listed, 20, "the running download in the rendered list")
+        dom = doms[-1]
         assert row["name"] == TASK
         assert row["state"] == "PROGRESS"
         assert PROGRESS.fullmatch(row["result"]), row["result"]
