@@ -91,6 +91,10 @@ def main() -> None:
     out_dir = ROOT / "downloads" / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     # Its own worker and queue: the origin is on loopback, which `make run`'s worker refuses.
     env = worker_env(url, out_dir, DOWNLOAD_PROGRESS_INTERVAL="0.2")
+    # Its worker is named demo-<pid>@host and consumes its own queue. Against `make run`'s Redis
+    # it is meant to be seen: Flower lists it and the 50 downloads while the demo runs. Once it
+    # stops, `make run`'s Flower drops it from the worker list after FLOWER_PURGE_OFFLINE_WORKERS
+    # seconds (scripts/stack.sh), instead of showing a dead worker for as long as Flower runs.
     name = f"demo-{os.getpid()}"
     os.environ.update(CELERY_BROKER_URL=f"{url}/0", CELERY_RESULT_BACKEND=f"{url}/1")
     app = connect(Settings.from_env())
@@ -100,6 +104,8 @@ def main() -> None:
         children = worker.children()
         before = rss_mib(children)
         print(f"stack: redis {url}, worker children {children}, origin {origin.url}")
+        if own_redis is None:
+            print(f"watch it in Flower (`make run`): worker {worker.hostname}, queue {name}")
         print(f"submitting {IMAGES} images...")
         started = time.monotonic()
         results = [

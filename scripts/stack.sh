@@ -11,6 +11,16 @@ export CELERY_BROKER_URL=${CELERY_BROKER_URL:-redis://localhost:6379/0}
 # the same function the worker, Flower, the client and the CLI use: CELERY_RESULT_BACKEND is
 # left as it is, so every component derives the same place from the broker when it is unset.
 FLOWER_PORT=${FLOWER_PORT:-5555}
+# Flower reads its options from FLOWER_* variables: nothing secret goes on a command line, where
+# `ps` would show it to every user of the machine.
+# The task list's columns: a running download's progress ("1.2 MiB of 4.8 MiB (25%)", the
+# task-progress event's `result`), its redacted URL (kwargs, or args when sent positionally) and
+# the times. compose sets the same.
+export FLOWER_TASKS_COLUMNS=${FLOWER_TASKS_COLUMNS:-name,state,result,kwargs,args,received,started,runtime,worker,uuid}
+# Workers offline for this many seconds leave Flower's worker list: `make demo` starts and stops
+# a worker of its own against this Redis. `make run`'s own worker going away stops the stack,
+# so nothing here is hidden by it (compose leaves it unset: there a lost worker must stay seen).
+export FLOWER_PURGE_OFFLINE_WORKERS=${FLOWER_PURGE_OFFLINE_WORKERS:-10}
 
 # A bad setting is one line here, not two Celery tracebacks after a banner.
 "$PY" -c 'from download_client.settings import Settings, SettingsError
@@ -42,12 +52,13 @@ interrupted=0
 trap 'interrupted=1' INT TERM  # Ctrl-C reaches the components too; they stop, then we do
 trap 'stop $?' EXIT
 
-pings() { "$PY" -c 'import sys, redis; redis.Redis.from_url(sys.argv[1], socket_timeout=1).ping()' "$1" 2>/dev/null; }
+# The broker URL may hold a password: Python reads it from the environment, not from argv.
+pings() { "$PY" -c 'import os, redis; redis.Redis.from_url(os.environ["CELERY_BROKER_URL"], socket_timeout=1).ping()' 2>/dev/null; }
 
-if pings "$CELERY_BROKER_URL"; then
+if pings; then
   echo "redis: using the one answering at $CELERY_BROKER_URL"
 else
-  port=$("$PY" -c 'import sys; from urllib.parse import urlsplit; u = urlsplit(sys.argv[1]); print(u.port or 6379 if u.hostname in ("localhost", "127.0.0.1") else "")' "$CELERY_BROKER_URL")
+  port=$("$PY" -c 'import os; from urllib.parse import urlsplit; u = urlsplit(os.environ["CELERY_BROKER_URL"]); print(u.port or 6379 if u.hostname in ("localhost", "127.0.0.1") else "")')
   if [ -z "$port" ]; then
     echo "error: nothing answers at $CELERY_BROKER_URL and it is not a local address I can start." >&2
     exit 1
@@ -62,8 +73,8 @@ else
   redis-server --port "$port" --bind 127.0.0.1 --dir "$RUN" --appendonly yes \
     --maxmemory-policy noeviction --logfile "$RUN/redis.log" &
   pids+=($!)
-  for _ in $(seq 50); do pings "$CELERY_BROKER_URL" && break; sleep 0.1; done
-  pings "$CELERY_BROKER_URL" || { echo "error: redis-server did not start, see $RUN/redis.log" >&2; exit 1; }
+  for _ in $(seq 50); do pings && break; sleep 0.1; done
+  pings || { echo "error: redis-server did not start, see $RUN/redis.log" >&2; exit 1; }
 fi
 
 if [ -z "${FLOWER_BASIC_AUTH:-}" ]; then
@@ -73,16 +84,33 @@ fi
 
 "$PY" -m celery -A worker worker -l info &
 pids+=($!)
-"$PY" -m celery -A worker flower --address=127.0.0.1 --port="$FLOWER_PORT" \
-  --basic-auth="$FLOWER_BASIC_AUTH" --logging=warning &
+echo "worker: starting; Flower starts once the worker answers a ping"
+# Flower asks the workers what they are (inspect stats, conf...) as it starts: started before a
+# worker answers, it logs an "Inspect method ... failed" warning for each question.
+if ! "$PY" -m scripts.ready worker "${pids[-1]}"; then
+  [ "$interrupted" = 1 ] && stop 0
+  echo "error: the worker did not answer a ping (see its output above); stopping" >&2
+  stop 1
+fi
+# FLOWER_BASIC_AUTH (and every other FLOWER_* setting) comes from the environment.
+"$PY" -m celery -A worker flower --address=127.0.0.1 --port="$FLOWER_PORT" --logging=warning &
 pids+=($!)
+if ! "$PY" -m scripts.ready flower "$FLOWER_PORT" "${pids[-1]}"; then
+  [ "$interrupted" = 1 ] && stop 0
+  echo "error: Flower did not answer on 127.0.0.1:$FLOWER_PORT (see its output above); stopping" >&2
+  stop 1
+fi
 
+# Last on the screen, below the banners: what to open and how to log in.
 cat <<EOT
 
-  worker:  celery -A worker worker   (downloads go to ${DOWNLOAD_DIR:-./downloads})
-  results: $RESULTS
-  flower:  http://127.0.0.1:$FLOWER_PORT   user/password: $FLOWER_BASIC_AUTH
-  submit:  .venv/bin/downloads submit https://example.com/file --wait
+  ready
+  flower:    http://127.0.0.1:$FLOWER_PORT/tasks
+  user:      ${FLOWER_BASIC_AUTH%%:*}
+  password:  ${FLOWER_BASIC_AUTH#*:}
+  worker:    celery -A worker worker   (downloads go to ${DOWNLOAD_DIR:-./downloads})
+  results:   $RESULTS
+  submit:    .venv/bin/downloads submit https://example.com/file --wait
   Ctrl-C stops all of it.
 
 EOT

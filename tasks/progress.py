@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 
@@ -11,6 +10,25 @@ from celery import Task
 from tasks.deliveries import REDIS_ERRORS
 
 log = logging.getLogger(__name__)
+
+UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
+
+
+def size_text(n: float) -> str:
+    """Bytes as a person reads them: 512 B, 1.2 MiB."""
+    for unit in UNITS:
+        if n < 1024 or unit == UNITS[-1]:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def progress_text(done: int, total: int | None) -> str:
+    """One line for Flower's task list: "1.2 MiB of 4.8 MiB (25%)". The percentage rounds down,
+    so 100% means every byte has arrived."""
+    if not total:
+        return f"{size_text(done)} (size unknown)"
+    return f"{size_text(done)} of {size_text(total)} ({100 * min(done, total) // total}%)"
 
 
 class Progress:
@@ -26,12 +44,14 @@ class Progress:
         if now < self.next:
             return
         self.next = now + self.interval
-        meta = {"bytes": done, "total": total}
         try:
-            self.task.update_state(state="PROGRESS", meta=meta)
+            self.task.update_state(state="PROGRESS", meta={"bytes": done, "total": total})
             # Numbers for machines reading events; `result` is the one field Flower keeps and
-            # shows (task page, /api/task/info): the same figures as JSON text.
-            self.task.send_event("task-progress", bytes=done, total=total, result=json.dumps(meta))
+            # shows (the task list's Result column, the task page, /api/task/info): a line
+            # for people there.
+            self.task.send_event(
+                "task-progress", bytes=done, total=total, result=progress_text(done, total)
+            )
         except REDIS_ERRORS as exc:
             # Progress is a courtesy: a Redis outage must not fail the download itself.
             log.warning("progress not reported (%s); the download goes on", exc)

@@ -1,8 +1,10 @@
-"""A real `celery -A worker flower` process for the tests: a free port on 127.0.0.1, basic auth,
-and helpers for its REST API and its Prometheus text."""
+"""A real `celery -A worker flower` process for the tests: a free port on 127.0.0.1, basic auth
+and the task list's columns as `make run` sets them, and helpers for its REST API and its
+Prometheus text."""
 
 from __future__ import annotations
 
+import re
 import secrets
 import subprocess
 import sys
@@ -18,11 +20,24 @@ from tests.harness import ROOT, free_port, wait_for
 USER = "ops"
 
 
+def make_run_default(var: str) -> str:
+    """The value scripts/stack.sh (`make run`) gives a FLOWER_* variable left unset."""
+    script = (ROOT / "scripts" / "stack.sh").read_text()
+    found = re.search(rf"^export {var}=\$\{{{var}:-(?P<value>[^}}]*)\}}$", script, re.M)
+    assert found, f"scripts/stack.sh sets no default for {var}"
+    return found["value"]
+
+
 class Flower:
     def __init__(self, env: dict[str, str], log: Path) -> None:
         self.port = free_port()
         self.password = secrets.token_urlsafe(12)
         self.env = {k: v for k, v in env.items() if not k.startswith("FLOWER_")}
+        # As `make run` starts it: options from the environment, none secret on the command line.
+        self.env.update(
+            FLOWER_BASIC_AUTH=f"{USER}:{self.password}",
+            FLOWER_TASKS_COLUMNS=make_run_default("FLOWER_TASKS_COLUMNS"),
+        )
         self.log_path = log
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -46,7 +61,6 @@ class Flower:
                 "flower",
                 "--address=127.0.0.1",
                 f"--port={self.port}",
-                f"--basic-auth={USER}:{self.password}",
                 "--logging=info",
             ],
             cwd=ROOT,

@@ -109,7 +109,17 @@ def test_rest_revoke_queued_and_running_and_queue_length(flower, start_worker, o
     wait_for(lambda: flower.queue_lengths().get(queue) == 0, 30, "the queue to drain")
 
 
-def test_progress_reaches_pollers_and_flower(flower, worker, origin, client):
+def test_progress_line_for_people():
+    from tasks.progress import progress_text
+
+    assert progress_text(1_258_292, 5_033_165) == "1.2 MiB of 4.8 MiB (25%)"
+    assert progress_text(999, 1000) == "999 B of 1000 B (99%)"  # 100% only once all is there
+    assert progress_text(1000, 1000) == "1000 B of 1000 B (100%)"
+    assert progress_text(3 * 2**30, 2**40) == "3.0 GiB of 1.0 TiB (0%)"
+    assert progress_text(1_258_291, None) == "1.2 MiB (size unknown)"
+
+
+def test_progress_reaches_pollers_and_flower(flower, worker, origin, client, event_log):
     size = 1_000_000
     res = client.send_task(TASK, kwargs={"url": f"{origin.url}/bytes/{size}?rate=400000"})
 
@@ -120,10 +130,14 @@ def test_progress_reaches_pollers_and_flower(flower, worker, origin, client):
     assert 0 < progress["bytes"] <= size
     assert progress["total"] == size
     info = flower.wait_state(res.id, "PROGRESS", timeout=30)
-    figures = json.loads(info["result"])  # the figures, on Flower's task page and API
-    assert figures["total"] == 1000000 and isinstance(figures["bytes"], int)
+    # For people, on Flower's task list, task page and API: "312.5 KiB of 976.6 KiB (32%)".
+    assert re.fullmatch(r"\d+(\.\d)? (B|KiB) of 976\.6 KiB \(\d{1,2}%\)", info["result"])
     assert res.get(timeout=60)["size"] == size
     assert flower.wait_state(res.id, "SUCCESS")["result"].startswith("{'url'")
+    # For machines, the same figures as numbers in every task-progress event.
+    events = [e for e in event_log if e["type"] == "task-progress" and e["uuid"] == res.id]
+    assert events and all(e["total"] == size and 0 < e["bytes"] <= size for e in events)
+    assert [e["bytes"] for e in events] == sorted(e["bytes"] for e in events)
 
 
 def test_progress_is_throttled(flower, start_worker, origin, client):
@@ -334,7 +348,7 @@ def test_readme_curl_examples_work(flower, worker, origin):
     env["ID"] = sh(commands[0])["task-id"]
     flower.wait_state(env["ID"], "PROGRESS")
     assert sh(commands[1])["state"] == "PROGRESS"
-    assert json.loads(sh(commands[2])["result"])["total"] == 5000000
+    assert " of 4.8 MiB (" in sh(commands[2])["result"]
     assert "message" in sh(commands[3])
     assert flower.wait_result(env["ID"])["state"] == "REVOKED"
     assert not (worker.download_dir / "img/a.png").exists()

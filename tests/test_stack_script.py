@@ -1,14 +1,23 @@
-"""`make run`'s script refuses what it cannot run with, in one line and before starting anything."""
+"""`make run`'s script: it refuses what it cannot run with, in one line and before starting
+anything; once running it tells how to log in to Flower, keeps the password off command lines,
+and stops on Ctrl-C."""
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
-from pathlib import Path
+import threading
+import uuid
 
-ROOT = Path(__file__).resolve().parent.parent
+import psutil
+import requests
+from celery import Celery
+
+from tests.flower_process import make_run_default
+from tests.harness import ROOT, Worker, free_port, wait_for
 
 
 def stack(**env: str) -> subprocess.CompletedProcess[str]:
@@ -46,3 +55,117 @@ def test_a_broker_that_is_not_redis_without_a_result_backend_is_one_line():
     assert done.returncode == 2
     assert done.stderr.startswith("error: CELERY_RESULT_BACKEND is required")
     assert "hunter2" not in done.stderr and "flower:" not in done.stdout
+
+
+class Output:
+    """Everything a process prints, collected as it comes."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.lines: list[str] = []
+        self.proc = proc
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    def close(self) -> None:
+        self.reader.join(30)  # the end of the output: every process holding the pipe is gone
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+
+
+def in_session(sid: int) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == sid:
+                found.append(p)
+        except (ProcessLookupError, psutil.Error):
+            pass
+    return found
+
+
+def test_make_run_forgets_offline_workers_after_ten_seconds():
+    assert make_run_default("FLOWER_PURGE_OFFLINE_WORKERS") == "10"
+
+
+def test_make_run_logs_in_when_ready_keeps_the_password_off_ps_and_stops_on_ctrl_c(
+    redis_server, tmp_path
+):
+    password = f"pw-{uuid.uuid4().hex}"
+    port = free_port()
+    broker, results = f"{redis_server.url}/5", f"{redis_server.url}/6"  # nobody else's queue
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CELERY_", "DOWNLOAD_"))}
+    env = {k: v for k, v in env.items() if not k.startswith("FLOWER_")}
+    env.update(
+        PY=sys.executable,
+        CELERY_BROKER_URL=broker,
+        CELERY_RESULT_BACKEND=results,
+        FLOWER_PORT=str(port),
+        FLOWER_BASIC_AUTH=f"ops:{password}",
+        FLOWER_PURGE_OFFLINE_WORKERS="1",  # 10 s unless set, as the README says
+        WORKER_CONCURRENCY="2",
+        DOWNLOAD_DIR=str(tmp_path / "downloads"),
+    )
+    proc = subprocess.Popen(
+        ["bash", "scripts/stack.sh"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # a terminal's Ctrl-C reaches the whole group
+    )
+    out = Output(proc)
+    try:
+        wait_for(lambda: "Ctrl-C stops" in out.text(), 90, "the ready block")
+        text = out.text()
+        before, ready = text.split("\n  ready\n")
+        assert f"  flower:    http://127.0.0.1:{port}/tasks\n" in ready
+        assert "  user:      ops\n" in ready and f"  password:  {password}\n" in ready
+        assert password not in before
+        assert "Inspect method" not in text
+        shown = [p.pid for p in psutil.process_iter() if password in " ".join(cmdline(p))]
+        assert shown == [], "the password is on a command line (ps shows it)"
+
+        # `make demo`'s worker: seen while it runs, gone from the list once it stopped.
+        demo = Worker(
+            {**env, "PYTHONPATH": str(ROOT)},
+            f"demo-{uuid.uuid4().hex[:6]}",
+            "demo",
+            tmp_path / "demo.log",
+            tmp_path / "downloads",
+            ["-c", "1"],
+        )
+        demo.start(Celery(broker=broker))
+        auth = ("ops", password)
+
+        def listed() -> set[str]:
+            page = requests.get(f"http://127.0.0.1:{port}/workers?json=1", auth=auth, timeout=5)
+            return {w["hostname"] for w in page.json()["data"]}
+
+        wait_for(lambda: demo.hostname in listed(), 30, "Flower to list the demo's worker")
+        demo.stop()
+        wait_for(lambda: demo.hostname not in listed(), 30, "the demo's worker to leave")
+    finally:
+        group = in_session(proc.pid)
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(60)
+        out.close()
+    text = out.text()
+    assert proc.returncode == 0, text[-3000:]
+    assert text.rstrip().endswith("stopped") and "error:" not in text
+    assert not [p for p in group if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def cmdline(p: psutil.Process) -> list[str]:
+    try:
+        return p.cmdline()
+    except psutil.Error:
+        return []
