@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 
@@ -46,12 +47,11 @@ class Progress:
         self.next = now + self.interval
         try:
             self.task.update_state(state="PROGRESS", meta={"bytes": done, "total": total})
-            # Numbers for machines reading events; `result` is the one field Flower keeps and
-            # shows (the task list's Result column, the task page, /api/task/info): a line
-            # for people there.
-            self.task.send_event(
-                "task-progress", bytes=done, total=total, result=progress_text(done, total)
-            )
+            # `result` is the one field Flower keeps and shows (the task list's Result column,
+            # the task page, /api/task/info): JSON text that leads with a line for people and
+            # keeps the figures for machines reading Flower's API.
+            line = {"progress": progress_text(done, total), "bytes": done, "total": total}
+            self.task.send_event("task-progress", bytes=done, total=total, result=json.dumps(line))
         except REDIS_ERRORS as exc:
             # Progress is a courtesy: a Redis outage must not fail the download itself.
             log.warning("progress not reported (%s); the download goes on", exc)

@@ -130,8 +130,12 @@ def test_progress_reaches_pollers_and_flower(flower, worker, origin, client, eve
     assert 0 < progress["bytes"] <= size
     assert progress["total"] == size
     info = flower.wait_state(res.id, "PROGRESS", timeout=30)
-    # For people, on Flower's task list, task page and API: "312.5 KiB of 976.6 KiB (32%)".
-    assert re.fullmatch(r"\d+(\.\d)? (B|KiB) of 976\.6 KiB \(\d{1,2}%\)", info["result"])
+    # On Flower's task list, task page and API: JSON text that leads with a line for people,
+    # "312.5 KiB of 976.6 KiB (32%)", and keeps the figures.
+    shown = json.loads(info["result"])
+    assert list(shown) == ["progress", "bytes", "total"]
+    assert re.fullmatch(r"\d+(\.\d)? (B|KiB) of 976\.6 KiB \(\d{1,2}%\)", shown["progress"])
+    assert shown["total"] == size and 0 < shown["bytes"] <= size
     assert res.get(timeout=60)["size"] == size
     assert flower.wait_state(res.id, "SUCCESS")["result"].startswith("{'url'")
     # For machines, the same figures as numbers in every task-progress event.
