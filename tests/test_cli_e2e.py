@@ -70,10 +70,21 @@ def test_submit_wait_table_lists_successes_and_failures(env, worker, origin):
     done = cli(env, "submit", *ok, *missing, "--wait")
     assert done.returncode == 1, done.stderr
     lines = done.stdout.splitlines()
-    assert lines[0].split() == ["STATE", "SIZE", "PATH", "/", "ERROR", "URL"]
-    assert sum(line.startswith("SUCCESS") for line in lines) == 8
+    assert lines[0].split() == ["STATE", "SIZE", "PATH", "/", "ERROR", "ID", "URL"]
+    rows = [line.split() for line in lines if line.startswith(("SUCCESS", "FAILURE"))]
+    assert len({r[-2] for r in rows}) == 10  # each download's own id, beside its URL
+    assert all(_is_id(r[-2]) for r in rows)
+    assert sum(r[0] == "SUCCESS" for r in rows) == 8
     assert sum(line.startswith("FAILURE") and "404" in line for line in lines) == 2
+    assert "Error(" not in done.stdout and "{" not in done.stdout  # the message, as written
     assert lines[-1].startswith("8 of 10 succeeded")
+
+
+def _is_id(text: str) -> bool:
+    try:
+        return str(uuid.UUID(text)) == text
+    except ValueError:
+        return False
 
 
 def test_submit_without_wait_prints_one_id_per_url(env, flower, origin):
