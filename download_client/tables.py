@@ -96,8 +96,13 @@ def detail(r: Mapping[str, Any], now: float) -> tuple[str, str]:
 
 
 def summary_line(rows: list[dict[str, Any]]) -> str:
-    ok = [r for r in rows if r["state"] == "SUCCESS" and "result" in r]
-    return f"{len(ok)} of {len(rows)} succeeded, {size(sum(r['result']['size'] for r in ok))}"
+    """`8 of 10 succeeded, 1.2 MiB`: the bytes transferred, so a download skipped because its
+    file was already there counts none."""
+    ok = [r["result"] for r in rows if r["state"] == "SUCCESS" and "result" in r]
+    present = sum(bool(res.get("skipped")) for res in ok)
+    moved = size(sum(res["size"] for res in ok if not res.get("skipped")))
+    also = f" ({present} already present)" if present else ""
+    return f"{len(ok)} of {len(rows)} succeeded{also}, {moved}"
 
 
 def write_plain(rows: list[dict[str, Any]], out: TextIO, now: float) -> None:
