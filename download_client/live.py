@@ -137,7 +137,7 @@ class LiveView:
     def _bar(self, rid: str) -> TaskID:
         if rid not in self.bars:
             url = self.urls.get(rid) or ""
-            label = f"{rid[:8]} {_short(url, 40)}"
+            label = f"{rid[:8]} {_short(url, 32)}"
             self.bars[rid] = self.progress.add_task(
                 "", total=None, label=escape(label), status="", retry=None
             )

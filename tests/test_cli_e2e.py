@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -406,3 +407,33 @@ def test_wait_warns_when_no_worker_consumes_the_queue(env, origin):
     assert done.returncode == 4
     assert f"warning: no worker consumes queue {queue!r}" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_many_unfinished_ids_go_to_a_file_that_wait_reads(env, tmp_path):
+    import io
+
+    from download_client.watching import follow_hint
+
+    parked = f"parked-{uuid.uuid4().hex[:6]}"
+    urls = [f"http://127.0.0.1:9/{i}" for i in range(21)]
+    ids = [
+        r["id"] for r in json.loads(cli(env, "submit", *urls, "--queue", parked, "--json").stdout)
+    ]
+    err = io.StringIO()
+    follow_hint(ids, err)
+    saved = re.search(r"downloads wait -i (\S+)", err.getvalue())
+    assert saved and Path(saved.group(1)).read_text().split() == ids
+    waited = cli(env, "wait", "-i", saved.group(1), "--timeout", "0.5", "--json")
+    assert waited.returncode == 4
+    assert [r["id"] for r in json.loads(waited.stdout)] == ids
+    Path(saved.group(1)).unlink()
+    redis.Redis.from_url(env["CELERY_BROKER_URL"]).delete(parked)
+
+
+def test_cancel_with_no_worker_online_cancels_nothing(env):
+    # A broker database no worker listens on: the revoke has nobody to reach.
+    alone = {**env, "CELERY_BROKER_URL": env["CELERY_BROKER_URL"].rsplit("/", 1)[0] + "/7"}
+    [row] = json.loads(cli(alone, "submit", "http://127.0.0.1:9/x", "--json").stdout)
+    refused = cli(alone, "cancel", row["id"])
+    assert refused.returncode == 3 and "no worker answered" in refused.stderr
+    redis.Redis.from_url(alone["CELERY_BROKER_URL"]).flushdb()
