@@ -25,6 +25,8 @@ MAX_DEFAULT_STEM_BYTES = 160  # with the hash and an extension, well under MAX_N
 MAX_HEADERS = 50
 MAX_HEADER_BYTES = 8192
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+# Unicode whitespace (as str.isspace) and ASCII control characters: one scan of the URL.
+_SPACE_OR_CONTROL = re.compile(r"[\s\x00-\x1f\x7f]")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 field-name
 # Headers the downloader sets itself: a caller's value would break resume, sizes or routing.
 OWNED_HEADERS = frozenset(
@@ -108,7 +110,7 @@ def check_url(url: Any) -> str:
         raise PermanentError(f"url: expected a string, got {type(url).__name__}")
     if len(url) > MAX_URL_LENGTH:
         raise PermanentError(f"url: longer than {MAX_URL_LENGTH} characters")
-    if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in url):
+    if _SPACE_OR_CONTROL.search(url):
         raise PermanentError("url: must not contain whitespace or control characters")
     if "\\" in url:
         # urlsplit reads http://a\@b/ as host b, urllib3 (which connects) as host a.

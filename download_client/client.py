@@ -1,15 +1,18 @@
 """Submitting downloads from Python and waiting for them. Only the task's name travels: this is
-what any service does with a plain Celery client, plus redaction and progress polling."""
+what any service does with a plain Celery client, plus redaction, a record of each submitted id
+(download_client.records) and progress polling."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from celery import Celery
 from celery.result import AsyncResult
 
+from download_client import records
 from download_client.brokers import rabbitmq_config
 from download_client.contract import TASK_NAME
 from download_client.redact import add_secret_params, redact_kwargs
@@ -17,6 +20,9 @@ from download_client.settings import Settings
 
 DONE_STATES = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
 ProgressHook = Callable[[AsyncResult, str, Any], None]
+# Messages published per Redis round trip when submitting many (with one round trip more for
+# their records): big enough to amortise the round trips, small enough to keep memory flat.
+CHUNK = 1000
 
 
 def connect(settings: Settings | None = None) -> Celery:
@@ -33,6 +39,7 @@ def connect(settings: Settings | None = None) -> Celery:
         result_backend_transport_options={"visibility_timeout": s.visibility_timeout},
         broker_connection_retry=False,
         broker_connection_max_retries=1,
+        result_expires=s.result_expires,  # how long a submission's record is kept, too
     )
     app.conf.update(rabbitmq_config(s))  # declare the queues as the workers do
     return app
@@ -54,24 +61,102 @@ def submit(
             kwargs[name] = value
     if headers:
         kwargs["headers"] = dict(headers)
-    return app.send_task(
-        TASK_NAME,
-        kwargs=kwargs,
-        queue=queue,
-        argsrepr="()",
-        kwargsrepr=repr(redact_kwargs(kwargs)),  # what task-sent events (Flower) may show
-    )
+    [task_id] = [i for i, _ in submit_stream(app, [kwargs], queue=queue)]
+    return AsyncResult(task_id, app=app)
 
 
 def submit_many(
     app: Celery, items: Iterable[str | Mapping[str, Any]], **common: Any
 ) -> list[AsyncResult]:
     """Queue many downloads: each item is a URL or a dict of the task's arguments."""
-    results = []
-    for item in items:
-        args = {"url": item} if isinstance(item, str) else dict(item)
-        results.append(submit(app, **{**common, **args}))
-    return results
+    queue = common.pop("queue", None)
+    given = ({"url": i} if isinstance(i, str) else dict(i) for i in items)
+    merged = ({**_present(common), **args} for args in given)
+    return [AsyncResult(i, app=app) for i, _ in submit_stream(app, merged, queue=queue)]
+
+
+def _present(options: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def submit_stream(
+    app: Celery,
+    items: Iterable[Mapping[str, Any]],
+    queue: str | None = None,
+    announce: bool = True,
+) -> Iterator[tuple[str, str]]:
+    """Queue downloads (each a mapping of the task's keyword arguments) as they come, CHUNK at a
+    time on one producer connection, and yield (id, redacted URL) for each once it is queued.
+    Memory stays flat for any number of items. Per chunk: one round trip records the ids (when
+    results live in Redis), then the messages go out pipelined. `announce`: also send Celery's
+    task-sent event for each (Flower lists the download before a worker takes it); it costs a
+    second publish per task."""
+    chunk: list[Mapping[str, Any]] = []
+    with app.producer_or_acquire() as producer:
+        for kwargs in items:
+            chunk.append(kwargs)
+            if len(chunk) == CHUNK:
+                yield from _publish_chunk(app, producer, chunk, queue, announce)
+                chunk = []
+        if chunk:
+            yield from _publish_chunk(app, producer, chunk, queue, announce)
+
+
+def _publish_chunk(
+    app: Celery,
+    producer: Any,
+    chunk: Sequence[Mapping[str, Any]],
+    queue: str | None,
+    announce: bool,
+) -> list[tuple[str, str]]:
+    shown = [redact_kwargs(dict(k)) for k in chunk]  # what events (Flower) and the caller see
+    sent = [(str(uuid.uuid4()), s["url"]) for s in shown]
+    _record(app, sent)  # first: every queued id has its record, never the other way round
+    amqp = app.amqp
+    route = amqp.router.route({"queue": queue} if queue else {}, TASK_NAME, (), {}, None)
+    # Declared once here (kombu then caches it for the connection), not at every publish:
+    # the declaration's bookkeeping costs more than the publish itself.
+    producer.maybe_declare(route["queue"])
+    with producer.batch(max_size=2 * CHUNK):
+        for (task_id, _), kwargs, redacted in zip(sent, chunk, shown, strict=True):
+            message = amqp.create_task_message(
+                task_id,
+                TASK_NAME,
+                (),
+                dict(kwargs),
+                argsrepr="()",
+                kwargsrepr=repr(redacted),
+                create_sent_event=announce,
+                reply_to=app.thread_oid,
+            )
+            # A failed publish is reported, not retried: the caller knows which ids were queued.
+            amqp.send_task_message(producer, TASK_NAME, message, declare=[], retry=False, **route)
+    return sent
+
+
+def _record(app: Celery, sent: Sequence[tuple[str, str]]) -> None:
+    client = backend_redis(app)
+    if client is None:
+        return
+    expires = app.conf.result_expires  # seconds, or a timedelta if someone set one
+    ttl = int(expires.total_seconds() if hasattr(expires, "total_seconds") else expires)
+    pipe = client.pipeline(transaction=False)
+    for task_id, shown in sent:
+        records.mark_submitted(pipe, task_id, shown, ttl)
+    pipe.execute()
+
+
+def backend_redis(app: Celery) -> Any:
+    """The result backend's Redis client, or None when results live elsewhere."""
+    return getattr(app.backend, "client", None)
+
+
+def cancel(app: Celery, ids: Sequence[str], timeout: float = 1.0) -> list[str]:
+    """Revoke `ids` on every worker online; a running one is terminated (the worker removes its
+    partial, as for any revoke). Returns the hostnames of the workers that acknowledged: a
+    revoke reaches only the workers running now."""
+    replies = app.control.revoke(list(ids), terminate=True, reply=True, timeout=timeout) or []
+    return sorted(name for reply in replies for name in reply)
 
 
 def wait(
@@ -79,33 +164,47 @@ def wait(
     timeout: float | None = None,
     on_update: ProgressHook | None = None,
     interval: float = 0.2,
+    on_poll: Callable[[], None] | None = None,
 ) -> dict[str, AsyncResult]:
     """Poll until every result is done (or `timeout` passes); call `on_update(result, state,
-    info)` whenever a state or PROGRESS figure changes. One failure never hides the others:
-    return every result by id, done or not."""
+    info)` whenever a state or PROGRESS figure changes, and `on_poll()` after each round of
+    reads. One failure never hides the others: return every result by id, done or not."""
     pending = {r.id: r for r in results}
     everything = dict(pending)
     seen: dict[str, tuple[str, Any]] = {}
     deadline = None if timeout is None else time.monotonic() + timeout
     while pending:
-        for rid, result in list(pending.items()):
-            state, info = _read(result)
+        states = read_states(next(iter(pending.values())).backend, list(pending))
+        for rid, (state, info) in states.items():
+            result = pending[rid]
             if on_update is not None and seen.get(rid) != (state, _hashable(info)):
                 on_update(result, state, info)
             seen[rid] = (state, _hashable(info))
             if state in DONE_STATES:
                 del pending[rid]
+        if on_poll is not None:
+            on_poll()
         if not pending or (deadline is not None and time.monotonic() > deadline):
             break
         time.sleep(interval)
     return everything
 
 
-def _read(result: AsyncResult) -> tuple[str, Any]:
-    """State and info from one backend read: two reads can straddle a change (PROGRESS, then
-    the final result as if it were progress figures)."""
-    meta = result.backend.get_task_meta(result.id)
-    return meta["status"], meta.get("result")
+def read_states(backend: Any, ids: Sequence[str]) -> dict[str, tuple[str, Any]]:
+    """State and info of each id, each from one backend read (two reads could straddle a
+    change: PROGRESS, then the final result read as if it were progress figures). A Redis
+    backend is read CHUNK ids a round trip."""
+    if not hasattr(backend, "mget") or not hasattr(backend, "get_key_for_task"):
+        metas = {i: backend.get_task_meta(i) for i in ids}
+        return {i: (m["status"], m.get("result")) for i, m in metas.items()}
+    states: dict[str, tuple[str, Any]] = {}
+    for start in range(0, len(ids), CHUNK):
+        chunk = ids[start : start + CHUNK]
+        raw = backend.mget([backend.get_key_for_task(i) for i in chunk])
+        for task_id, value in zip(chunk, raw, strict=True):
+            meta = backend.decode_result(value) if value else {"status": "PENDING"}
+            states[task_id] = (meta["status"], meta.get("result"))
+    return states
 
 
 def _hashable(info: Any) -> Any:

@@ -1,23 +1,29 @@
 """The `downloads` command and the Python client, for real: `python -m download_client.cli` in a
 subprocess against the test Redis, real workers and the loopback origin; batches of 50 with
-failures mixed in; exit codes; a live view on a pseudo-terminal."""
+failures mixed in; exit codes; input files; cancel and wait by id; retries explained. The live
+view in a terminal: tests/test_cli_pty.py."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import pty
-import select
+import re
 import subprocess
 import sys
+import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
+from download_client import records
 from download_client.client import BatchProgress, connect, submit_many, wait
 from download_client.settings import Settings
 from tests.harness import ROOT, TASK, free_port, wait_for, worker_env
+from tests.server import body
 
 
 @pytest.fixture
@@ -70,10 +76,21 @@ def test_submit_wait_table_lists_successes_and_failures(env, worker, origin):
     done = cli(env, "submit", *ok, *missing, "--wait")
     assert done.returncode == 1, done.stderr
     lines = done.stdout.splitlines()
-    assert lines[0].split() == ["STATE", "SIZE", "PATH", "/", "ERROR", "URL"]
-    assert sum(line.startswith("SUCCESS") for line in lines) == 8
+    assert lines[0].split() == ["STATE", "SIZE", "PATH", "/", "ERROR", "ID", "URL"]
+    rows = [line.split() for line in lines if line.startswith(("SUCCESS", "FAILURE"))]
+    assert len({r[-2] for r in rows}) == 10  # each download's own id, beside its URL
+    assert all(_is_id(r[-2]) for r in rows)
+    assert sum(r[0] == "SUCCESS" for r in rows) == 8
     assert sum(line.startswith("FAILURE") and "404" in line for line in lines) == 2
+    assert "Error(" not in done.stdout and "{" not in done.stdout  # the message, as written
     assert lines[-1].startswith("8 of 10 succeeded")
+
+
+def _is_id(text: str) -> bool:
+    try:
+        return str(uuid.UUID(text)) == text
+    except ValueError:
+        return False
 
 
 def test_submit_without_wait_prints_one_id_per_url(env, flower, origin):
@@ -173,45 +190,6 @@ def test_exit_codes(env, worker, origin, client):
     assert rows[1]["url"] is None and "404" in rows[1]["error"]
 
 
-def test_live_progress_on_a_terminal(env, worker, origin):
-    slow = f"{origin.url}/bytes/600000?rate=300000&seed={uuid.uuid4().hex}"
-    fast = f"{origin.url}/bytes/1000?seed={uuid.uuid4().hex}"
-    primary, secondary = pty.openpty()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "download_client.cli", "submit", slow, fast, "--wait"],
-        cwd=ROOT,
-        env={**env, "LINES": "40", "COLUMNS": "160"},
-        stdout=secondary,
-        stderr=subprocess.PIPE,
-    )
-    os.close(secondary)
-    screen = _read_all(primary, proc)
-    assert proc.stderr is not None
-    with proc.stderr:
-        assert proc.wait(60) == 0, proc.stderr.read()
-    assert "%" in screen and "[#" in screen  # a bar drawn while the slow one ran
-    assert "\x1b[" in screen  # redrawn in place
-    assert "running" in screen and "2/2 done (2 succeeded, 0 failed)" in screen
-    assert "2 of 2 succeeded" in screen
-
-
-def _read_all(fd: int, proc: subprocess.Popen[bytes]) -> str:
-    chunks = []
-    while True:
-        ready, _, _ = select.select([fd], [], [], 60)
-        if not ready:
-            break
-        try:
-            data = os.read(fd, 65536)
-        except OSError:  # the other side closed (Linux: EIO)
-            break
-        if not data:
-            break
-        chunks.append(data)
-    os.close(fd)
-    return b"".join(chunks).decode(errors="replace")
-
-
 def test_with_only_the_broker_set_worker_and_cli_meet_on_the_same_results(
     redis_server, start_worker, origin, tmp_path
 ):
@@ -225,3 +203,239 @@ def test_with_only_the_broker_set_worker_and_cli_meet_on_the_same_results(
     assert done.returncode == 0, done.stderr
     [row] = json.loads(done.stdout)
     assert row["state"] == "SUCCESS" and row["result"]["size"] == 1234
+
+
+def test_help_lists_the_environment_and_the_exit_codes(env):
+    for args in ([], ["submit"], ["wait"], ["cancel"], ["status"], ["result"]):
+        shown = cli(env, *args, "--help")
+        assert shown.returncode == 0, args
+        for name in ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "DOWNLOAD_RESULT_EXPIRES"):
+            assert name in shown.stdout, (args, name)
+        codes = shown.stdout.split("exit codes:")[1]
+        assert [line.split()[0] for line in codes.strip().splitlines()] == [
+            "0",
+            "1",
+            "2",
+            "3",
+            "4",
+            "130",
+        ]
+    assert "URL [DEST] [SHA256]" in cli(env, "submit", "--help").stdout
+
+
+def test_wait_cancel_and_result_by_id(env, worker, origin, client):
+    slow = f"{origin.url}/bytes/4000000?rate=200000&seed={uuid.uuid4().hex}"
+    fast = f"{origin.url}/bytes/1234?seed={uuid.uuid4().hex}"
+    queued = json.loads(cli(env, "submit", slow, fast, "--json").stdout)
+    slow_id, fast_id = queued[0]["id"], queued[1]["id"]
+    nobody = str(uuid.uuid4())
+    # Waiting again on existing ids: the fast one ends, the slow one is still running.
+    waited = cli(env, "wait", fast_id, slow_id, "--timeout", "3", "--json")
+    assert waited.returncode == 4, waited.stderr
+    rows = {r["id"]: r for r in json.loads(waited.stdout)}
+    assert rows[fast_id]["state"] == "SUCCESS" and rows[fast_id]["url"] == fast
+    assert rows[slow_id]["url"] == slow  # known from the submission, before any result
+    stopped = cli(env, "cancel", slow_id, fast_id, nobody)
+    assert stopped.returncode == 1, stopped.stderr  # one id is unknown
+    said = dict(line.split(None, 1) for line in stopped.stdout.splitlines())
+    assert said[slow_id].startswith("cancelled (was ")
+    assert said[fast_id] == "already SUCCESS: nothing to cancel"
+    assert said[nobody].startswith("unknown")
+    wait_for(lambda: client.AsyncResult(slow_id).state == "REVOKED", 30, "the revoke")
+    again = cli(env, "wait", slow_id, fast_id)
+    assert again.returncode == 1
+    assert "REVOKED" in again.stdout and "cancelled" in again.stdout
+    # `result`: a table for people, JSON for machines; an id nothing is known about.
+    third_party = client.send_task(TASK, kwargs={"url": fast}, queue=f"none-{nobody[:6]}")
+    table = cli(env, "result", fast_id, slow_id, nobody, third_party.id)
+    assert table.returncode == 1
+    lines = table.stdout.splitlines()
+    assert lines[0].split() == ["STATE", "SIZE", "PATH", "/", "ERROR", "ID", "URL"]
+    assert lines[1].split()[0] == "SUCCESS" and fast_id in lines[1] and fast in lines[1]
+    assert lines[2].split()[:2] == ["REVOKED", "cancelled"] and slow in lines[2]
+    assert lines[3].startswith("unknown") and lines[4].startswith("unknown")
+    assert "{" not in table.stdout  # no Python dict
+    machine = json.loads(cli(env, "result", nobody, "--json").stdout)
+    assert machine == [{"id": nobody, "url": None, "state": "unknown"}]
+    assert cli(env, "wait", nobody).returncode == 1
+
+
+def test_input_file_plain_and_json_lines(env, worker, origin, tmp_path):
+    tag = uuid.uuid4().hex
+    payload = body(5000, tag)
+    good = tmp_path / "list.txt"
+    good.write_text(
+        "# downloads, one a line\n"
+        f"{origin.url}/bytes/5000?seed={tag} in/{tag}/a.bin {hashlib.sha256(payload).hexdigest()}\n"
+        "\n"
+        f"{origin.url}/bytes/100?seed={tag}\tin/{tag}/b.bin\n"
+        + json.dumps({"url": f"{origin.url}/bytes/7?seed={tag}", "dest": f"in/{tag}/c.bin"})
+        + "\n"
+    )
+    done = cli(env, "submit", "-i", str(good), "--wait", "--json")
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)
+    assert [r["result"]["path"] for r in rows] == [f"in/{tag}/{n}.bin" for n in "abc"]
+    assert (worker.download_dir / f"in/{tag}/a.bin").read_bytes() == payload
+    # Standard input, and a bad line: named by file and number; the lines before it are queued.
+    bad = f"{origin.url}/bytes/1?seed={tag}x\nftp://example.invalid/f\n{origin.url}/bytes/2\n"
+    refused = subprocess.run(
+        [sys.executable, "-m", "download_client.cli", "submit", "-i", "-", "--json"],
+        cwd=ROOT,
+        env=env,
+        input=bad,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 2
+    assert "standard input, line 2: url: scheme must be http or https" in refused.stderr
+    assert "the 1 downloads up to line 1 were queued" in refused.stderr
+    assert [r["url"] for r in json.loads(refused.stdout)] == [f"{origin.url}/bytes/1?seed={tag}x"]
+
+
+def test_200000_lines_from_a_file_in_flat_memory(env, redis_server, tmp_path):
+    """No worker needed: the messages wait in a queue nobody consumes, and are counted there."""
+    queue = f"bulk-{uuid.uuid4().hex[:6]}"
+    broker = redis.Redis(port=redis_server.port, db=0)
+
+    def submit_file(lines: int) -> int:
+        listing = tmp_path / f"{lines}.txt"
+        with listing.open("w") as f:
+            for i in range(lines):
+                f.write(f"http://127.0.0.1:9/files/{i}.bin bulk/{i}.bin\n")
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "download_client.cli",
+                "submit",
+                "-i",
+                str(listing),
+                "--queue",
+                queue,
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        _, status, usage = os.wait4(proc.pid, 0)  # its resource usage, peak RSS included
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        assert proc.stderr is not None
+        with proc.stderr:
+            assert proc.returncode == 0, proc.stderr.read()
+        assert broker.llen(queue) == lines
+        broker.delete(queue)
+        return int(usage.ru_maxrss)  # KiB on Linux
+
+    try:
+        started = time.monotonic()
+        small, big = submit_file(2_000), submit_file(200_000)
+        print(f"2,000 and 200,000 lines submitted in {time.monotonic() - started:.1f} s")
+    finally:
+        broker.delete(queue)
+    assert big < 150 * 1024, f"peak RSS {big} KiB"
+    assert big - small < 30 * 1024, (small, big)  # 100 times the lines, about the same memory
+
+
+def test_a_retry_shows_its_reason_and_when_the_next_attempt_is_due(env, client):
+    """The view of a retry, from the state a worker leaves and its note (written here as a
+    worker writes it)."""
+    from download_client.errors import TransientError
+
+    url = "http://127.0.0.1:9/gone.bin"
+    queued = json.loads(
+        cli(env, "submit", url, "--queue", f"none-{uuid.uuid4().hex[:6]}", "--json").stdout
+    )
+    task_id = queued[0]["id"]
+    client.backend.mark_as_retry(task_id, TransientError("connection refused by 127.0.0.1:9"))
+    plain = json.loads(cli(env, "result", task_id, "--json").stdout)[0]
+    assert plain["state"] == "RETRY" and plain["url"] == url
+    assert plain["retry"] == {
+        "reason": "connection refused by 127.0.0.1:9",
+        "due": None,
+        "attempt": None,
+    }
+    backend = redis.Redis(
+        port=client.backend.client.connection_pool.connection_kwargs["port"], db=1
+    )
+    due = time.time() + 42
+    note = {"reason": "connection refused by 127.0.0.1:9", "due": due, "attempt": 2}
+    backend.set(f"downloads:retry:{task_id}", json.dumps(note), ex=60)
+    assert records.retry_notes(backend, [task_id, "nothing"]) == {
+        task_id: records.RetryNote("connection refused by 127.0.0.1:9", due, 2)
+    }
+    row = json.loads(cli(env, "result", task_id, "--json").stdout)[0]
+    assert row["retry"] == note
+    text = cli(env, "result", task_id).stdout
+    said = re.search(
+        r"retrying: next attempt in (\d+) s \(attempt 2\): connection refused by 127.0.0.1:9",
+        text,
+    )
+    assert said and 0 < int(said.group(1)) <= 42, text
+
+
+def test_a_real_retry_in_status_and_in_wait(env, start_worker, origin):
+    """A download that retries for real: `status` lists it (it is not active), and `wait`
+    shows why and when the next attempt is due (from the worker's note)."""
+    queue = f"retry-{uuid.uuid4().hex[:6]}"
+    start_worker(queue=queue, concurrency=1, DOWNLOAD_RETRY_BACKOFF_MAX="60")
+    url = f"{origin.url}/bytes/10?status=503&retry_after=30&seed={uuid.uuid4().hex}"
+    [row] = json.loads(cli(env, "submit", url, "--queue", queue, "--json").stdout)
+
+    def listed() -> dict[str, Any] | None:
+        body = json.loads(cli(env, "status", "--queue", queue, "--json").stdout)
+        return next((r for r in body["retrying"] if r["id"] == row["id"]), None)
+
+    retrying = wait_for(listed, 30, "status to list the retrying download")
+    assert "503" in retrying["reason"] and retrying["due"] > time.time() + 5
+    text = cli(env, "status", "--queue", queue).stdout
+    # Not active, yet not forgotten (other tests' downloads may be listed too).
+    assert re.search(r"waiting to retry: [1-9]", text), text
+    mine = next(line for line in text.splitlines() if row["id"] in line)
+    assert re.search(r"next attempt in \d+ s.*: HTTP 503", mine), mine
+    waited = json.loads(cli(env, "wait", row["id"], "--timeout", "1", "--json").stdout)[0]
+    assert waited["state"] == "RETRY" and "503" in waited["retry"]["reason"]
+    assert waited["retry"]["due"] is not None  # the worker's note: when it is due
+    assert cli(env, "cancel", row["id"]).returncode == 0
+
+
+def test_wait_warns_when_no_worker_consumes_the_queue(env, origin):
+    queue = f"nobody-{uuid.uuid4().hex[:6]}"
+    done = cli(
+        env, "submit", f"{origin.url}/bytes/10", "--queue", queue, "--wait", "--timeout", "6"
+    )
+    assert done.returncode == 4
+    assert f"warning: no worker consumes queue {queue!r}" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_many_unfinished_ids_go_to_a_file_that_wait_reads(env, tmp_path):
+    import io
+
+    from download_client.watching import follow_hint
+
+    parked = f"parked-{uuid.uuid4().hex[:6]}"
+    urls = [f"http://127.0.0.1:9/{i}" for i in range(21)]
+    ids = [
+        r["id"] for r in json.loads(cli(env, "submit", *urls, "--queue", parked, "--json").stdout)
+    ]
+    err = io.StringIO()
+    follow_hint(ids, err)
+    saved = re.search(r"downloads wait -i (\S+)", err.getvalue())
+    assert saved and Path(saved.group(1)).read_text().split() == ids
+    waited = cli(env, "wait", "-i", saved.group(1), "--timeout", "0.5", "--json")
+    assert waited.returncode == 4
+    assert [r["id"] for r in json.loads(waited.stdout)] == ids
+    Path(saved.group(1)).unlink()
+    redis.Redis.from_url(env["CELERY_BROKER_URL"]).delete(parked)
+
+
+def test_cancel_with_no_worker_online_cancels_nothing(env):
+    # A broker database no worker listens on: the revoke has nobody to reach.
+    alone = {**env, "CELERY_BROKER_URL": env["CELERY_BROKER_URL"].rsplit("/", 1)[0] + "/7"}
+    [row] = json.loads(cli(alone, "submit", "http://127.0.0.1:9/x", "--json").stdout)
+    refused = cli(alone, "cancel", row["id"])
+    assert refused.returncode == 3 and "no worker answered" in refused.stderr
+    redis.Redis.from_url(alone["CELERY_BROKER_URL"]).flushdb()

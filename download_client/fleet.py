@@ -1,0 +1,105 @@
+"""What the workers say about themselves (Celery's remote control): who is online, what runs,
+what waits to retry, and whether anyone consumes a queue."""
+
+from __future__ import annotations
+
+import ast
+from datetime import datetime
+from typing import Any
+
+from celery import Celery
+
+from download_client import records
+from download_client.client import backend_redis, read_states
+from download_client.contract import TASK_NAME
+from download_client.tables import retry_of
+
+INSPECT_TIMEOUT = 1.0  # seconds to wait for the workers' replies
+
+
+def queue_depth(conn: Any, queue: str) -> int:
+    """Messages waiting in `queue`, on Redis or RabbitMQ; a queue not declared yet holds none."""
+    try:
+        return int(conn.default_channel.queue_declare(queue, passive=True).message_count)
+    except conn.channel_errors:
+        return 0
+
+
+def consumers(app: Celery, queue: str | None) -> list[str]:
+    """The workers online that consume `queue` (None: any queue); empty: nobody will run what
+    waits there."""
+    replies = app.control.inspect(timeout=INSPECT_TIMEOUT).active_queues() or {}
+    return sorted(
+        w
+        for w, queues in replies.items()
+        if queue is None or any(q.get("name") == queue for q in queues)
+    )
+
+
+def status(app: Celery, queue: str) -> dict[str, Any]:
+    with app.connection_for_write() as conn:
+        conn.ensure_connection(max_retries=1)
+        depth = queue_depth(conn, queue)
+    # The broadcast that waits out its timeout: every worker that answers `active` is online.
+    active = app.control.inspect(timeout=INSPECT_TIMEOUT).active() or {}
+    workers = sorted(active)
+    downloads = [
+        {"worker": w, "id": t["id"], "kwargs": kwargs_object(t.get("kwargs"))}
+        for w, tasks in active.items()
+        for t in tasks
+        if t.get("name") == TASK_NAME
+    ]
+    states = read_states(app.backend, [d["id"] for d in downloads])
+    for d in downloads:  # bytes and total from the result backend, as pollers see them
+        state, info = states[d["id"]]
+        d["progress"] = info if state == "PROGRESS" and isinstance(info, dict) else None
+    body = {"workers": workers, "queue": queue, "queue_depth": depth, "active": downloads}
+    return {**body, "retrying": retrying(app, workers)}
+
+
+def retrying(app: Celery, workers: list[str]) -> list[dict[str, Any]]:
+    """Downloads between two attempts: held by a worker until their countdown ends (Celery's
+    `scheduled`) or noted by a worker in Redis; why and when, from the note where there is one,
+    else from the RETRY state's exception and the message's ETA."""
+    held: dict[str, dict[str, Any]] = {}
+    if workers:  # only those that answered: the reply comes as soon as they all have
+        inspect = app.control.inspect(workers, timeout=INSPECT_TIMEOUT, limit=len(workers))
+        for worker, entries in (inspect.scheduled() or {}).items():
+            for entry in entries:
+                request = entry.get("request") or {}
+                if request.get("name") == TASK_NAME:
+                    held[request["id"]] = {"worker": worker, "eta": _epoch(entry.get("eta"))}
+    client = backend_redis(app)
+    noted = records.retrying_ids(client) if client is not None else []
+    ids = sorted(set(held) | set(noted))
+    notes = records.retry_notes(client, ids) if client is not None else {}
+    states = read_states(app.backend, ids)
+    out = []
+    for task_id in ids:
+        state, info = states[task_id]
+        if task_id not in held and state != "RETRY":
+            continue  # a note outliving its retry: the download has moved on
+        retry = retry_of(info, notes.get(task_id))
+        if retry["due"] is None and task_id in held:
+            retry["due"] = held[task_id]["eta"]
+        out.append({"id": task_id, "worker": held.get(task_id, {}).get("worker"), **retry})
+    return out
+
+
+def _epoch(eta: Any) -> float | None:
+    try:
+        return datetime.fromisoformat(eta).timestamp() if isinstance(eta, str) else None
+    except ValueError:
+        return None
+
+
+def kwargs_object(shown: Any) -> Any:
+    """The kwargs `inspect active` reports as the worker's redacted repr, as a JSON object (a
+    Python literal, read without evaluating anything); the text itself if it is not one."""
+    if not isinstance(shown, str):
+        return shown
+    try:
+        value = ast.literal_eval(shown)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return shown
+    return value if isinstance(value, dict) else shown

@@ -1,0 +1,103 @@
+"""What the client keeps beside Celery's results, in the result backend's Redis: a record of each
+id it submitted (so an id nobody submitted can be called unknown, where Celery says PENDING for
+everything) and the workers' retry notes (Celery's RETRY state holds the exception, not when
+the next attempt is due)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+SUBMITTED_PREFIX = "downloads:submitted:"
+RETRY_PREFIX = "downloads:retry:"
+_READ_CHUNK = 1000  # keys a pipeline reads at once: bounded replies for any number of ids
+
+
+@dataclass(frozen=True)
+class RetryNote:
+    """Why a download is waiting for another attempt, and when that attempt is due."""
+
+    reason: str
+    due: float | None  # epoch seconds; None: not known
+    attempt: int | None
+
+    def due_in(self, now: float | None = None) -> float | None:
+        """Seconds until the next attempt (0 when it is already due), or None."""
+        if self.due is None:
+            return None
+        return max(0.0, self.due - (time.time() if now is None else now))
+
+
+def mark_submitted(pipe: Any, task_id: str, shown_url: str, ttl: int) -> None:
+    """Queue the record of one submission on a pipeline; the value is the redacted URL, which a
+    failed download's result does not hold."""
+    pipe.set(SUBMITTED_PREFIX + task_id, shown_url, ex=ttl)
+
+
+def submitted(client: Any, ids: Sequence[str]) -> dict[str, str]:
+    """The ids among `ids` submitted through this client, with their (redacted) URLs."""
+    found: dict[str, str] = {}
+    for chunk, values in _read(client, SUBMITTED_PREFIX, ids):
+        for task_id, value in zip(chunk, values, strict=True):
+            if value is not None:
+                found[task_id] = _text(value)
+    return found
+
+
+def retry_notes(client: Any, ids: Sequence[str]) -> dict[str, RetryNote]:
+    """The retry notes the workers left for `ids` (those that have one), read pipelined."""
+    notes: dict[str, RetryNote] = {}
+    for chunk, values in _read(client, RETRY_PREFIX, ids):
+        for task_id, value in zip(chunk, values, strict=True):
+            note = parse_note(value)
+            if note is not None:
+                notes[task_id] = note
+    return notes
+
+
+def retrying_ids(client: Any, limit: int = 1000) -> list[str]:
+    """Ids with a retry note, found by scanning (at most `limit`): the downloads between two
+    attempts, which no worker lists as active."""
+    ids: list[str] = []
+    for key in client.scan_iter(match=RETRY_PREFIX + "*", count=1000):
+        ids.append(_text(key)[len(RETRY_PREFIX) :])
+        if len(ids) >= limit:
+            break
+    return ids
+
+
+def parse_note(value: Any) -> RetryNote | None:
+    """A note as the workers write it (`{"reason", "due", "attempt"}` as JSON); None when there
+    is none or it cannot be read (a note is a courtesy: never fail a view over one)."""
+    if value is None:
+        return None
+    try:
+        body = json.loads(value)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(body, dict) or not isinstance(body.get("reason"), str):
+        return None
+    due, attempt = body.get("due"), body.get("attempt")
+    return RetryNote(
+        reason=body["reason"],
+        due=float(due) if isinstance(due, int | float) and not isinstance(due, bool) else None,
+        attempt=attempt if isinstance(attempt, int) and not isinstance(attempt, bool) else None,
+    )
+
+
+def _read(client: Any, prefix: str, ids: Iterable[str]) -> Iterator[tuple[list[str], list[Any]]]:
+    chunk: list[str] = []
+    for task_id in ids:
+        chunk.append(task_id)
+        if len(chunk) == _READ_CHUNK:
+            yield chunk, client.mget([prefix + i for i in chunk])
+            chunk = []
+    if chunk:
+        yield chunk, client.mget([prefix + i for i in chunk])
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

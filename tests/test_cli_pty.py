@@ -1,0 +1,159 @@
+"""The `downloads` command in a real terminal: a pseudo-terminal that is the command's
+controlling terminal, so Ctrl-C is a byte typed into it (the line discipline turns it into
+SIGINT), and what rich draws is read back as a person would see it."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import pty
+import re
+import subprocess
+import sys
+import termios
+import threading
+import uuid
+from typing import Any
+
+import pytest
+
+from tests.harness import ROOT, wait_for, worker_env
+from tests.server import body
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
+
+
+class Terminal:
+    """`python -m download_client.cli ARGS` on a fresh pseudo-terminal (stdin, stdout and
+    stderr), in its own session with the terminal as its controlling one."""
+
+    def __init__(self, env: dict[str, str], *args: str) -> None:
+        primary, secondary = pty.openpty()
+        self.fd = primary
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "download_client.cli", *args],
+            cwd=ROOT,
+            env={**env, "TERM": "xterm-256color", "COLUMNS": "160", "LINES": "40"},
+            stdin=secondary,
+            stdout=secondary,
+            stderr=secondary,
+            start_new_session=True,
+            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
+        )
+        os.close(secondary)
+        self.chunks: list[bytes] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = os.read(self.fd, 65536)
+            except OSError:  # the other side closed (Linux: EIO)
+                return
+            if not data:
+                return
+            self.chunks.append(data)
+
+    @property
+    def raw(self) -> str:
+        return b"".join(self.chunks).decode(errors="replace")
+
+    @property
+    def text(self) -> str:
+        """What was written, without colours and cursor movements; each redraw on a line."""
+        return ANSI.sub("", self.raw.replace("\r\n", "\n").replace("\r", "\n"))
+
+    def expect(self, pattern: str, timeout: float = 60) -> re.Match[str]:
+        match: re.Match[str] = wait_for(
+            lambda: re.search(pattern, self.text), timeout, f"{pattern!r} on the terminal"
+        )
+        return match
+
+    def type(self, data: bytes) -> None:
+        os.write(self.fd, data)
+
+    def finish(self, timeout: float = 60) -> int:
+        code = self.proc.wait(timeout)
+        self.reader.join(10)
+        os.close(self.fd)
+        return code
+
+
+@pytest.fixture
+def env(redis_server, tmp_path) -> dict[str, str]:
+    return worker_env(redis_server.url, tmp_path)
+
+
+def test_live_view_draws_bars_and_a_batch_total_without_skipped_bytes(
+    env, worker, origin, tmp_path
+):
+    tag = uuid.uuid4().hex
+    present, dest = f"{origin.url}/bytes/3000000?seed=p{tag}", f"pty/{tag}.bin"
+    first = cli(env, "submit", present, "--dest", dest, "--wait")
+    assert first.returncode == 0, first.stderr
+    # Already on disk with its checksum given: skipped, no request; none of its bytes count.
+    digest = hashlib.sha256(body(3000000, f"p{tag}")).hexdigest()
+    slow = f"{origin.url}/bytes/600000?rate=200000&seed={tag}"
+    listing = tmp_path / "batch.txt"
+    listing.write_text(f"# a present file and a slow one\n{present} {dest} {digest}\n\n{slow}\n")
+    term = Terminal(env, "submit", "-i", str(listing), "--wait")
+    term.expect(r"/600\.0 kB")  # its bar, drawn while it runs
+    assert term.finish() == 0, term.text
+    screen = term.text
+    assert re.search(r"\d+(\.\d+)? [kM]B/s", screen)  # its speed
+    assert "\x1b[" in term.raw  # redrawn in place
+    assert "already present" in screen
+    # The batch's last frame: the slow one's 600 kB, not the 3 MB already present.
+    assert re.search(r"batch ━+ 600\.0/600\.0 kB .* 2/2 done \(2 succeeded, 0 failed\)", screen)
+    assert "2 of 2 succeeded (1 already present), 585.9 KiB" in screen
+    # Each download's whole id, to copy into `downloads wait` or `cancel`.
+    assert len(set(re.findall(r"[0-9a-f]{8}-(?:[0-9a-f]{4}-){3}[0-9a-f]{12}", screen))) == 2
+
+
+def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "download_client.cli", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_ctrl_c_leaves_downloads_running_and_says_how_to_follow_them(env, worker, origin):
+    tag = uuid.uuid4().hex
+    urls = [f"{origin.url}/bytes/1500000?rate=300000&seed={tag}{i}" for i in range(2)]
+    term = Terminal(env, "submit", *urls, "--wait")
+    term.expect(r"/1\.5 MB")  # running, drawn
+    term.type(b"\x03")  # Ctrl-C, as typed
+    assert term.finish() == 130, term.text
+    screen = term.text
+    assert "Traceback" not in screen and "KeyboardInterrupt" not in screen
+    hint = re.search(r"downloads wait ([0-9a-f -]+)", screen)
+    assert hint, screen
+    ids = hint.group(1).split()
+    assert len(ids) == 2
+    # They went on without the command: waiting again sees them succeed.
+    done = cli(env, "wait", *ids, "--json")
+    assert done.returncode == 0, done.stderr
+    rows: list[dict[str, Any]] = json.loads(done.stdout)
+    assert [r["state"] for r in rows] == ["SUCCESS", "SUCCESS"]
+    assert sorted(r["url"] for r in rows) == sorted(urls)
+
+
+def test_input_file_shows_a_progress_line_while_submitting(env, redis_server, origin, tmp_path):
+    parked = f"parked-{uuid.uuid4().hex[:6]}"  # no worker consumes it
+    listing = tmp_path / "urls.txt"
+    listing.write_text("".join(f"{origin.url}/bytes/10?n={i}\n" for i in range(2500)))
+    term = Terminal(env, "submit", "-i", str(listing), "--queue", parked)
+    assert term.finish() == 0
+    assert "submitted 1000/2500" in term.text and "submitted 2500/2500" in term.text
+    import redis
+
+    client = redis.Redis(port=redis_server.port, db=0)
+    assert client.llen(parked) == 2500
+    client.delete(parked)
