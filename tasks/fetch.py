@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import requests
@@ -127,16 +128,8 @@ class FetchTask(Task):  # type: ignore[misc]
     def _step_aside(self, origins: Origins | None) -> None:
         """This run does not download (another task has the destination): its count and any
         origin slot it took go back."""
-        try:
-            pipe = self.redis().pipeline(transaction=False)
-            deliveries.deferred(None, self.request.id, self.request.retries, pipe)
-            released = origins is not None and origins.leave(pipe)
-            answers = pipe.execute()
-            if origins is not None and released:
-                origins.took_back(answers[2])
-                parking.publish(self.app, origins.woken)
-        except REDIS_ERRORS as exc:
-            log.warning("run not stepped aside (%s); counts and slots expire on their own", exc)
+        rid, retries = self.request.id, self.request.retries
+        self._give_back(origins, lambda pipe: deliveries.deferred(None, rid, retries, pipe))
 
     def attempt(
         self,
@@ -196,22 +189,31 @@ class FetchTask(Task):  # type: ignore[misc]
         self, claims: Claims | None, origins: Origins | None, result: DownloadResult
     ) -> None:
         """Leave the result to the destination's waiters, give the origin slot back and count
-        the bytes, in one round trip; then publish who the slot woke."""
+        the bytes, in one round trip."""
+
+        def queue(pipe: Any) -> None:
+            if claims is not None:
+                claims.finish(dict(result), pipe)
+            counters.count_bytes_on(pipe, result)
+
+        self._give_back(origins, queue)
+
+    def _give_back(self, origins: Origins | None, queue: Callable[[Any], None]) -> None:
+        """Give the origin slot back with the writes `queue` puts on the same pipeline (one
+        round trip), then publish who the slot woke."""
         client = self.redis()
         if client is None:
             return
         try:
             pipe = client.pipeline(transaction=False)
             released = origins is not None and origins.leave(pipe)
-            if claims is not None:
-                claims.finish(dict(result), pipe)
-            counters.count_bytes_on(pipe, result)
+            queue(pipe)
             answers = pipe.execute()
             if origins is not None and released:
                 origins.took_back(answers[0])
                 parking.publish(self.app, origins.woken)
         except REDIS_ERRORS as exc:
-            log.warning("claim and origin slot not released (%s); they expire on their own", exc)
+            log.warning("origin slot and claim not given back (%s); they expire on their own", exc)
 
     def _leave(self, origins: Origins) -> None:
         try:

@@ -66,10 +66,24 @@ def fake_results() -> dict[str, Any]:
             "runs": 2,
             "memory": "warm",
             "missing": ["wget"],
-            "mb_per_s": {"worker": _s(700, 720), "curl": _s(800, 900)},
-            "peak_rss_mib": {"worker": _s(60, 61), "curl": _s(10, 10)},
+            "mb_per_s": {
+                "worker": _s(700, 720),
+                "curl": _s(800, 900),
+                "curl + fsync": _s(400, 500),
+                "dd + fsync": _s(720, 760),
+            },
+            "peak_rss_mib": {
+                "worker": _s(60, 61),
+                "curl": _s(10, 10),
+                "curl + fsync": _s(10, 10),
+                "dd + fsync": _s(3, 3),
+            },
             "rss_growth_mib": {"worker": _s(3, 4)},
-            "worker_vs": {"curl": ratios([700, 720], [800, 900])},
+            "worker_vs": {
+                "curl": ratios([700, 720], [800, 900]),
+                "curl + fsync": ratios([700, 720], [400, 500]),
+                "dd + fsync": ratios([700, 720], [720, 760]),
+            },
             "raw": {"worker": [700, 720], "curl": [800, 900]},
         },
         "small": {
@@ -130,8 +144,12 @@ def test_profile_parser_names_the_path() -> None:
 
 def test_report_renders_targets_and_sections(tmp_path: Path) -> None:
     text = report.render(fake_results(), plotted=False)
-    assert "| 1 GiB: speed against curl | >= 0.7 x | 0.84 (0.80-0.88) x | met |" in text
-    assert "files/s against the no-op task | >= 0.5 x | 0.60 (0.60-0.60) x | met |" in text
+    durable = "1 GiB: speed against the durable limit (the same bytes written with fsync)"
+    assert f"| {durable} | >= 0.9 x | 0.96 (0.95-0.97) x | met |" in text
+    assert "| 1 GiB: child RSS over its idle RSS | <= 16 MiB |" in text
+    assert "files/s against the no-op task | >= 0.75 x | 0.60 (0.60-0.60) x | **missed** |" in text
+    # The three 1 GiB ratios, read together in one paragraph.
+    assert "0.96 (0.95-0.97) x the durable limit" in text and "x plain `curl`" in text
     for heading in ("## 1.", "## 2.", "## 3.", "## 4.", "## 5."):
         assert heading in text
     assert "Not measured (not installed): wget." in text

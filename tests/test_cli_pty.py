@@ -21,6 +21,7 @@ import pytest
 
 from tests.harness import ROOT, wait_for, worker_env
 from tests.server import body
+from tests.test_cli_e2e import cli
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
 
@@ -111,17 +112,6 @@ def test_live_view_draws_bars_and_a_batch_total_without_skipped_bytes(
     assert "2 of 2 succeeded (1 already present), 585.9 KiB" in screen
     # Each download's whole id, to copy into `downloads wait` or `cancel`.
     assert len(set(re.findall(r"[0-9a-f]{8}-(?:[0-9a-f]{4}-){3}[0-9a-f]{12}", screen))) == 2
-
-
-def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "download_client.cli", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def test_ctrl_c_leaves_downloads_running_and_says_how_to_follow_them(env, worker, origin):
