@@ -5,6 +5,7 @@ only way in, and a proxied target is still checked before any request."""
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import ssl
@@ -33,7 +34,13 @@ class Egress:
         return cls(s.ca_bundle, s.ca_only, s.client_cert, s.client_key, s.proxy, s.no_proxy)
 
     def ssl_context(self) -> ssl.SSLContext:
-        """requests' default trust (certifi), plus or instead of DOWNLOAD_CA_BUNDLE."""
+        """requests' default trust (certifi), plus or instead of DOWNLOAD_CA_BUNDLE: one context
+        a process for these settings, made once. The worker makes it before the pool forks, so
+        children share its 1.6 MiB of parsed certificates instead of each parsing its own (a
+        context holds trust and options, never a connection, so sharing it is safe)."""
+        return _context(self)
+
+    def _new_context(self) -> ssl.SSLContext:
         if self.ca_only:
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifying, names checked, no trust yet
         else:
@@ -91,3 +98,8 @@ def _in_range(host: str, entry: str) -> bool:
         return ipaddress.ip_address(host) in ipaddress.ip_network(entry, strict=False)
     except ValueError:
         return False
+
+
+@functools.cache
+def _context(egress: Egress) -> ssl.SSLContext:
+    return egress._new_context()
