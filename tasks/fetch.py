@@ -4,12 +4,13 @@ guard, progress, the result). The HTTP and the disk are in `tasks.core`."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any
 
 import requests
-from celery import Task
+from celery import Task, states
 from celery.exceptions import Ignore, Retry, SoftTimeLimitExceeded
 
 from download_client import arguments
@@ -52,6 +53,8 @@ class FetchTask(Task):  # type: ignore[misc]
     typing = False
     throws = (PermanentError,)
     max_retries = None  # the fault budget is counted in Journey, not by Celery's retries
+    # STARTED is stored by `begin`, in the task's first round trip, not by Celery before it.
+    track_started = False
     Request = "tasks.messages:RedactedRequest"
     Strategy = "tasks.messages:checked_strategy"
 
@@ -96,16 +99,18 @@ class FetchTask(Task):  # type: ignore[misc]
         claims: Claims | None,
         origins: Origins | None,
     ) -> tuple[Held | None, int]:
-        """Take the destination's claim, count this run (the poison guard) and try for a slot at
-        the origin, in one round trip. Returns who else holds the destination (None: nobody)
-        and the download's runs so far."""
+        """Take the destination's claim, count this run (the poison guard), store STARTED and
+        try for a slot at the origin, in one round trip. Returns who else holds the destination
+        (None: nobody) and the download's runs so far."""
         client = self.redis()
         if client is None:
+            self._started(None)
             return None, self.request.retries + 1
         pipe = client.pipeline(transaction=False)
         if claims is not None:
             claims.acquire_on(pipe, journey.waiting_for)
         deliveries.count_on(pipe, self.request.id, self.request.retries, s.result_expires)
+        started = self._started(pipe)
         if origins is not None:
             origins.try_enter(request.url, pipe)
         try:
@@ -116,6 +121,8 @@ class FetchTask(Task):  # type: ignore[misc]
             return None, self.request.retries + 1
         if origins is not None:
             answers = origins.tried(answers)
+        if started:
+            answers = answers[:-1]
         try:
             attempts = deliveries.counted(answers[-4:], s.max_deliveries)
         except PermanentError:  # a poison message: its waiters must not wait for it any longer
@@ -124,6 +131,20 @@ class FetchTask(Task):  # type: ignore[misc]
                 self._leave(origins)
             raise
         return (claims.acquired(answers[0]) if claims is not None else None), attempts
+
+    def _started(self, pipe: Any) -> bool:
+        """STARTED, as Celery stores it (pid and hostname), queued on `pipe` when the backend
+        can take it there; True when queued."""
+        meta = {"pid": os.getpid(), "hostname": self.request.hostname}
+        queue = getattr(self.backend, "queue_state", None)
+        if pipe is not None and queue is not None:  # noqa: SIM102 (mypy narrows `queue` here)
+            if queue(pipe, self.request.id, meta, states.STARTED, self.request):
+                return True
+        try:
+            self.backend.store_result(self.request.id, meta, states.STARTED, request=self.request)
+        except REDIS_ERRORS as exc:
+            log.warning("STARTED not stored (%s); the download goes on", exc)
+        return False
 
     def _step_aside(self, origins: Origins | None) -> None:
         """This run does not download (another task has the destination): its count and any
@@ -189,14 +210,13 @@ class FetchTask(Task):  # type: ignore[misc]
         self, claims: Claims | None, origins: Origins | None, result: DownloadResult
     ) -> None:
         """Leave the result to the destination's waiters, give the origin slot back and count
-        the bytes, in one round trip."""
-
-        def queue(pipe: Any) -> None:
-            if claims is not None:
-                claims.finish(dict(result), pipe)
-            counters.count_bytes_on(pipe, result)
-
-        self._give_back(origins, queue)
+        the bytes: with SUCCESS, in its round trip, where the backend can take them there."""
+        finish = _Finish(self, claims, origins, result)
+        ride = getattr(self.backend, "ride", None)
+        if ride is not None:
+            ride(self.request.id, finish)
+        elif self.redis() is not None:
+            self._give_back(origins, finish.queue)
 
     def _give_back(self, origins: Origins | None, queue: Callable[[Any], None]) -> None:
         """Give the origin slot back with the writes `queue` puts on the same pipeline (one
@@ -265,6 +285,28 @@ class FetchTask(Task):  # type: ignore[misc]
             return None
         # The holder may run up to its hard time limit, then wait up to the longest countdown.
         return Claims(client, request, self.request.id, s.time_limit + s.retry_backoff_max + 60)
+
+
+class _Finish:
+    """A download's last writes (claim, origin slot, byte count), queued on the pipeline that
+    stores its SUCCESS."""
+
+    def __init__(
+        self, task: FetchTask, claims: Claims | None, origins: Origins | None, result: Any
+    ) -> None:
+        self.task, self.claims, self.origins, self.result = task, claims, origins, result
+        self.released = False
+
+    def queue(self, pipe: Any) -> None:
+        self.released = self.origins is not None and self.origins.leave(pipe)
+        if self.claims is not None:
+            self.claims.finish(dict(self.result), pipe)
+        counters.count_bytes_on(pipe, self.result)
+
+    def done(self, answers: list[Any]) -> None:
+        if self.origins is not None and self.released:
+            self.origins.took_back(answers[0])
+            parking.publish(self.task.app, self.origins.woken)
 
 
 def _check_callback(s: Settings, url: str) -> None:

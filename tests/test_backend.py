@@ -70,3 +70,29 @@ def test_a_state_costs_one_round_trip(backend, redis_server, monkeypatch):
     sent.clear()
     backend.store_result(str(uuid.uuid4()), {"size": 3}, "SUCCESS")
     assert len(sent) == 1
+
+
+def test_a_download_costs_its_worker_process_two_round_trips(
+    start_worker, client, origin, tmp_path
+):
+    """STARTED with the claim, the delivery count and the origin slot; SUCCESS with the claim's
+    release, the slot's and the byte count: as many round trips as a task that does nothing."""
+    from tests.conftest import submit
+
+    counts = tmp_path / "roundtrips"
+    counts.mkdir()
+    w = start_worker(
+        extra=["--include=tests.roundtrips"],
+        concurrency=1,
+        DOWNLOAD_HOST_CONCURRENCY="8",
+        ROUNDTRIPS_DIR=str(counts),
+        WORKER_MAX_TASKS_PER_CHILD="0",
+    )
+    n = 40
+    res = [submit(client, w, url=f"{origin.url}/bytes/2000?seed={i}", dest=f"rt/{i}.bin")
+           for i in range(n)]  # fmt: skip
+    assert all(r.get(timeout=60)["size"] == 2000 for r in res)
+    w.stop()
+    (child,) = [int(p.read_text()) for p in counts.iterdir()]
+    connecting = 10  # a child's first commands: connections opened, scripts loaded
+    assert child <= 2 * n + connecting, child

@@ -9,7 +9,9 @@ PROGRESS are courtesies: when Redis is away they are skipped, never waited for.
 
 Celery's read-then-write (a stored SUCCESS is never overwritten: a lost worker's late copy must
 not undo a finished task) is done here as one script: one round trip for each state stored,
-where Celery takes two.
+where Celery takes two. A task may also put its STARTED on a pipeline of its own
+(`queue_state`) and have writes ride with its final state (`ride`): a download then costs the
+worker process two round trips in all, as a task that does nothing does.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
+from typing import Any, Protocol
 
 from billiard.process import current_process
 from celery import states
@@ -45,10 +47,20 @@ return 1
 """
 
 
+class Rider(Protocol):
+    """Writes that go with a task's final state, in the same round trip (a download's claim,
+    origin slot and byte count); `done` gets their answers."""
+
+    def queue(self, pipe: Any) -> None: ...
+
+    def done(self, answers: list[Any]) -> None: ...
+
+
 class DurableRedisBackend(RedisBackend):  # type: ignore[misc]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.outage_s = float(self.app.conf.get("download_result_outage") or 0)
+        self.riders: dict[str, Rider] = {}
 
     def store_result(
         self,
@@ -75,6 +87,27 @@ class DurableRedisBackend(RedisBackend):  # type: ignore[misc]
     ) -> Any:
         if self.serializer != "json":  # the script reads the stored state as JSON
             return super()._store_result(task_id, result, state, traceback, request, **kwargs)
+        stored = self._encoded(task_id, result, state, traceback, request)
+        rider = self.riders.get(task_id) if state in states.READY_STATES else None
+        self.ensure(self._store_unless_succeeded, (*stored, rider))
+        self.riders.pop(task_id, None)
+        return result
+
+    def queue_state(self, pipe: Any, task_id: str, result: Any, state: str, request: Any) -> bool:
+        """Queue the storing of a state on a task's own pipeline (one round trip for both);
+        False when it cannot be queued (the task stores it the usual way)."""
+        if self.serializer != "json":
+            return False
+        pipe.eval(_STORE_UNLESS_SUCCEEDED, 1, *self._encoded(task_id, result, state, None, request))
+        return True
+
+    def ride(self, task_id: str, rider: Rider) -> None:
+        """Have `rider`'s writes go with the task's final state, in its round trip."""
+        self.riders[task_id] = rider
+
+    def _encoded(
+        self, task_id: str, result: Any, state: str, traceback: Any, request: Any
+    ) -> tuple[str, str, int]:
         meta = self._get_result_meta(
             result=result, state=state, traceback=traceback, request=request
         )
@@ -84,12 +117,18 @@ class DurableRedisBackend(RedisBackend):  # type: ignore[misc]
             too_large = "value too large for Redis backend"
             raise BackendStoreError(too_large, state=state, task_id=task_id)
         expires = self.failure_expires if state == states.FAILURE else self.expires
-        key = self.get_key_for_task(task_id)
-        self.ensure(self._store_unless_succeeded, (key, value, int(expires or 0)))
-        return result
+        return self.get_key_for_task(task_id), value, int(expires or 0)
 
-    def _store_unless_succeeded(self, key: str, value: str, expires: int) -> None:
-        self.client.eval(_STORE_UNLESS_SUCCEEDED, 1, key, value, expires)
+    def _store_unless_succeeded(
+        self, key: str, value: str, expires: int, rider: Rider | None = None
+    ) -> None:
+        if rider is None:
+            self.client.eval(_STORE_UNLESS_SUCCEEDED, 1, key, value, expires)
+            return
+        pipe = self.client.pipeline(transaction=False)
+        pipe.eval(_STORE_UNLESS_SUCCEEDED, 1, key, value, expires)
+        rider.queue(pipe)
+        rider.done(pipe.execute()[1:])
 
     def _call_back(self, task_id: str, state: str, result: Any, request: Any) -> None:
         """Queue the download's completion callback, if it asked for one: after its final state
