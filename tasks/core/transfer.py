@@ -13,6 +13,7 @@ import requests
 from download_client.arguments import DownloadRequest
 from download_client.errors import PermanentError, TransientError
 from tasks.core import redirects, responses
+from tasks.core.hashing import StreamHasher
 from tasks.core.records import Record
 from tasks.core.storage import Target, disk_error
 
@@ -229,17 +230,21 @@ def _stream(
 ) -> int:
     """Copy the raw body (never decoded: no gzip can inflate here) to `f`; return the size."""
     raw = response.raw
-    while True:
-        chunk = raw.read1(chunk_size, decode_content=False)
-        if not chunk:
-            break
-        done += len(chunk)
-        if done > cap:
-            raise PermanentError(f"the body passed the {cap}-byte limit")
-        hasher.update(chunk)
-        try:
-            f.write(chunk)
-        except OSError as exc:
-            raise disk_error(exc, "writing the body") from exc
-        on_progress(done, total)
+    beside = StreamHasher(hasher)
+    try:
+        while True:
+            chunk = raw.read1(chunk_size, decode_content=False)
+            if not chunk:
+                break
+            done += len(chunk)
+            if done > cap:
+                raise PermanentError(f"the body passed the {cap}-byte limit")
+            beside.update(chunk)
+            try:
+                f.write(chunk)
+            except OSError as exc:
+                raise disk_error(exc, "writing the body") from exc
+            on_progress(done, total)
+    finally:
+        beside.close()
     return done
