@@ -73,7 +73,9 @@ def test_a_killed_child_gives_its_slot_back(start_worker, client, origin, key):
     os.kill(active_pid(client, runner, holder.id), signal.SIGKILL)
     killed = time.monotonic()
     assert waiter.get(timeout=60)["size"] == 100
-    assert time.monotonic() - killed < 20  # the lease (10 s) and the sweep, not the holder's end
+    # Back by the lease (10 s) and the sweep, or at once when the message comes back and is
+    # refused as poison (one delivery): not by the holder's end, which never comes.
+    assert time.monotonic() - killed < 20
     spans = [
         (
             r.query["key"][-1],
@@ -84,7 +86,10 @@ def test_a_killed_child_gives_its_slot_back(start_worker, client, origin, key):
         for r in origin.stats.requests
         if r.query.get("key", "").startswith(f"{key}-")
     ]
-    assert origin.stats.most_at_once(f"{key}-") == 1, spans
+    # The waiter asked only once the holder was dead (the origin may see the dead holder's
+    # connection close a moment later than that).
+    assert [s for s in spans if s[0] == "w" and s[1] < 0] == [], spans
+    assert [s for s in spans if s[0] == "h" and s[1] > 0] == [], spans
     wait_for(lambda: holder.state == "FAILURE", 30, "the holder to fail: one delivery only")
 
 
