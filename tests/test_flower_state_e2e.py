@@ -88,13 +88,14 @@ class ComposeFlower(Flower):
         return subprocess.run(argv, env=self.env, capture_output=True, timeout=30).returncode
 
 
-def saved_tasks(db: Path) -> set[str]:
-    """Task ids in Flower's state file (empty while it is missing or being replaced)."""
+def saved_tasks(db: Path) -> dict[str, str]:
+    """Task ids in Flower's state file with their saved states (empty while it is missing or
+    being replaced)."""
     try:
         with shelve.open(str(db), flag="r") as state:
-            return set(state["events"].tasks.keys())
+            return {i: t.state for i, t in state["events"].tasks.items()}
     except Exception:  # not written yet, or caught between two renames
-        return set()
+        return {}
 
 
 @pytest.fixture
@@ -113,7 +114,9 @@ def test_flower_keeps_the_task_history_across_a_crash(flower_env, worker, origin
         )
         assert task.get(timeout=60)["size"] == 1000
         flower.wait_state(task.id, "SUCCESS")
-        wait_for(lambda: task.id in saved_tasks(db), 30, "the periodic save to hold the task")
+        # A save made before SUCCESS reached Flower holds the task as STARTED: wait for a later one.
+        saved = lambda: saved_tasks(db).get(task.id) == "SUCCESS"  # noqa: E731
+        wait_for(saved, 30, "the periodic save to hold the task's SUCCESS")
         flower.crash()
         assert flower.healthcheck() != 0
     finally:
