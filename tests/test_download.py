@@ -123,6 +123,19 @@ def test_an_unchanged_file_is_not_downloaded_again(session, tmp_path, origin):
     assert origin.stats.requests[-1].headers["If-None-Match"] == '"c-4000"'
 
 
+def test_a_file_on_disk_never_stands_for_a_request_it_fails(session, tmp_path, origin):
+    """An unchanged file (a 304) that this request's sha256 or size cap would refuse is no
+    success: the body is fetched again and checked, and the file there is left as it was."""
+    url = f"{origin.url}/bytes/4000?seed=w"
+    fetch(session, tmp_path, url)
+    with pytest.raises(PermanentError, match="sha256 mismatch"):
+        fetch(session, tmp_path, url, sha256="0" * 64)
+    with pytest.raises(PermanentError, match=r"4000|limit|larger"):
+        fetch(session, tmp_path, url, max_bytes=1000)
+    assert "If-None-Match" not in origin.stats.requests[-1].headers
+    assert (tmp_path / "f.bin").read_bytes() == body(4000, "w")
+
+
 def test_a_changed_file_on_disk_is_downloaded_again(session, tmp_path, origin):
     url = f"{origin.url}/bytes/4000?seed=d"
     fetch(session, tmp_path, url)

@@ -99,6 +99,8 @@ def _transfer(
     if not offset:
         target.discard()  # whatever is there cannot be resumed: start clean
     finished = None if offset else target.finished_record()
+    if finished is not None and not _meets(finished, request, limits):
+        finished = None  # a 304 must not stand for a file this request would refuse: fetch it
     headers = {**request.headers, **_condition_headers(validators, offset, finished)}
 
     with redirects.opened(session, request.url, headers, limits.timeout, gate) as response:
@@ -135,6 +137,14 @@ def _transfer(
         resumed_from=start,
         skipped=False,
     )
+
+
+def _meets(finished: Record, request: DownloadRequest, limits: Limits) -> bool:
+    """The file already there passes this request's own checks (its sha256, its size cap)."""
+    cap = min(limits.max_bytes, request.max_bytes or limits.max_bytes)
+    if request.sha256 and finished.sha256 != request.sha256:
+        return False
+    return (finished.size or 0) <= cap
 
 
 def _unchanged(final_url: str, dest: str, finished: Record) -> Outcome:
