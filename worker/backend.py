@@ -89,7 +89,9 @@ class DurableRedisBackend(RedisBackend):  # type: ignore[misc]
             return super()._store_result(task_id, result, state, traceback, request, **kwargs)
         stored = self._encoded(task_id, result, state, traceback, request)
         rider = self.riders.get(task_id) if state in states.READY_STATES else None
-        self.ensure(self._store_unless_succeeded, (*stored, rider))
+        # No retry here (Celery wraps its write in one): a courtesy state is skipped at once when
+        # Redis is away, and final states are retried by `_store`, off the main loop.
+        self._store_unless_succeeded(*stored, rider)
         self.riders.pop(task_id, None)
         return result
 
