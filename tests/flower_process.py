@@ -10,7 +10,7 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import requests
 from prometheus_client.parser import text_string_to_metric_families
@@ -49,20 +49,16 @@ class Flower:
     def auth(self) -> tuple[str, str]:
         return (USER, self.password)
 
-    def start(self) -> Flower:
+    def command(self) -> list[str]:
+        return [
+            *(sys.executable, "-m", "celery", "-A", "worker", "flower"),
+            *("--address=127.0.0.1", f"--port={self.port}", "--logging=info"),
+        ]
+
+    def start(self) -> Self:
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "worker",
-                "flower",
-                "--address=127.0.0.1",
-                f"--port={self.port}",
-                "--logging=info",
-            ],
+            self.command(),
             cwd=ROOT,
             env=self.env,
             stdout=self._log,

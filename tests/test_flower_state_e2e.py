@@ -58,19 +58,8 @@ class ComposeFlower(Flower):
         command = container_argv(flower_service()["command"])
         self.argv = [*command[:4], *local_options(command[4:], self.port, db)]
 
-    def start(self) -> ComposeFlower:
-        self._log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            self.argv,
-            cwd=ROOT,
-            env=self.env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        wait_for(self._healthy, 60, "flower to answer /healthcheck")
-        wait_for(self._sees_events, 60, "flower to receive events")
-        return self
+    def command(self) -> list[str]:
+        return self.argv
 
     def crash(self) -> None:
         """SIGKILL: no clean stop, so no save at exit; only the periodic saves count."""
