@@ -4,10 +4,10 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY worker ./worker
 COPY tasks ./tasks
-COPY download_client ./download_client
+COPY client ./client
 # A named volume starts as a copy of the directory it is mounted on, owner included: the
 # downloads and Flower's state file stay writable by the non-root user.
-RUN pip install --no-cache-dir . \
+RUN pip install --no-cache-dir ./client . \
  && useradd --create-home --uid 10001 downloads \
  && mkdir -p /data/downloads /data/flower && chown -R downloads /data
 USER downloads

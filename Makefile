@@ -14,10 +14,12 @@ help:
 	@echo "make bench  the benchmark report (docs/benchmarks.md)"
 	@echo "make soak   the chaos soak, about 10 minutes (docs/soak.md; SOAK_QUICK=1: 2 minutes)"
 
-$(VENV)/.installed: pyproject.toml
+# Two distributions from one checkout: the client (client/, what other services install) and
+# the workers, which depend on it.
+$(VENV)/.installed: pyproject.toml client/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -U pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e ./client -e '.[dev]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -27,8 +29,14 @@ run: install
 
 # Three test processes: the suite waits on real processes and the network far more than it
 # computes, and each process gets its own private Redis and workers.
-test: install
+test: install $(VENV)/wheelhouse/.filled
 	$(PY) -m pytest -n 3 --dist worksteal
+
+# Wheels for the producer venvs that tests/test_client_install.py builds (tests/wheelhouse.py):
+# downloaded here, once, so the tests install from local files only.
+$(VENV)/wheelhouse/.filled: $(VENV)/.installed client/pyproject.toml tests/wheelhouse.py
+	$(PY) -m tests.wheelhouse
+	touch $@
 
 lint: install
 	$(VENV)/bin/ruff check .
@@ -44,7 +52,7 @@ demo: install
 	$(PY) -m scripts.demo
 
 $(VENV)/.bench-installed: $(VENV)/.installed pyproject.toml
-	$(PY) -m pip install -q -e '.[dev,bench]'
+	$(PY) -m pip install -q -e ./client -e '.[dev,bench]'
 	touch $@
 
 # The peers (nginx, curl, wget, aria2c) come from apt when missing and we are root; a peer that

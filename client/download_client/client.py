@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from celery import Celery
@@ -117,7 +118,7 @@ def _publish_chunk(
     # Declared once here (kombu then caches it for the connection), not at every publish:
     # the declaration's bookkeeping costs more than the publish itself.
     producer.maybe_declare(route["queue"])
-    with producer.batch(max_size=2 * CHUNK):
+    with _pipelined(producer):
         for (task_id, _), kwargs, redacted in zip(sent, chunk, shown, strict=True):
             message = amqp.create_task_message(
                 task_id,
@@ -132,6 +133,13 @@ def _publish_chunk(
             # A failed publish is reported, not retried: the caller knows which ids were queued.
             amqp.send_task_message(producer, TASK_NAME, message, declare=[], retry=False, **route)
     return sent
+
+
+def _pipelined(producer: Any) -> AbstractContextManager[Any]:
+    """kombu 5.7's `Producer.batch` sends a chunk's publishes in one round trip; older kombu
+    (the client runs on Celery 5.6) publishes them one at a time, to the same effect."""
+    batch = getattr(producer, "batch", None)
+    return batch(max_size=2 * CHUNK) if batch is not None else nullcontext()
 
 
 def _record(app: Celery, sent: Sequence[tuple[str, str]]) -> None:
