@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -26,6 +27,7 @@ from tests.harness import ROOT, RedisServer, Worker, worker_env
 from tests.rabbitmq import RabbitServer, installed
 from tests.wheelhouse import CLIENT, ENVS, folder
 
+BUILT = ("build", "*.egg-info", "__pycache__")
 SERVICE = """
 import importlib.metadata as md, json, os, sys
 import tasks, worker  # the service's own modules, not ours
@@ -43,11 +45,13 @@ print(json.dumps({"state": result.state, "result": result.result, "keys": list(R
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The client's wheel, built from the checkout as a release would be."""
+    """The client's wheel, built from the checkout as a release would be (from a copy: setuptools
+    builds in the source tree, and test processes build at once)."""
     out = tmp_path_factory.mktemp("wheel")
+    source = shutil.copytree(CLIENT, out / "client", ignore=shutil.ignore_patterns(*BUILT))
     pip = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
     subprocess.run(
-        [*pip, "-w", str(out), str(CLIENT)],
+        [*pip, "-w", str(out), str(source)],
         check=True,
         capture_output=True,
         timeout=180,
@@ -230,3 +234,26 @@ def test_the_readme_snippet_with_the_client_runs_as_written(
     )
     assert done.stdout.count(" SUCCESS ") == 2, done.stdout
     assert (worker.download_dir / "x/2.png").stat().st_size == 2048
+
+
+@pytest.mark.parametrize("env", ["lowest", "newest"])
+def test_the_installed_downloads_command_submits_and_waits(
+    env, venvs, tmp_path, redis_server, worker, origin
+):
+    venv = venvs(env)
+    url = f"{origin.url}/bytes/1024?seed=cli-{env}-{uuid.uuid4().hex[:8]}"
+    done = subprocess.run(
+        [str(venv / "bin" / "downloads"), "submit", url, "--wait", "--json", "--timeout", "60"],
+        cwd=tmp_path,
+        env={
+            "PATH": "/usr/bin:/bin",
+            "CELERY_BROKER_URL": f"{redis_server.url}/0",
+            "CELERY_RESULT_BACKEND": f"{redis_server.url}/1",
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    [row] = json.loads(done.stdout)
+    assert row["state"] == "SUCCESS" and row["result"]["size"] == 1024, row
