@@ -4,12 +4,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: help install run worker flower test lint fmt demo bench soak clean
+.PHONY: help install run worker flower test lint docs docs-serve fmt demo bench soak clean
 
 help:
 	@echo "make run    the whole stack in the foreground: Redis (if none answers), worker, Flower"
 	@echo "make test   the test suite (real Redis, real worker, loopback HTTP server)"
 	@echo "make lint   ruff, mypy and the import layers"
+	@echo "make docs   the documentation site (docs/), built strictly into .run/site"
 	@echo "make demo   50 generated images through the real stack, with a summary"
 	@echo "make bench  the benchmark report (docs/benchmarks.md)"
 	@echo "make soak   the chaos soak, about 10 minutes (docs/soak.md; SOAK_QUICK=1: 2 minutes)"
@@ -29,7 +30,10 @@ run: install
 
 # Three test processes: the suite waits on real processes and the network far more than it
 # computes, and each process gets its own private Redis and workers.
+# scripts/setup.sh: the Debian packages the suite runs for real (installed when root; named
+# and stopped otherwise).
 test: install $(VENV)/wheelhouse/.filled
+	@bash scripts/setup.sh
 	$(PY) -m pytest -n 3 --dist worksteal
 
 # Wheels for the producer venvs that tests/test_client_install.py builds (tests/wheelhouse.py):
@@ -43,6 +47,12 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
+
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+
+docs-serve: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve
 
 fmt: install
 	$(VENV)/bin/ruff format .

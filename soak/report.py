@@ -140,8 +140,8 @@ def markdown(f: dict[str, Any]) -> str:
     lines = [
         "# Chaos soak report",
         "",
-        "Written by `make soak` (the figures below are from its last run; see the README's",
-        "Delivery section for what it proves and `soak/report.py` for each definition).",
+        "Written by `make soak` (the figures below are from its last run; see docs/reliability.md",
+        "(The chaos soak) for what it proves and `soak/report.py` for each definition).",
         "",
         f"- downloads accepted: **{f['accepted']}**; accounted for: **{f['accounted']}** "
         f"({100 * f['accounted'] / max(1, f['accepted']):.2f} %)",

@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 
 class FetchTask(Task):  # type: ignore[misc]
-    """Download one URL to DOWNLOAD_DIR. Arguments and result: see the README's contract."""
+    """Download one URL to DOWNLOAD_DIR. Arguments and result: see docs/contract.md."""
 
     name = TASK_NAME
     typing = False
@@ -249,7 +249,7 @@ class FetchTask(Task):  # type: ignore[misc]
 
     def note_retry(self, s: Settings, why: DownloadError, delay: float, attempt: int) -> None:
         """Why the download is in RETRY and when the next attempt is due, in the result
-        backend's Redis where clients read results (README: Results)."""
+        backend's Redis where clients read results (docs/contract.md)."""
         client = self.redis()
         if client is None:
             return

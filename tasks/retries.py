@@ -49,7 +49,7 @@ def publish_policy(settings: Settings) -> dict[str, float]:
 
 
 def note_key(task_id: str) -> str:
-    """Where a download in RETRY keeps why and until when (README: Results)."""
+    """Where a download in RETRY keeps why and until when (docs/contract.md)."""
     return f"downloads:retry:{task_id}"
 
 

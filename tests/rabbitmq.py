@@ -18,7 +18,7 @@ from tests.harness import free_port, wait_for
 # and read /etc/rabbitmq.
 SCRIPT = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
 CTL = SCRIPT.with_name("rabbitmqctl")
-# Above the tests' hard time limits; the README's rule for production is
+# Above the tests' hard time limits; docs/production.md's rule for production is
 # consumer_timeout >= DOWNLOAD_VISIBILITY_TIMEOUT.
 CONSUMER_TIMEOUT_MS = 600_000
 

@@ -136,11 +136,11 @@ def _one_within(receiver: Receiver, task_id: str, timeout: float) -> dict:
 
 
 def _snippet(language: str) -> str:
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "callbacks.md").read_text()
     block = re.search(
         rf"```{language}\n(# verify-callback|// verify-callback)\n(.*?)```", readme, re.S
     )
-    assert block, f"the README's {language} verification snippet"
+    assert block, f"the callbacks page's {language} verification snippet"
     return block.group(2)
 
 

@@ -21,7 +21,7 @@ COMPOSE = ROOT / "docker-compose.yml"
 RABBIT_COMPOSE = ROOT / "docker-compose.rabbitmq.yml"
 CONSUMER = ROOT / "deploy" / "consumer.example.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
-README = ROOT / "README.md"
+PRODUCTION = ROOT / "docs" / "production.md"
 # Fixed for production, on purpose, rather than left to defaults.
 FIXED = {"DOWNLOAD_DIR": "/data/downloads", "DOWNLOAD_ALLOW_PRIVATE": "false"}
 # Overridable (an external Redis), with the bundled Redis on the compose network by default.
@@ -193,7 +193,7 @@ def test_only_keys_the_stated_compose_version_knows(path):
 def test_the_minimum_compose_version_is_stated():
     header = COMPOSE.read_text().split("\nx-settings", 1)[0].replace("#", "")
     assert f"Needs {MINIMUM}" in " ".join(header.split())
-    assert MINIMUM in " ".join(README.read_text().split())
+    assert MINIMUM in " ".join(PRODUCTION.read_text().split())
 
 
 def env_example() -> dict[str, tuple[str, str, bool]]:

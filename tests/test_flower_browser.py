@@ -28,7 +28,7 @@ def test_compose_shows_the_columns_make_run_shows():
     columns = compose["services"]["flower"]["environment"]["FLOWER_TASKS_COLUMNS"]
     assert columns == make_run_default("FLOWER_TASKS_COLUMNS")
     assert {"state", "result", "kwargs", "runtime"} <= set(columns.split(","))
-    assert f"`{columns}`" in (ROOT / "README.md").read_text()  # what the README lists
+    assert f"`{columns}`" in (ROOT / "docs" / "flower.md").read_text()  # what the docs list
 
 
 def chromium(url: str, profile: Path, output: str) -> str:

@@ -41,7 +41,7 @@ def test_api_needs_credentials(flower):
         "/api/task/revoke/x",
     ):
         assert flower.post(path, fetch_body("http://x/"), auth=None).status_code == 401, path
-    # Open by Flower's design, for scrapers and probes: documented in the README.
+    # Open by Flower's design, for scrapers and probes: documented in docs/metrics.md.
     assert flower.get("/metrics", auth=None).status_code == 200
     assert flower.get("/healthcheck", auth=None).status_code == 200
 
@@ -318,11 +318,11 @@ def test_two_hosts_one_queue(start_worker, origin, client):
 
 
 def test_readme_curl_examples_work(flower, worker, origin):
-    """The README's curl block, command by command, against the real Flower."""
+    """The Flower page's curl block, command by command, against the real Flower."""
     if shutil.which("curl") is None:
         pytest.skip("curl is not installed")
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Submitting over HTTP (Flower's REST API)")[1].split("\n## ")[0]
+    page = (ROOT / "docs" / "flower.md").read_text()
+    section = page.split("## Submitting over HTTP (Flower's REST API)")[1].split("\n## ")[0]
     block = section.split("```sh\n")[1].split("```")[0]
     commands = [
         c.strip()

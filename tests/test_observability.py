@@ -1,6 +1,6 @@
 """deploy/ checked with promtool (Debian's prometheus package): the Prometheus configuration, the
 alert rules and their unit tests on synthetic series, and every query of the Grafana dashboard,
-which holds each PromQL query the README's "Metrics" section gives."""
+which holds each PromQL query the "Metrics" page (docs/metrics.md) gives."""
 
 from __future__ import annotations
 
@@ -36,8 +36,8 @@ def dashboard_queries() -> list[str]:
 
 
 def readme_queries() -> list[str]:
-    """The PromQL column of the README's "Metrics" table."""
-    section = (ROOT / "README.md").read_text().split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
+    """The PromQL column of the "Metrics" page's table."""
+    section = (ROOT / "docs" / "metrics.md").read_text()
     return re.findall(r"^\|[^|]+\| `([^`]+)` \|$", section, re.MULTILINE)
 
 

@@ -109,7 +109,7 @@ def test_make_run_logs_in_when_ready_keeps_the_password_off_ps_and_stops_on_ctrl
         CELERY_RESULT_BACKEND=results,
         FLOWER_PORT=str(port),
         FLOWER_BASIC_AUTH=f"ops:{password}",
-        FLOWER_PURGE_OFFLINE_WORKERS="1",  # 10 s unless set, as the README says
+        FLOWER_PURGE_OFFLINE_WORKERS="1",  # 10 s unless set, as docs/flower.md says
         WORKER_CONCURRENCY="2",
         DOWNLOAD_DIR=str(tmp_path / "downloads"),
     )

@@ -1,7 +1,7 @@
 """HTTPS and the egress proxy against real workers: origins signed by a CA the test makes, and
 tinyproxy counting what passes through it. Certificate problems fail at once with their cause;
-DOWNLOAD_CA_BUNDLE, DOWNLOAD_CLIENT_CERT, DOWNLOAD_PROXY and DOWNLOAD_NO_PROXY do what the README
-says; resume, redirects and size caps behave as over plain HTTP."""
+DOWNLOAD_CA_BUNDLE, DOWNLOAD_CLIENT_CERT, DOWNLOAD_PROXY and DOWNLOAD_NO_PROXY do what
+docs/tls-and-proxies.md says; resume, redirects and size caps behave as over plain HTTP."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The public contract of the download service: the task's name and the keys of its result.
-Services depend on these; they change only additively (see the README's contract policy)."""
+Services depend on these; they change only additively (see docs/contract.md)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ TASK_NAME = "downloads.fetch"
 
 
 class DownloadResult(TypedDict):
-    """What a successful `downloads.fetch` returns (the README's result table)."""
+    """What a successful `downloads.fetch` returns (the result table in docs/contract.md)."""
 
     url: str
     final_url: str

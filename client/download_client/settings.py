@@ -1,5 +1,5 @@
 """One typed settings object, read from the environment. Every default is documented here and in
-the README's settings table; the Celery configuration is derived from it in `worker.celery_app`;
+docs/settings.md; the Celery configuration is derived from it in `worker.celery_app`;
 producers read the broker, the backend and the visibility timeout."""
 
 from __future__ import annotations
@@ -208,5 +208,5 @@ class Settings:
 
 
 def documented() -> list[tuple[str, str]]:
-    """(variable, default) pairs in contract order, for the README table and its test."""
+    """(variable, default) pairs in contract order, for the docs' settings table and its test."""
     return [(f.metadata["var"], f.metadata["default"]) for f in fields(Settings)]
