@@ -4,12 +4,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: help install run worker flower test lint fmt demo bench soak clean
+.PHONY: help install run worker flower test lint upstream fmt demo bench soak clean
 
 help:
 	@echo "make run    the whole stack in the foreground: Redis (if none answers), worker, Flower"
 	@echo "make test   the test suite (real Redis, real worker, loopback HTTP server)"
 	@echo "make lint   ruff, mypy and the import layers"
+	@echo "make upstream  the upstream canaries and end-to-end smoke tests against the newest"
+	@echo "               Celery, kombu and Flower of the pinned majors (in .venv-upstream)"
 	@echo "make demo   50 generated images through the real stack, with a summary"
 	@echo "make bench  the benchmark report (docs/benchmarks.md)"
 	@echo "make soak   the chaos soak, about 10 minutes (docs/soak.md; SOAK_QUICK=1: 2 minutes)"
@@ -36,6 +38,11 @@ lint: install
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
+# The pins stay exact; this runs the canaries (tests/test_upstream_canaries.py) and a few
+# end-to-end tests against the newest releases of the same major versions, in a venv of its own.
+upstream:
+	PYTHON=$(PYTHON) bash scripts/upstream.sh
+
 fmt: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
@@ -60,4 +67,4 @@ soak: install
 	$(PY) -m soak
 
 clean:
-	rm -rf $(VENV) .run build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-upstream .run build *.egg-info .pytest_cache .mypy_cache .ruff_cache
