@@ -4,13 +4,15 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: help install run worker flower test lint docs docs-serve fmt demo bench soak clean
+.PHONY: help install run worker flower test lint docs docs-serve upstream fmt demo bench soak clean
 
 help:
 	@echo "make run    the whole stack in the foreground: Redis (if none answers), worker, Flower"
 	@echo "make test   the test suite (real Redis, real worker, loopback HTTP server)"
 	@echo "make lint   ruff, mypy and the import layers"
 	@echo "make docs   the documentation site (docs/), built strictly into .run/site"
+	@echo "make upstream  the upstream canaries and end-to-end smoke tests against the newest"
+	@echo "               Celery, kombu and Flower of the pinned majors (in .venv-upstream)"
 	@echo "make demo   50 generated images through the real stack, with a summary"
 	@echo "make bench  the benchmark report (docs/benchmarks.md)"
 	@echo "make soak   the chaos soak, about 10 minutes (docs/soak.md; SOAK_QUICK=1: 2 minutes)"
@@ -54,6 +56,11 @@ docs: install
 docs-serve: install
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve
 
+# The pins stay exact; this runs the canaries (tests/test_upstream_canaries.py) and a few
+# end-to-end tests against the newest releases of the same major versions, in a venv of its own.
+upstream:
+	PYTHON=$(PYTHON) bash scripts/upstream.sh
+
 fmt: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
@@ -78,4 +85,4 @@ soak: install
 	$(PY) -m soak
 
 clean:
-	rm -rf $(VENV) .run build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-upstream .run build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -20,12 +20,22 @@ class RedactedRequest(Request):  # type: ignore[misc]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._argsrepr, self._kwargsrepr = redact_reprs(self._args, self._kwargs)
-        self._request_dict["argsrepr"] = self._argsrepr
-        self._request_dict["kwargsrepr"] = self._kwargsrepr
+        self.redacted = redact_reprs(self.args, self.kwargs)
+        self.request_dict["argsrepr"], self.request_dict["kwargsrepr"] = self.redacted
+
+    @property
+    def argsrepr(self) -> str:
+        return self.redacted[0]
+
+    @property
+    def kwargsrepr(self) -> str:
+        return self.redacted[1]
 
     def info(self, safe: bool = False) -> dict[str, Any]:
-        return super().info(safe=True)  # type: ignore[no-any-return]
+        return {**super().info(safe=True), "args": self.argsrepr, "kwargs": self.kwargsrepr}
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__}: {self.humaninfo()} {self.argsrepr} {self.kwargsrepr}>"
 
 
 def checked_strategy(task: Task, app: Any, consumer: Any, **kwargs: Any) -> Any:

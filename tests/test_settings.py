@@ -140,6 +140,22 @@ def test_every_component_reads_the_same_result_backend():
     assert connect(s).conf.result_backend == "redis://h:6379/1"
 
 
+@pytest.mark.parametrize("scheme", ["redis", "rediss"])
+def test_the_worker_stores_results_through_the_durable_backend(scheme, monkeypatch):
+    from worker.backend import DurableRedisBackend
+    from worker.celery_app import create_app
+
+    url = f"{scheme}://:hunter2@h:6379/1" + (
+        "?ssl_cert_reqs=required" if scheme == "rediss" else ""
+    )
+    # Celery reads this variable over the configuration: the backend class must not depend on it.
+    monkeypatch.setenv("CELERY_RESULT_BACKEND", url)
+    app = create_app(Settings.from_env({"CELERY_BROKER_URL": url, "CELERY_RESULT_BACKEND": url}))
+    assert type(app.backend) is DurableRedisBackend
+    assert app.backend.url == url
+    assert "hunter2" not in app.backend.as_uri()
+
+
 @pytest.mark.parametrize(
     ("url", "name"),
     [

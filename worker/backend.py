@@ -1,7 +1,7 @@
 """The result backend: Celery's Redis backend, made to wait out a Redis outage for final states.
 
-Celery stores a task's result with an unguarded Redis read first (`_store_result` reads the
-current state), so a download finishing while Redis is away would end FAILURE with its file on
+Celery stores a task's result with an unguarded Redis read first (it reads the current state
+before it writes), so a download finishing while Redis is away would end FAILURE with its file on
 disk. Here a final state (SUCCESS, FAILURE, RETRY, REVOKED) is retried with backoff for up to
 DOWNLOAD_RESULT_OUTAGE seconds, but only off the worker's main loop: a prefork child or a pool
 thread may wait, the main process must keep acking, heartbeating and sending events. STARTED and
@@ -27,8 +27,12 @@ from celery.backends.redis import RedisBackend
 from celery.exceptions import BackendStoreError
 
 from tasks import callback
+from worker.celery_internals import result_meta
 
 log = logging.getLogger(__name__)
+# Redis's own limit on a string value (512 MB, "proto-max-bulk-len"), which Celery's Redis
+# backend checks too: refused here before the script would fail on it.
+MAX_VALUE_BYTES = 512 * 1024 * 1024
 _WAITED_FOR = frozenset({*states.READY_STATES, states.RETRY})
 # KEYS: the task's result key. ARGV: the encoded meta (JSON), its expiry in seconds (0: none).
 _STORE_UNLESS_SUCCEEDED = """
@@ -76,25 +80,6 @@ class DurableRedisBackend(RedisBackend):  # type: ignore[misc]
             self._call_back(task_id, state, result, request)
         return stored
 
-    def _store_result(
-        self,
-        task_id: str,
-        result: Any,
-        state: str,
-        traceback: Any = None,
-        request: Any = None,
-        **kwargs: Any,
-    ) -> Any:
-        if self.serializer != "json":  # the script reads the stored state as JSON
-            return super()._store_result(task_id, result, state, traceback, request, **kwargs)
-        stored = self._encoded(task_id, result, state, traceback, request)
-        rider = self.riders.get(task_id) if state in states.READY_STATES else None
-        # No retry here (Celery wraps its write in one): a courtesy state is skipped at once when
-        # Redis is away, and final states are retried by `_store`, off the main loop.
-        self._store_unless_succeeded(*stored, rider)
-        self.riders.pop(task_id, None)
-        return result
-
     def queue_state(self, pipe: Any, task_id: str, result: Any, state: str, request: Any) -> bool:
         """Queue the storing of a state on a task's own pipeline (one round trip for both);
         False when it cannot be queued (the task stores it the usual way)."""
@@ -107,15 +92,29 @@ class DurableRedisBackend(RedisBackend):  # type: ignore[misc]
         """Have `rider`'s writes go with the task's final state, in its round trip."""
         self.riders[task_id] = rider
 
+    def _write(
+        self, task_id: str, result: Any, state: str, traceback: Any, request: Any, **kwargs: Any
+    ) -> Any:
+        """Store one state, once: Celery's encoding, then the script (Celery's own read and
+        write when the serializer is not JSON, which the script cannot read)."""
+        if self.serializer != "json":
+            return super().store_result(task_id, result, state, traceback, request, **kwargs)
+        result = self.encode_result(result, state)
+        stored = self._encoded(task_id, result, state, traceback, request)
+        rider = self.riders.get(task_id) if state in states.READY_STATES else None
+        # No retry here (Celery wraps its own write in one): a courtesy state is skipped at
+        # once when Redis is away, and final states are retried by `_store`, off the main loop.
+        self._store_unless_succeeded(*stored, rider)
+        self.riders.pop(task_id, None)
+        return result
+
     def _encoded(
         self, task_id: str, result: Any, state: str, traceback: Any, request: Any
     ) -> tuple[str, str, int]:
-        meta = self._get_result_meta(
-            result=result, state=state, traceback=traceback, request=request
-        )
+        meta = result_meta(self, result, state, traceback, request)
         meta["task_id"] = task_id.decode() if isinstance(task_id, bytes) else task_id
         value = self.encode(meta)
-        if len(value) > self._MAX_STR_VALUE_SIZE:
+        if len(value) > MAX_VALUE_BYTES:
             too_large = "value too large for Redis backend"
             raise BackendStoreError(too_large, state=state, task_id=task_id)
         expires = self.failure_expires if state == states.FAILURE else self.expires
@@ -144,7 +143,7 @@ class DurableRedisBackend(RedisBackend):  # type: ignore[misc]
     def _store(
         self, task_id: str, result: Any, state: str, traceback: Any, request: Any, **kwargs: Any
     ) -> Any:
-        store = super().store_result
+        store = self._write
         if state not in _WAITED_FOR:
             try:
                 return store(task_id, result, state, traceback, request, **kwargs)

@@ -3,11 +3,10 @@ the parts of the worker that hook into Celery's signals."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from celery import Celery, states
-from celery.app import backends
-from celery.backends.redis import RedisBackend
+from celery.loaders.app import AppLoader
 
 from download_client.brokers import is_rabbitmq, rabbitmq_config, whole_seconds
 from download_client.contract import TASK_NAME
@@ -17,7 +16,7 @@ from tasks import runtime
 from tasks.callback import CallbackTask
 from tasks.fetch import FetchTask
 from worker import lifecycle, metrics, redis_transport, revoked, shutdown, sweeper
-from worker.backend import DurableRedisBackend
+from worker.celery_internals import rank_state_with
 
 
 def celery_config(s: Settings) -> dict[str, Any]:
@@ -69,10 +68,24 @@ def celery_config(s: Settings) -> dict[str, Any]:
     }
 
 
-class DownloadsCelery(Celery):  # type: ignore[misc]
-    """Results go through DurableRedisBackend when the backend is Redis (worker/backend.py).
+class DownloadsLoader(AppLoader):  # type: ignore[misc]
+    """Celery's loader, with results for `redis://` and `rediss://` URLs going through
+    DurableRedisBackend (worker/backend.py); any other backend is Celery's own.
 
-    Whoever publishes `downloads.fetch` through this app (Flower's REST API runs `-A worker`;
+    `override_backends` is the loader's table of backend aliases, which Celery reads over its
+    own when it picks a backend class for a URL's scheme (celery/app/backends.py, `by_name`).
+    The URL itself stays as configured: Celery lets the CELERY_RESULT_BACKEND environment
+    variable win over the configured `result_backend` (celery/app/utils.py), which would drop a
+    `module:Class+redis://` prefix there, and producers read the same URL."""
+
+    override_backends: ClassVar[dict[str, str]] = {
+        "redis": "worker.backend:DurableRedisBackend",
+        "rediss": "worker.backend:DurableRedisBackend",
+    }
+
+
+class DownloadsCelery(Celery):  # type: ignore[misc]
+    """Whoever publishes `downloads.fetch` through this app (Flower's REST API runs `-A worker`;
     the worker's own retries) sends redacted argsrepr/kwargsrepr: the task-sent event carries
     them, and Flower shows them for as long as the task waits in the queue."""
 
@@ -85,17 +98,11 @@ class DownloadsCelery(Celery):  # type: ignore[misc]
             options["countdown"] = whole_seconds(options["countdown"])
         return super().send_task(name, *args, **options)
 
-    def _get_backend(self) -> Any:
-        backend, url = backends.by_url(self.backend_cls or self.conf.result_backend, self.loader)
-        if backend is RedisBackend:
-            backend = DurableRedisBackend
-        return backend(app=self, url=url)
-
 
 def create_app(settings: Settings) -> DownloadsCelery:
     """The worker's app for these settings, with the task, the per-process lifecycle, the
     shutdown bound, the sweeper, the revoke clean-up and the metrics connected."""
-    app = DownloadsCelery("downloads")
+    app = DownloadsCelery("downloads", loader=DownloadsLoader)
     app.conf.update(celery_config(settings))
     app.register_task(FetchTask())
     app.register_task(CallbackTask())
@@ -112,4 +119,4 @@ def _rank_progress_with_started() -> None:
     """Event monitors (Flower) rank a custom state above REVOKED and keep showing PROGRESS for a
     download revoked while it ran: rank PROGRESS with STARTED, which every final state
     overrides. Celery keeps this table in one global, so it is set here, once, for everyone."""
-    states.PRECEDENCE_LOOKUP.setdefault("PROGRESS", states.precedence(states.STARTED))
+    rank_state_with("PROGRESS", states.STARTED)

@@ -15,6 +15,7 @@ registers a collector in prometheus_client's default registry, so Flower
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -47,12 +48,10 @@ def connect(app: Celery, settings: Settings) -> None:
     worker_process_shutdown.connect(
         count_recycled, weak=False, dispatch_uid="downloads-metrics-recycled"
     )
-    if not any(isinstance(c, DownloadsCollector) for c in _registered()):
+    # Registered once a process: a second app's collector names the same series, which the
+    # registry refuses (DuplicateTimeseries, a ValueError).
+    with contextlib.suppress(ValueError):
         REGISTRY.register(DownloadsCollector(redis))
-
-
-def _registered() -> list[Any]:
-    return list(getattr(REGISTRY, "_collector_to_names", {}))
 
 
 def _incr(client: Any, key: str, worker: str, n: int) -> None:

@@ -8,7 +8,11 @@
 - That putting back cannot work while Redis is down, and kombu tries it once. Celery has by then
   dropped the messages it held in memory (retries waiting for their countdown, prefetched ones),
   so they would wait in Redis's unacknowledged set for the visibility timeout (hours). The tags
-  are remembered here and put back through the next channel that reaches Redis."""
+  are remembered here and put back through the next channel that reaches Redis.
+
+kombu documents no hook for either repair, nor a way to name a transport class under a scheme:
+this module is one of the worker's three doors to upstream internals (worker/celery_internals.py
+says which), and each private name below has a canary in tests/test_upstream_canaries.py."""
 
 from __future__ import annotations
 
@@ -26,6 +30,9 @@ _stranded: set[str] = set()
 
 class QoS(kombu_redis.QoS):
     def restore_unacked(self, client: Any = None) -> None:
+        # kombu/transport/virtual/base.py, `QoS._delivered` (read in 5.7.0): the ordered dict of
+        # this channel's unacknowledged messages by delivery tag, which kombu's Redis
+        # `restore_unacked` walks and then clears; QoS has no public list of them.
         tags = list(self._delivered)
         try:
             super().restore_unacked(client)  # type: ignore[no-untyped-call]
@@ -50,6 +57,9 @@ class Channel(kombu_redis.Channel):
                 return  # gone again: the next channel tries
             _stranded.discard(tag)
 
+    # kombu/transport/redis.py, `Channel._connparams` (read in 5.7.0): where every connection
+    # pool of the channel gets its parameters, reading `connection.client` (None once the
+    # transport is released). The one place to raise kombu's connection error before that read.
     def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
         if self.connection.client is None:
             raise redis.ConnectionError("the broker connection is already closed")
@@ -64,7 +74,12 @@ class Transport(kombu_redis.Transport):
 def register() -> None:
     """Make `redis://` and `rediss://` URLs use this transport in this process (the worker and
     Flower build the same app). Registered under the schemes, not named in `broker_transport`,
-    so URLs keep their scheme: Flower picks its broker API by it."""
+    so URLs keep their scheme: Flower picks its broker API by it, and kombu refuses a
+    `module:Class` scheme in a broker URL.
+
+    kombu/transport/__init__.py (read in 5.7.0): `TRANSPORT_ALIASES`, the scheme -> class table
+    that `resolve_transport` reads, and `_transport_cache`, where `get_transport_cls` keeps what
+    it resolved."""
     for scheme in ("redis", "rediss"):
         TRANSPORT_ALIASES[scheme] = f"{__name__}:Transport"
         kombu_transport._transport_cache.pop(scheme, None)  # resolved before: resolve again

@@ -19,6 +19,7 @@ from celery import Celery, signals, states
 from celery.worker.consumer.consumer import Consumer as CeleryConsumer
 
 from download_client.errors import PermanentError
+from worker.celery_internals import result_meta
 
 log = logging.getLogger(__name__)
 MAX_PENDING = 1000  # refusals waiting to be stored; past this they are only logged
@@ -106,11 +107,8 @@ class Refusals:
         if client is None:
             return False
         error = PermanentError(f"the worker refused the message: {reason}")
-        meta = backend._get_result_meta(
-            result=backend.encode_result(error, states.FAILURE),
-            state=states.FAILURE,
-            traceback=None,
-            request=None,
+        meta = result_meta(
+            backend, backend.encode_result(error, states.FAILURE), states.FAILURE, None, None
         )
         meta["task_id"] = task_id
         key = backend.get_key_for_task(task_id)

@@ -18,10 +18,10 @@ from typing import Any
 
 from celery import Celery
 from celery.signals import worker_ready, worker_shutting_down
-from celery.worker import state
 
 from download_client.settings import Settings
 from tasks import deliveries
+from worker.celery_internals import running_requests
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def connect(app: Celery, settings: Settings) -> None:
 
 
 def requeue_running(app: Celery, settings: Settings) -> None:
-    running = [r for r in list(state.active_requests) if r.worker_pid and not r.acknowledged]
+    running = [r for r in running_requests() if r.worker_pid and not r.acknowledged]
     if not running:
         return
     log.warning(

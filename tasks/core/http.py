@@ -55,7 +55,14 @@ def resolve_checked(host: str, port: int, allow_private: bool) -> list[tuple[int
 
 class _CheckedConnectionMixin:
     """Resolves once, checks every address, then dials only the checked addresses: a second DNS
-    answer (rebinding) can never reach the socket."""
+    answer (rebinding) can never reach the socket.
+
+    urllib3 has no public hook between resolving and dialling, so this is one of the worker's
+    three doors to upstream internals (worker/celery_internals.py says which). urllib3/connection.py
+    (read in 2.8.0): `HTTPConnection._new_conn` opens the socket with
+    `connection.create_connection((self._dns_host, self.port), ...)`, and `_dns_host` is the host
+    it resolves (the `host` property's store, trailing dot kept). Each has a canary in
+    tests/test_upstream_canaries.py."""
 
     allow_private = False
     _dns_host: str

@@ -1,0 +1,48 @@
+"""The Celery names the worker uses that Celery does not document, behind one door.
+
+Each function reaches one such name; its comment names the upstream code it relies on and the
+release read. tests/test_upstream_canaries.py exercises that code and fails, naming the
+installed Celery, the day it changes. The other two doors are kombu's Redis transport
+(worker/redis_transport.py) and urllib3's connection (tasks/core/http.py). A new private name goes
+behind one of these three doors, with its canary; tests/test_upstream_canaries.py counts them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import states
+from celery.worker import state as worker_state
+
+
+def result_meta(backend: Any, result: Any, state: str, traceback: Any, request: Any) -> Any:
+    """The dict Celery's key-value backends store for a task's state: status, result,
+    traceback, children, date_done, and what `result_extended` adds.
+
+    celery/backends/base.py, `Backend._get_result_meta` (read in 5.7.0): the one builder of the
+    stored format, which clients, Flower and other languages' producers read. No public method
+    returns it without also writing it, and a copy here would drift from Celery's silently."""
+    return backend._get_result_meta(
+        result=result, state=state, traceback=traceback, request=request
+    )
+
+
+def running_requests() -> list[Any]:
+    """The requests this worker process is running now (in its pool), at the time of the call.
+
+    celery/worker/state.py, `active_requests` (read in 5.7.0): a WeakSet the consumer fills when
+    the pool accepts a request and empties when it is ready. The module is Celery's "internal
+    worker state"; the only public view of it, `inspect active`, is a broadcast over the broker,
+    which a worker shutting down cannot wait on."""
+    return list(worker_state.active_requests)
+
+
+def rank_state_with(custom: str, known: str) -> None:
+    """Have event monitors (Flower's `celery.events.state`) rank the custom state `custom` as
+    they rank the built-in `known`. Celery's table is one global, so this is set for the whole
+    process, once; a rank already given is kept.
+
+    celery/states.py, `PRECEDENCE_LOOKUP` (read in 5.7.0): the dict `precedence()` and
+    `state.__lt__` read; a state missing from it ranks above REVOKED and STARTED. Celery has no
+    setting or hook for a custom state's rank."""
+    states.PRECEDENCE_LOOKUP.setdefault(custom, states.precedence(known))
