@@ -19,6 +19,8 @@ import tomllib
 
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
 for requirement in project["dependencies"] + project["optional-dependencies"]["dev"]:
+    if requirement.startswith("download-workers-client"):
+        continue  # this checkout's own client/, installed below
     pinned = re.fullmatch(r"([^=<>!~;\s]+)==(\d+)([\d.]*)(\s*;.*)?", requirement)
     if pinned:
         name, major, rest, marker = pinned.groups()
@@ -29,7 +31,7 @@ PYTHON
 # named so that the newest each accepts is taken, not what an earlier run left.
 "$PY" -m pip install -q -U --upgrade-strategy eager -r "$VENV/requirements.txt" \
     'kombu<6' 'billiard<5' 'prometheus_client<1' 'urllib3<3' 'requests<3'
-"$PY" -m pip install -q --no-deps -e .
+"$PY" -m pip install -q --no-deps -e ./client -e .
 
 echo "newest releases under test:"
 "$PY" -m pip list --format=freeze 2>/dev/null \

@@ -142,6 +142,7 @@ def test_every_component_reads_the_same_result_backend():
 
 @pytest.mark.parametrize("scheme", ["redis", "rediss"])
 def test_the_worker_stores_results_through_the_durable_backend(scheme, monkeypatch):
+    from download_client.client import connect
     from worker.backend import DurableRedisBackend
     from worker.celery_app import create_app
 
@@ -150,9 +151,12 @@ def test_the_worker_stores_results_through_the_durable_backend(scheme, monkeypat
     )
     # Celery reads this variable over the configuration: the backend class must not depend on it.
     monkeypatch.setenv("CELERY_RESULT_BACKEND", url)
-    app = create_app(Settings.from_env({"CELERY_BROKER_URL": url, "CELERY_RESULT_BACKEND": url}))
+    settings = Settings.from_env({"CELERY_BROKER_URL": url, "CELERY_RESULT_BACKEND": url})
+    app = create_app(settings)
     assert type(app.backend) is DurableRedisBackend
     assert app.backend.url == url
+    # Nothing of the worker's choice of class shows in the URL producers read.
+    assert app.conf.result_backend == connect(settings).conf.result_backend == url
     assert "hunter2" not in app.backend.as_uri()
 
 
