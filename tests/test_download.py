@@ -10,6 +10,7 @@ import stat
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -363,3 +364,71 @@ def test_a_waiter_on_a_released_lock_file_takes_the_new_one(tmp_path):
         release.set()
         thread.join(10)
     assert not target.lock_path.exists()
+
+
+class Killed(BaseException):
+    """A SIGKILL as the download code meets it: nothing below it runs, nothing catches it."""
+
+
+def kill_before_the_rename(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The next publish stops after the body is whole, checked, recorded and fsynced: at the
+    rename into the destination's directory (a resume record's own rename goes on)."""
+    replace = os.replace
+
+    def killed(*args: Any, **kwargs: Any) -> None:
+        if "dst_dir_fd" in kwargs:
+            raise Killed
+        replace(*args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", killed)
+
+
+@pytest.mark.parametrize("size", [100_000, 600_000])  # without and with a resume record
+def test_a_body_a_killed_run_had_whole_is_published_without_a_request(
+    session, tmp_path, origin, monkeypatch, size
+):
+    url = f"{origin.url}/bytes/{size}?seed=k{size}&key=arrived-{size}"
+    with monkeypatch.context() as m:
+        kill_before_the_rename(m)
+        with pytest.raises(Killed):
+            fetch(session, tmp_path, url)
+    assert not (tmp_path / "f.bin").exists() and len(partials(tmp_path)) == 1
+    out = fetch(session, tmp_path, url)
+    assert len(origin.stats.for_key(f"arrived-{size}")) == 1  # the killed run's request alone
+    assert (tmp_path / "f.bin").read_bytes() == body(size, f"k{size}")
+    assert (out.sha256, out.size, out.resumed_from) == (body_sha256(size, f"k{size}"), size, size)
+    assert (out.http_status, out.final_url, out.skipped) == (200, url, False)
+    assert in_progress_area(tmp_path) == []
+    assert fetch(session, tmp_path, url).skipped  # and the record now stands for the file
+
+
+def test_an_arrived_body_whose_bytes_changed_since_is_fetched_again(
+    session, tmp_path, origin, monkeypatch
+):
+    url = f"{origin.url}/bytes/100000?seed=t&key=arrived-tampered"
+    with monkeypatch.context() as m:
+        kill_before_the_rename(m)
+        with pytest.raises(Killed):
+            fetch(session, tmp_path, url)
+    [part] = partials(tmp_path)
+    st = part.stat()
+    with part.open("r+b") as f:  # one byte changed; size and mtime as the record has them
+        f.write(b"\xff" if body(100000, "t")[:1] != b"\xff" else b"\x00")
+    os.utime(part, ns=(st.st_atime_ns, st.st_mtime_ns))
+    out = fetch(session, tmp_path, url)
+    assert len(origin.stats.for_key("arrived-tampered")) == 2
+    assert out.sha256 == body_sha256(100000, "t") and out.resumed_from == 0
+    assert in_progress_area(tmp_path) == []
+
+
+def test_an_arrived_body_is_not_published_for_a_request_it_fails(
+    session, tmp_path, origin, monkeypatch
+):
+    url = f"{origin.url}/bytes/100000?seed=c&key=arrived-capped"
+    with monkeypatch.context() as m:
+        kill_before_the_rename(m)
+        with pytest.raises(Killed):
+            fetch(session, tmp_path, url)
+    with pytest.raises(PermanentError, match="limit"):
+        fetch(session, tmp_path, url, max_bytes=50000)
+    assert not (tmp_path / "f.bin").exists() and in_progress_area(tmp_path) == []

@@ -25,6 +25,10 @@ class Record:
     mtime_ns: int | None = None
     content_type: str | None = None
     content_encoding: str | None = None
+    # Where the body came from (after redirects) and its status: what a run that publishes a
+    # body an earlier, killed run had whole reports in the result.
+    final_url: str | None = None
+    status: int | None = None
 
     @property
     def validator(self) -> str | None:
@@ -47,7 +51,7 @@ class Record:
         if not isinstance(data, dict):
             return cls()
         kept = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
-        ints = ("size", "mtime_ns")
+        ints = ("size", "mtime_ns", "status")
         for name, value in kept.items():
             wanted = int if name in ints else str
             if value is not None and (type(value) is not wanted):

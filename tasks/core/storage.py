@@ -217,20 +217,17 @@ class Target:
                 )
         except (OSError, PermanentError):
             return None
+        return _record_on(fd, self.url)
+
+    def arrived_record(self) -> Record | None:
+        """The record a run attached to its partial once the body was whole and checked, right
+        before the fsync and rename that publish it. A run killed in between leaves it, so the
+        next run publishes that body instead of fetching it again."""
         try:
-            st = os.fstat(fd)
-            record = Record.from_json(os.getxattr(fd, RECORD_XATTR))
-        except OSError:  # ENODATA: none; ENOTSUP: the file system keeps no user xattrs
+            fd = os.open(self.part_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
             return None
-        finally:
-            os.close(fd)
-        if record.url != self.url or record.sha256 is None:
-            return None
-        unchanged = stat.S_ISREG(st.st_mode) and (st.st_size, st.st_mtime_ns) == (
-            record.size,
-            record.mtime_ns,
-        )
-        return record if unchanged else None
+        return _record_on(fd, self.url)
 
     def publish(self, f: Any, record: Record | None = None) -> os.stat_result:
         """fsync the finished partial, with its record attached, and rename it onto the
@@ -255,6 +252,26 @@ class Target:
             with contextlib.suppress(FileNotFoundError):
                 sidecar.unlink()
         return st
+
+
+def _record_on(fd: int, url: str) -> Record | None:
+    """The record attached to the open file `fd` (closed here) if it came from `url` and the file
+    has not changed since (same size and mtime); None otherwise, or where there are no user
+    xattrs."""
+    try:
+        st = os.fstat(fd)
+        record = Record.from_json(os.getxattr(fd, RECORD_XATTR))
+    except OSError:  # ENODATA: none; ENOTSUP: the file system keeps no user xattrs
+        return None
+    finally:
+        os.close(fd)
+    if record.url != url or record.sha256 is None:
+        return None
+    unchanged = stat.S_ISREG(st.st_mode) and (st.st_size, st.st_mtime_ns) == (
+        record.size,
+        record.mtime_ns,
+    )
+    return record if unchanged else None
 
 
 def sidecars(part: Path) -> tuple[Path, Path]:

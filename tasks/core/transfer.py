@@ -94,6 +94,11 @@ def _transfer(
     on_progress: Progress,
     gate: Gate | None,
 ) -> Outcome:
+    arrived = target.arrived_record()
+    if arrived is not None and _meets(arrived, request, limits):
+        published = _publish_arrived(target, request, arrived)
+        if published is not None:
+            return published
     validators = target.load_sidecar()
     offset = target.partial_size() if validators.validator else 0
     if not offset:
@@ -147,6 +152,30 @@ def _meets(finished: Record, request: DownloadRequest, limits: Limits) -> bool:
     return (finished.size or 0) <= cap
 
 
+def _publish_arrived(target: Target, request: DownloadRequest, arrived: Record) -> Outcome | None:
+    """Publish the body an earlier run had whole and checked when it was killed, once its bytes
+    hash to the sha256 it recorded then; None when they do not (it is fetched again)."""
+    size = arrived.size or 0
+    f, hasher = target.open_partial(size)
+    digest = hasher.hexdigest()
+    if digest != arrived.sha256:
+        f.close()
+        target.discard()
+        return None
+    target.publish(f, arrived)
+    return Outcome(
+        final_url=arrived.final_url or request.url,
+        path=request.dest,
+        size=size,
+        sha256=digest,
+        content_type=arrived.content_type,
+        content_encoding=arrived.content_encoding,
+        http_status=arrived.status,
+        resumed_from=size,
+        skipped=False,
+    )
+
+
 def _unchanged(final_url: str, dest: str, finished: Record) -> Outcome:
     """The origin answered 304 to the finished file's validators: the file stands as it is."""
     return Outcome(
@@ -170,6 +199,8 @@ def _record_of(response: requests.Response, url: str) -> Record:
         content_type=response.headers.get("Content-Type"),
         # Bodies are stored as sent (never decoded): the caller must know a gzip is a gzip.
         content_encoding=response.headers.get("Content-Encoding"),
+        final_url=response.url,
+        status=response.status_code,
     )
 
 
