@@ -370,8 +370,8 @@ class Killed(BaseException):
     """A SIGKILL as the download code meets it: nothing below it runs, nothing catches it."""
 
 
-def kill_before_the_rename(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The next publish stops after the body is whole, checked, recorded and fsynced: at the
+def killed_run(session, tmp_path: Path, url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run of `url` killed after the body is whole, checked, recorded and fsynced: at the
     rename into the destination's directory (a resume record's own rename goes on)."""
     replace = os.replace
 
@@ -380,7 +380,10 @@ def kill_before_the_rename(monkeypatch: pytest.MonkeyPatch) -> None:
             raise Killed
         replace(*args, **kwargs)
 
-    monkeypatch.setattr(os, "replace", killed)
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", killed)
+        with pytest.raises(Killed):
+            fetch(session, tmp_path, url)
 
 
 @pytest.mark.parametrize("size", [100_000, 600_000])  # without and with a resume record
@@ -388,10 +391,7 @@ def test_a_body_a_killed_run_had_whole_is_published_without_a_request(
     session, tmp_path, origin, monkeypatch, size
 ):
     url = f"{origin.url}/bytes/{size}?seed=k{size}&key=arrived-{size}"
-    with monkeypatch.context() as m:
-        kill_before_the_rename(m)
-        with pytest.raises(Killed):
-            fetch(session, tmp_path, url)
+    killed_run(session, tmp_path, url, monkeypatch)
     assert not (tmp_path / "f.bin").exists() and len(partials(tmp_path)) == 1
     out = fetch(session, tmp_path, url)
     assert len(origin.stats.for_key(f"arrived-{size}")) == 1  # the killed run's request alone
@@ -406,10 +406,7 @@ def test_an_arrived_body_whose_bytes_changed_since_is_fetched_again(
     session, tmp_path, origin, monkeypatch
 ):
     url = f"{origin.url}/bytes/100000?seed=t&key=arrived-tampered"
-    with monkeypatch.context() as m:
-        kill_before_the_rename(m)
-        with pytest.raises(Killed):
-            fetch(session, tmp_path, url)
+    killed_run(session, tmp_path, url, monkeypatch)
     [part] = partials(tmp_path)
     st = part.stat()
     with part.open("r+b") as f:  # one byte changed; size and mtime as the record has them
@@ -425,10 +422,7 @@ def test_an_arrived_body_is_not_published_for_a_request_it_fails(
     session, tmp_path, origin, monkeypatch
 ):
     url = f"{origin.url}/bytes/100000?seed=c&key=arrived-capped"
-    with monkeypatch.context() as m:
-        kill_before_the_rename(m)
-        with pytest.raises(Killed):
-            fetch(session, tmp_path, url)
+    killed_run(session, tmp_path, url, monkeypatch)
     with pytest.raises(PermanentError, match="limit"):
         fetch(session, tmp_path, url, max_bytes=50000)
     assert not (tmp_path / "f.bin").exists() and in_progress_area(tmp_path) == []
