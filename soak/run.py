@@ -49,7 +49,7 @@ class Size:
     def from_env(cls) -> Size:
         quick = os.environ.get("SOAK_QUICK") == "1"
         if os.environ.get("SOAK_REDIS_KILLS") == "1":
-            return cls(2400, 240, 240, (0.5, 3), (3, 5), 64 * 1024, redis_kills=40)
+            return cls(2400, 240, 330, (0.5, 3), (3, 5), 64 * 1024, redis_kills=40)
         size = (
             cls(300, 60, 90, (1, 5), (2, 5), 8 * MiB)
             if quick
