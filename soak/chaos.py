@@ -32,17 +32,25 @@ class Chaos:
     outage: tuple[float, float]
     pause: tuple[float, float]
     stop_timeout: float
+    redis_kills: int = 0  # when set: nothing but this many Redis crashes
     events: list[Event] = field(default_factory=list)
     stopping: threading.Event = field(default_factory=threading.Event)
 
     def run(self, until: float) -> None:
         actions = [self.kill_child] * 5 + [self.restart_worker] * 2 + [self.redis_outage]
+        if self.redis_kills:
+            actions = [self.redis_outage]
         while time.monotonic() < until and not self.stopping.is_set():
+            if self.redis_kills and self._crashes() >= self.redis_kills:
+                break
             if self.stopping.wait(self.rng.uniform(*self.pause)):
                 break
             self.revive_the_dead()
             self.rng.choice(actions)()
         self.revive_the_dead()
+
+    def _crashes(self) -> int:
+        return sum(e.kind == "Redis SIGKILLed" for e in self.events)
 
     def record(self, kind: str, detail: str = "") -> Event:
         event = Event(time.monotonic(), kind, detail)

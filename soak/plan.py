@@ -78,7 +78,10 @@ def size(rng: random.Random, big: int) -> int:
     return rng.randint(4 * MiB, big)
 
 
-def plan(count: int, seed: int, big: int) -> list[Download]:
+def plan(count: int, seed: int, big: int, plain: bool = False) -> list[Download]:
+    """`count` downloads; with `plain`, all of the plain case and no larger than `big`."""
     rng = random.Random(seed)
+    if plain:
+        return [Download(n, CASES[0], rng.randint(1, big)) for n in range(count)]
     weights = [c.weight for c in CASES]
     return [Download(n, rng.choices(CASES, weights)[0], size(rng, big)) for n in range(count)]

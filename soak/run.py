@@ -41,10 +41,15 @@ class Size:
     pause: tuple[float, float]
     big: int
     drain_s: float = 600  # how long the last downloads may take once the chaos has stopped
+    # SOAK_REDIS_KILLS=1: only Redis crashes (SIGKILL, AOF always), this many, under small plain
+    # downloads: the scenario of the fetch's guarantee (2,400 downloads, 40 crashes).
+    redis_kills: int = 0
 
     @classmethod
     def from_env(cls) -> Size:
         quick = os.environ.get("SOAK_QUICK") == "1"
+        if os.environ.get("SOAK_REDIS_KILLS") == "1":
+            return cls(2400, 240, 330, (0.5, 3), (3, 5), 64 * 1024, redis_kills=40)
         size = (
             cls(300, 60, 90, (1, 5), (2, 5), 8 * MiB)
             if quick
@@ -208,11 +213,11 @@ def main(size: Size | None = None, seed: int | None = None) -> dict[str, Any]:
     books, stop = Books(), threading.Event()
     rss: dict[int, list[int]] = {}
     chaos = Chaos(stack.redis, stack.client, stack.workers, random.Random(seed), size.outage,
-                  size.pause, stop_timeout=60)  # fmt: skip
+                  size.pause, stop_timeout=60, redis_kills=size.redis_kills)  # fmt: skip
     backend = f"{stack.redis.url}/1"
     _background(account, books, backend, stack.work / "dl", stop)
     _background(sample_rss, stack.workers, rss, stop)
-    downloads = plan(size.downloads, seed, size.big)
+    downloads = plan(size.downloads, seed, size.big, plain=bool(size.redis_kills))
     submitter = _background(
         submit_all, stack.client, books, downloads, stack.origin.url, size.submit_s
     )

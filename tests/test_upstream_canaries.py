@@ -51,6 +51,16 @@ DOORS = {
     "tasks/core/http.py": {"_new_conn", "_dns_host"},
 }
 MAX_NAMES = 12
+# The reliable fetch's own names (worker/redis_transport.py, FETCH_INTERNALS), allowed in the
+# transport beside its names above and outside the cap; each has its canary, named here.
+FETCH_CANARIES = {
+    "_brpop_start": "test_kombu_starts_the_blocking_take_in_brpop_start",
+    "_brpop_read": "test_kombu_reads_and_delivers_the_take_in_brpop_read",
+    "_queue_cycle": "test_kombu_rotates_the_queues_in_queue_cycle",
+    "_q_for_pri": "test_kombu_names_a_priority_step_key_with_q_for_pri",
+    "_in_poll": "test_kombu_marks_the_take_connection_in_poll",
+    "_brpop_sent_at": "test_kombu_times_the_take_for_its_health_check",
+}
 # Not an upstream library's: argparse's type for add_subparsers() (typeshed names it), in an
 # annotation only; the standard library moves with the Python version, which CI pins.
 STANDARD_LIBRARY = {"download_client/cli.py": {"_SubParsersAction"}}
@@ -225,6 +235,131 @@ def test_kombu_builds_every_redis_client_from_connparams(redis_server):
     assert "asynchronous" in params, f"{KOMBU}: Channel._connparams takes {list(params)}"
 
 
+# --- kombu, the reliable fetch (worker/redis_transport.py, FETCH_INTERNALS) ---
+
+
+class _Sent:
+    """A stand-in for a connection's send_command that keeps what was sent."""
+
+    def __init__(self) -> None:
+        self.args: list[Any] = []
+
+    def __call__(self, *args: Any) -> None:
+        self.args = list(args)
+
+
+def _consuming(conn: Connection, name: str) -> Any:
+    queue = Queue(name, Exchange(name), name)
+    channel = conn.default_channel
+    consumer = conn.Consumer(queue, callbacks=[lambda body, message: message.ack()])
+    consumer.consume()
+    # What the poller does before a channel's first take (MultiChannelPoller._client_registered).
+    client = channel.client
+    client.connection = client.connection_pool.get_connection()
+    return channel, queue
+
+
+def _publish(conn: Connection, queue: Queue, priority: int = 0) -> None:
+    with conn.Producer() as producer:
+        producer.publish({"n": 1}, exchange=queue.exchange, routing_key=queue.routing_key,
+                         declare=[queue], priority=priority)  # fmt: skip
+
+
+def test_kombu_starts_the_blocking_take_in_brpop_start(redis_server):
+    """Channel._brpop_start(timeout): what the poller calls to send the take of a channel that
+    may consume: BRPOP over each priority step's key of each queue, then the timeout."""
+    with Connection(f"{redis_server.url}/6", transport=kombu_redis.Transport) as conn:
+        channel, _ = _consuming(conn, "canary-start")
+        sent = _Sent()
+        channel.client.connection.send_command = sent
+        channel._brpop_start()
+        assert sent.args[:1] == ["BRPOP"] and sent.args[-1] == channel.brpop_timeout, (
+            f"{KOMBU}: Channel._brpop_start no longer sends BRPOP ... timeout: {sent.args}"
+        )
+        assert kombu_redis.MultiChannelPoller._register_BRPOP.__code__.co_names.count(
+            "_brpop_start"
+        ), f"{KOMBU}: the poller no longer starts a take through Channel._brpop_start"
+        channel._in_poll = None
+
+
+def test_kombu_reads_and_delivers_the_take_in_brpop_read(redis_server):
+    """Channel._brpop_read: the handler of a readable take connection; it parses a [key,
+    message] reply, delivers it, and raises Empty on a nil reply."""
+    from queue import Empty
+
+    with Connection(f"{redis_server.url}/6", transport=kombu_redis.Transport) as conn:
+        channel, queue = _consuming(conn, "canary-read")
+        assert channel.handlers["BRPOP"] == channel._brpop_read, (
+            f"{KOMBU}: the poller's BRPOP handler is no longer Channel._brpop_read"
+        )
+        _publish(conn, queue)
+        channel._brpop_start()
+        assert channel._brpop_read() is True, f"{KOMBU}: _brpop_read did not deliver"
+        assert channel.qos._delivered, f"{KOMBU}: _brpop_read's delivery was not recorded"
+        channel._brpop_start(timeout=0.1)
+        with pytest.raises(Empty):
+            channel._brpop_read()
+
+
+def test_kombu_rotates_the_queues_in_queue_cycle(redis_server):
+    """Channel._queue_cycle: consume(n) gives the queues in the order of the take, and a
+    delivery rotates its queue to the end."""
+    with Connection(f"{redis_server.url}/6", transport=kombu_redis.Transport) as conn:
+        channel = conn.default_channel
+        for name in ("canary-a", "canary-b"):
+            conn.Consumer(Queue(name, Exchange(name), name)).consume()
+        cycle = channel._queue_cycle
+        assert cycle.consume(2) == ["canary-a", "canary-b"], f"{KOMBU}: {cycle.consume(2)}"
+        cycle.rotate("canary-a")
+        assert cycle.consume(2) == ["canary-b", "canary-a"], (
+            f"{KOMBU}: Channel._queue_cycle no longer rotates a served queue to the end"
+        )
+
+
+def test_kombu_names_a_priority_step_key_with_q_for_pri(redis_server):
+    """Channel._q_for_pri(queue, pri): the list a message of that priority is pushed to."""
+    with Connection(f"{redis_server.url}/6", transport=kombu_redis.Transport) as conn:
+        channel, queue = _consuming(conn, "canary-pri")
+        client = channel.client
+        client.delete(*(channel._q_for_pri("canary-pri", p) for p in channel.priority_steps))
+        _publish(conn, queue, priority=5)
+        key = channel._q_for_pri("canary-pri", 5)
+        assert key != "canary-pri" and client.llen(key) == 1, (
+            f"{KOMBU}: a priority 5 message is not in Channel._q_for_pri's key {key!r}"
+        )
+        assert channel._q_for_pri("canary-pri", 0) == "canary-pri", f"{KOMBU}: priority 0"
+        client.delete(key)
+
+
+def test_kombu_marks_the_take_connection_in_poll(redis_server):
+    """Channel._in_poll: the connection a take is pending on; the poller sends a new take only
+    when it is falsy, and _brpop_read clears it."""
+    with Connection(f"{redis_server.url}/6", transport=kombu_redis.Transport) as conn:
+        channel, _ = _consuming(conn, "canary-poll")
+        channel._brpop_start(timeout=0.1)
+        assert channel._in_poll is channel.client.connection, (
+            f"{KOMBU}: Channel._in_poll is not the pending take's connection"
+        )
+        with pytest.raises(Exception):  # noqa: B017 - Empty
+            channel._brpop_read()
+        assert not channel._in_poll, f"{KOMBU}: _brpop_read no longer clears Channel._in_poll"
+
+
+def test_kombu_times_the_take_for_its_health_check(redis_server):
+    """Channel._brpop_sent_at: when the pending take was sent, which the poller's health check
+    reads to drop a connection whose reply is overdue."""
+    with Connection(f"{redis_server.url}/6", transport=kombu_redis.Transport) as conn:
+        channel, _ = _consuming(conn, "canary-sent")
+        channel._brpop_start(timeout=0.1)
+        assert isinstance(channel._brpop_sent_at, float), f"{KOMBU}: _brpop_sent_at not set"
+        source = inspect.getsource(kombu_redis.MultiChannelPoller.maybe_check_brpop_health)
+        assert "_brpop_sent_at" in source, (
+            f"{KOMBU}: the BRPOP health check no longer reads Channel._brpop_sent_at"
+        )
+        with pytest.raises(Exception):  # noqa: B017 - Empty
+            channel._brpop_read()
+
+
 # --- urllib3 (tasks/core/http.py) ---
 
 
@@ -376,6 +511,13 @@ def test_upstream_private_names_live_behind_three_doors():
         found[module] -= names
         if not found[module]:
             del found[module]
+    fetch = found.get("worker/redis_transport.py", set()) & redis_transport.FETCH_INTERNALS
+    assert fetch == redis_transport.FETCH_INTERNALS == set(FETCH_CANARIES), (
+        f"the fetch's private names: used {sorted(fetch)}, listed "
+        f"{sorted(redis_transport.FETCH_INTERNALS)}, with a canary {sorted(FETCH_CANARIES)}"
+    )
+    assert all(callable(globals().get(test)) for test in FETCH_CANARIES.values())
+    found["worker/redis_transport.py"] -= fetch
     assert found == DOORS, (
         "upstream private names outside their doors or without a canary "
         f"(found {found}, expected {DOORS}): put a new one behind one of the three doors, "
