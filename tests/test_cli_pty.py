@@ -150,3 +150,11 @@ def test_input_file_shows_a_progress_line_while_submitting(env, redis_server, or
     assert client.llen(parked) == 2500
     client.delete(parked)
 
+
+def test_an_unknown_id_has_a_dash_for_its_url_in_the_terminal_table(env, redis_server):
+    nobody = str(uuid.uuid4())
+    term = Terminal(env, "result", nobody)
+    assert term.finish() == 1
+    row = next(line for line in term.text.splitlines() if line.startswith(nobody))
+    assert row.split("│")[1].strip() == "unknown" and row.split("│")[-1].strip() == "-"
+    assert "None" not in term.text
