@@ -19,10 +19,10 @@ export CELERY_BROKER_URL=${CELERY_BROKER_URL:-redis://localhost:6379/0}
 FLOWER_PORT=${FLOWER_PORT:-5555}
 # Flower reads its options from FLOWER_* variables: nothing secret goes on a command line, where
 # `ps` would show it to every user of the machine.
-# The task list's columns: a running download's progress ("1.2 MiB of 4.8 MiB (25%)", the
-# task-progress event's `result`), its redacted URL (kwargs, or args when sent positionally) and
-# the times. compose sets the same.
-export FLOWER_TASKS_COLUMNS=${FLOWER_TASKS_COLUMNS:-name,state,result,kwargs,args,received,started,runtime,worker,uuid}
+# The task list's columns, all within a 1400 px window: a running download's progress ("1.2 MiB
+# of 4.8 MiB (25%)", the task-progress event's `result`), a failure's reason (`exception`), its
+# redacted URL first in kwargs, how long it ran, where, its id. compose sets the same.
+export FLOWER_TASKS_COLUMNS=${FLOWER_TASKS_COLUMNS:-name,state,result,kwargs,runtime,exception,worker,uuid}
 # Workers offline for this many seconds leave Flower's worker list: `make demo` starts and stops
 # a worker of its own against this Redis. `make run`'s own worker going away stops the stack,
 # so nothing here is hidden by it (compose leaves it unset: there a lost worker must stay seen).
