@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from bench import latency
+from bench import latency, live_view
 from bench.large import DEFAULT_CHUNK, chunk_label
 from bench.stats import fmt, ratios
 
@@ -40,6 +40,8 @@ def render(r: Mapping[str, Any], plotted: bool = True) -> str:
         parts.append(_profile(r["profile"], r.get("large")))
     if "latency" in r:
         parts.append(latency.render(r["latency"]))
+    if "live_view" in r:
+        parts.append(live_view.render(r["live_view"]))
     return "\n".join(parts)
 
 
@@ -119,6 +121,18 @@ def _targets(r: Mapping[str, Any]) -> str:
                 f">= {SMALL_TARGET:g} x",
                 f"{fmt(v, 2)} x",
                 v["median"] >= SMALL_TARGET,
+            )
+        )
+    view = r.get("live_view")
+    if view:
+        share = view["terminal"]["cpu_share"]
+        rows.append(
+            (
+                f"`downloads submit --wait`, {view['downloads']:,} downloads: the command's CPU "
+                "on a terminal",
+                f"<= {live_view.CPU_TARGET:.0%} of one core",
+                f"{share:.1%}",
+                share <= live_view.CPU_TARGET,
             )
         )
     lines = ["## Targets", "", "| target | wanted | measured | |", "|---|---|---|---|"]

@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
 # `make run`: Redis (the one at CELERY_BROKER_URL if it answers, else a private redis-server),
 # one worker and Flower (basic auth, 127.0.0.1), all in the foreground; Ctrl-C stops everything.
+# Each component runs in a process group of its own, which this script stops (TERM, then KILL
+# after STOP_GRACE seconds) on Ctrl-C, on TERM, on any exit: however it is run (a terminal,
+# `make run 2>&1 | tee log`, a TERM to make or to it), nothing it started outlives it.
 set -euo pipefail
+# After Ctrl-C in `make run | tee log`, tee is gone: a message to it must fail (EPIPE), not kill
+# this script before it stops the rest.
+trap '' PIPE
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 RUN="$PWD/.run"  # absolute: redis-server resolves --logfile after changing to --dir
@@ -13,10 +19,10 @@ export CELERY_BROKER_URL=${CELERY_BROKER_URL:-redis://localhost:6379/0}
 FLOWER_PORT=${FLOWER_PORT:-5555}
 # Flower reads its options from FLOWER_* variables: nothing secret goes on a command line, where
 # `ps` would show it to every user of the machine.
-# The task list's columns: a running download's progress ("1.2 MiB of 4.8 MiB (25%)", the
-# task-progress event's `result`), its redacted URL (kwargs, or args when sent positionally) and
-# the times. compose sets the same.
-export FLOWER_TASKS_COLUMNS=${FLOWER_TASKS_COLUMNS:-name,state,result,kwargs,args,received,started,runtime,worker,uuid}
+# The task list's columns, all within a 1400 px window: a running download's progress ("1.2 MiB
+# of 4.8 MiB (25%)", the task-progress event's `result`), a failure's reason (`exception`), its
+# redacted URL first in kwargs, how long it ran, where, its id. compose sets the same.
+export FLOWER_TASKS_COLUMNS=${FLOWER_TASKS_COLUMNS:-name,state,result,kwargs,runtime,exception,worker,uuid}
 # Workers offline for this many seconds leave Flower's worker list: `make demo` starts and stops
 # a worker of its own against this Redis. `make run`'s own worker going away stops the stack,
 # so nothing here is hidden by it (compose leaves it unset: there a lost worker must stay seen).
@@ -38,18 +44,33 @@ if "$PY" -c 'import socket, sys; socket.create_connection(("127.0.0.1", int(sys.
   exit 2
 fi
 
-pids=()
+STOP_GRACE=${STOP_GRACE:-20}  # seconds for a worker's warm shutdown before KILL
+pids=()  # each the leader of its component's process group
+# Start "$@" in the background as the leader of a new process group: a terminal's Ctrl-C goes
+# to the foreground group (make, this script, tee) and not to it; this script stops it.
+own_group() {
+  "$PY" -c 'import os, sys; os.setpgid(0, 0); os.execvp(sys.argv[1], sys.argv[1:])' "$@" &
+  pids+=($!)
+}
+alive() { for pid in "${pids[@]}"; do kill -0 -- "-$pid" 2>/dev/null && return 0; done; return 1; }
 stop() {  # $1: the exit status (0 after Ctrl-C, else the failure's)
   local rc=$1
-  trap - INT TERM EXIT
+  trap - EXIT
+  trap '' INT TERM  # stopping is not interrupted by a second Ctrl-C
+  set +e  # nor by a message to a closed pipe
   echo; echo "stopping: ${pids[*]:-nothing}"
-  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do kill -TERM -- "-$pid" 2>/dev/null; done
+  for _ in $(seq $((STOP_GRACE * 10))); do alive || break; sleep 0.1; done
+  if alive; then
+    echo "still running after ${STOP_GRACE} s: killing what is left"
+    for pid in "${pids[@]}"; do kill -KILL -- "-$pid" 2>/dev/null; done
+  fi
+  wait 2>/dev/null
   echo "stopped"
   exit "$rc"
 }
 interrupted=0
-trap 'interrupted=1' INT TERM  # Ctrl-C reaches the components too; they stop, then we do
+trap 'interrupted=1' INT TERM  # what runs in the foreground (a readiness check) gets it too
 trap 'stop $?' EXIT
 
 # The broker URL may hold a password: Python reads it from the environment, not from argv.
@@ -70,9 +91,8 @@ else
     exit 1
   fi
   echo "redis: starting a private redis-server on 127.0.0.1:$port (data in $RUN/)"
-  redis-server --port "$port" --bind 127.0.0.1 --dir "$RUN" --appendonly yes \
-    --maxmemory-policy noeviction --logfile "$RUN/redis.log" &
-  pids+=($!)
+  own_group redis-server --port "$port" --bind 127.0.0.1 --dir "$RUN" --appendonly yes \
+    --maxmemory-policy noeviction --logfile "$RUN/redis.log"
   for _ in $(seq 50); do pings && break; sleep 0.1; done
   pings || { echo "error: redis-server did not start, see $RUN/redis.log" >&2; exit 1; }
 fi
@@ -82,8 +102,7 @@ if [ -z "${FLOWER_BASIC_AUTH:-}" ]; then
   export FLOWER_BASIC_AUTH="admin:$(cat "$RUN/flower-password")"
 fi
 
-"$PY" -m celery -A worker worker -l info &
-pids+=($!)
+own_group "$PY" -m celery -A worker worker -l info
 echo "worker: starting; Flower starts once the worker answers a ping"
 # Flower asks the workers what they are (inspect stats, conf...) as it starts: started before a
 # worker answers, it logs an "Inspect method ... failed" warning for each question.
@@ -93,8 +112,7 @@ if ! "$PY" -m scripts.ready worker "${pids[-1]}"; then
   stop 1
 fi
 # FLOWER_BASIC_AUTH (and every other FLOWER_* setting) comes from the environment.
-"$PY" -m celery -A worker flower --address=127.0.0.1 --port="$FLOWER_PORT" --logging=warning &
-pids+=($!)
+own_group "$PY" -m celery -A worker flower --address=127.0.0.1 --port="$FLOWER_PORT" --logging=warning
 if ! "$PY" -m scripts.ready flower "$FLOWER_PORT" "${pids[-1]}"; then
   [ "$interrupted" = 1 ] && stop 0
   echo "error: Flower did not answer on 127.0.0.1:$FLOWER_PORT (see its output above); stopping" >&2

@@ -107,6 +107,14 @@ def fake_results() -> dict[str, Any]:
                 for slots in (2, 8)
             },
         },
+        "live_view": {
+            "downloads": 300,
+            "slots": 8,
+            "bytes": 200_000,
+            "rate": 100_000,
+            "terminal": {"cpu_s": 2.4, "wall_s": 80.0, "cpu_share": 0.03},
+            "pipe": {"cpu_s": 1.6, "wall_s": 80.0, "cpu_share": 0.02},
+        },
         "profile": {
             **profile.summarise(profile.parse(COLLAPSED)),
             "downloads": 10,
@@ -150,7 +158,7 @@ def test_report_renders_targets_and_sections(tmp_path: Path) -> None:
     assert "files/s against the no-op task | >= 0.75 x | 0.60 (0.60-0.60) x | **missed** |" in text
     # The three 1 GiB ratios, read together in one paragraph.
     assert "0.96 (0.95-0.97) x the durable limit" in text and "x plain `curl`" in text
-    for heading in ("## 1.", "## 2.", "## 3.", "## 4.", "## 5."):
+    for heading in ("## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## 6."):
         assert heading in text
     assert "Not measured (not installed): wget." in text
     assert report.write(fake_results(), tmp_path).read_text().startswith("# Benchmarks")
@@ -172,3 +180,10 @@ def test_latency_plot_is_drawn(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")  # the `bench` extra
     report.write(fake_results(), tmp_path)
     assert (tmp_path / "bench-latency.png").stat().st_size > 0
+
+
+def test_live_view_section_and_target() -> None:
+    text = report.render(fake_results(), plotted=False)
+    assert "| terminal | 2.40 | 80.0 | 3.0% |" in text and "| pipe | 1.60 | 80.0 | 2.0% |" in text
+    target = "the command's CPU on a terminal | <= 5% of one core | 3.0% | met |"
+    assert target in text

@@ -253,6 +253,8 @@ def test_wait_cancel_and_result_by_id(env, worker, origin, client):
     assert lines[1].split()[0] == "SUCCESS" and fast_id in lines[1] and fast in lines[1]
     assert lines[2].split()[:2] == ["REVOKED", "cancelled"] and slow in lines[2]
     assert lines[3].startswith("unknown") and lines[4].startswith("unknown")
+    assert lines[3].split()[-1] == "-"  # no URL is known: a dash, never None
+    assert "None" not in table.stdout
     assert "{" not in table.stdout  # no Python dict
     machine = json.loads(cli(env, "result", nobody, "--json").stdout)
     assert machine == [{"id": nobody, "url": None, "state": "unknown"}]
@@ -291,6 +293,93 @@ def test_input_file_plain_and_json_lines(env, worker, origin, tmp_path):
     assert "standard input, line 2: url: scheme must be http or https" in refused.stderr
     assert "the 1 downloads up to line 1 were queued" in refused.stderr
     assert [r["url"] for r in json.loads(refused.stdout)] == [f"{origin.url}/bytes/1?seed={tag}x"]
+
+
+DOWNLOADS = str(Path(sys.executable).parent / "downloads")  # the installed command
+
+
+@pytest.mark.parametrize("flag", [[], ["--ids"]], ids=["id-and-url", "ids"])
+def test_submit_piped_into_wait_waits_for_every_download(env, worker, origin, tmp_path, flag):
+    tag = uuid.uuid4().hex
+    urls = [f"{origin.url}/bytes/{300 + i}?seed={tag}{i}" for i in range(3)]
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(u + "\n" for u in urls))
+    # Two real processes with a real pipe between them, as a shell makes it.
+    submit = subprocess.Popen(
+        [DOWNLOADS, "submit", "-i", str(listing), *flag], env=env, stdout=subprocess.PIPE
+    )
+    waiting = subprocess.Popen(
+        [DOWNLOADS, "wait", "-i", "-", "--json"],
+        env=env,
+        stdin=submit.stdout,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert submit.stdout is not None
+    submit.stdout.close()  # the pipe is the waiting process's alone
+    out, err = waiting.communicate(timeout=120)
+    assert submit.wait(30) == 0
+    assert waiting.returncode == 0, err
+    rows = json.loads(out)
+    assert [r["url"] for r in rows] == urls
+    assert [r["state"] for r in rows] == ["SUCCESS"] * 3
+
+
+def test_submit_ids_prints_the_id_alone(env, worker, origin):
+    url = f"{origin.url}/bytes/64?seed={uuid.uuid4().hex}"
+    shell = subprocess.run(
+        [
+            "bash",
+            "-c",
+            'ID=$("$0" submit --ids "$1") && echo "[$ID]" && "$0" wait "$ID" --json',
+            DOWNLOADS,
+            url,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert shell.returncode == 0, shell.stderr
+    first, waited = shell.stdout.split("\n", 1)
+    assert re.fullmatch(r"\[[0-9a-f]{8}-(?:[0-9a-f]{4}-){3}[0-9a-f]{12}\]", first)
+    rows = json.loads(waited)
+    assert rows[0]["id"] == first[1:-1] and rows[0]["url"] == url
+    assert rows[0]["state"] == "SUCCESS"
+    for other in ("--wait", "--json"):
+        refused = cli(env, "submit", "--ids", other, url)
+        assert refused.returncode == 2 and "not with --wait or --json" in refused.stderr
+
+
+def test_cancel_and_result_read_ids_as_submit_prints_them(env, worker, origin, tmp_path):
+    parked = f"parked-{uuid.uuid4().hex[:6]}"  # no worker: they stay queued
+    urls = [f"{origin.url}/bytes/10?n={i}" for i in range(2)]
+    listed = cli(env, "submit", *urls, "--queue", parked)
+    assert listed.returncode == 0, listed.stderr
+    ids = [line.split()[0] for line in listed.stdout.splitlines()]
+    saved = tmp_path / "ids"
+    saved.write_text("# what submit printed\n\n" + listed.stdout)
+    shown = cli(env, "result", "-i", str(saved), "--json")
+    rows = json.loads(shown.stdout)
+    assert [(r["id"], r["url"], r["state"]) for r in rows] == [
+        (i, u, "PENDING") for i, u in zip(ids, urls, strict=True)
+    ]
+    with saved.open() as lines:  # standard input, as a pipe gives it
+        cancelled = subprocess.run(
+            [DOWNLOADS, "cancel", "-i", "-"], env=env, stdin=lines, capture_output=True, text=True
+        )
+    assert cancelled.returncode == 0, cancelled.stderr
+    said = dict(line.split(None, 1) for line in cancelled.stdout.splitlines())
+    assert said == {i: "cancelled (was PENDING)" for i in ids}
+    # A line whose first field is not an id: the file and the line, exit 2, nothing done.
+    bad = tmp_path / "bad"
+    bad.write_text(f"{ids[0]}  {urls[0]}\n{urls[1]}\n")
+    for command in ("wait", "cancel", "result"):
+        refused = cli(env, command, "-i", str(bad))
+        assert refused.returncode == 2, refused.stderr
+        assert f"error: {bad}, line 2: '{urls[1]}' is not a download id" in refused.stderr
+    redis.Redis.from_url(env["CELERY_BROKER_URL"]).delete(parked)
 
 
 # The CLI's own peak RSS (VmHWM, which starts afresh at exec), written at exit: the rusage of a

@@ -101,14 +101,16 @@ def test_live_view_draws_bars_and_a_batch_total_without_skipped_bytes(
     listing = tmp_path / "batch.txt"
     listing.write_text(f"# a present file and a slow one\n{present} {dest} {digest}\n\n{slow}\n")
     term = Terminal(env, "submit", "-i", str(listing), "--wait")
-    term.expect(r"/600\.0 kB")  # its bar, drawn while it runs
+    term.expect(r"/585\.9 KiB")  # its bar, drawn while it runs
     assert term.finish() == 0, term.text
     screen = term.text
-    assert re.search(r"\d+(\.\d+)? [kM]B/s", screen)  # its speed
+    assert re.search(r"\d+\.\d (KiB|MiB)/s", screen)  # its speed
+    # Binary units, as the tables below: never rich's decimal kB or MB.
+    assert not re.search(r"\d (kB|MB|GB)\b", screen)
     assert "\x1b[" in term.raw  # redrawn in place
     assert "already present" in screen
-    # The batch's last frame: the slow one's 600 kB, not the 3 MB already present.
-    assert re.search(r"batch ━+ 600\.0/600\.0 kB .* 2/2 done \(2 succeeded, 0 failed\)", screen)
+    # The batch's last frame: the slow one's 600,000 bytes, not the 3 MB already present.
+    assert re.search(r"batch ━+ 585\.9/585\.9 KiB .* 2/2 done \(2 succeeded, 0 failed\)", screen)
     assert "2 of 2 succeeded (1 already present), 585.9 KiB" in screen
     # Each download's whole id, to copy into `downloads wait` or `cancel`.
     assert len(set(re.findall(r"[0-9a-f]{8}-(?:[0-9a-f]{4}-){3}[0-9a-f]{12}", screen))) == 2
@@ -118,7 +120,7 @@ def test_ctrl_c_leaves_downloads_running_and_says_how_to_follow_them(env, worker
     tag = uuid.uuid4().hex
     urls = [f"{origin.url}/bytes/1500000?rate=300000&seed={tag}{i}" for i in range(2)]
     term = Terminal(env, "submit", *urls, "--wait")
-    term.expect(r"/1\.5 MB")  # running, drawn
+    term.expect(r"/1\.4 MiB")  # running, drawn
     term.type(b"\x03")  # Ctrl-C, as typed
     assert term.finish() == 130, term.text
     screen = term.text
@@ -147,3 +149,12 @@ def test_input_file_shows_a_progress_line_while_submitting(env, redis_server, or
     client = redis.Redis(port=redis_server.port, db=0)
     assert client.llen(parked) == 2500
     client.delete(parked)
+
+
+def test_an_unknown_id_has_a_dash_for_its_url_in_the_terminal_table(env, redis_server):
+    nobody = str(uuid.uuid4())
+    term = Terminal(env, "result", nobody)
+    assert term.finish() == 1
+    row = next(line for line in term.text.splitlines() if line.startswith(nobody))
+    assert row.split("│")[1].strip() == "unknown" and row.split("│")[-1].strip() == "-"
+    assert "None" not in term.text

@@ -62,3 +62,19 @@ def test_the_setting_adds_names_and_refuses_bad_ones(monkeypatch):
     assert redact_url("https://h.test/a?ticket=1&HMAC=2") == "https://h.test/a?ticket=***&HMAC=***"
     with pytest.raises(SettingsError, match="DOWNLOAD_REDACT_PARAMS"):
         Settings.from_env({"DOWNLOAD_REDACT_PARAMS": "a=b"})
+
+
+def test_shown_kwargs_start_with_the_url_and_end_with_the_headers():
+    from download_client.redact import redact_reprs
+
+    kwargs = {
+        "headers": {"Authorization": "Bearer x"},
+        "max_bytes": 10,
+        "dest": "a/b.bin",
+        "url": "https://example.com/f?token=s3cret",
+    }
+    _, shown = redact_reprs((), kwargs)
+    assert shown == (
+        "{'url': 'https://example.com/f?token=***', 'dest': 'a/b.bin', 'max_bytes': 10, "
+        "'headers': {'Authorization': '***'}}"
+    )

@@ -1,6 +1,6 @@
 """`make run`'s script: it refuses what it cannot run with, in one line and before starting
 anything; once running it tells how to log in to Flower, keeps the password off command lines,
-and stops on Ctrl-C."""
+and stops everything it started on Ctrl-C (in a terminal, or through `| tee`) and on TERM."""
 
 from __future__ import annotations
 
@@ -11,13 +11,14 @@ import subprocess
 import sys
 import threading
 import uuid
+from pathlib import Path
 
 import psutil
 import requests
 from celery import Celery
 
 from tests.flower_process import make_run_default
-from tests.harness import ROOT, Worker, free_port, wait_for
+from tests.harness import ROOT, TASK, Worker, free_port, wait_for
 
 
 def stack(**env: str) -> subprocess.CompletedProcess[str]:
@@ -169,3 +170,107 @@ def cmdline(p: psutil.Process) -> list[str]:
         return p.cmdline()
     except psutil.Error:
         return []
+
+
+def run_env(broker: str, results: str, tmp_path: Path) -> tuple[dict[str, str], int]:
+    """The environment of a `make run` on its own broker databases and Flower port."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CELERY_", "DOWNLOAD_"))}
+    env = {k: v for k, v in env.items() if not k.startswith(("FLOWER_", "MAKE"))}
+    env.update(
+        PY=sys.executable,
+        CELERY_BROKER_URL=broker,
+        CELERY_RESULT_BACKEND=results,
+        FLOWER_PORT=str(port),
+        FLOWER_BASIC_AUTH=f"ops:pw-{uuid.uuid4().hex}",
+        WORKER_CONCURRENCY="2",
+        DOWNLOAD_DIR=str(tmp_path / "downloads"),
+    )
+    return env, port
+
+
+def started_by(proc: subprocess.Popen[str], log: Path) -> list[psutil.Process]:
+    """Once the ready block is in `log`: every process of the session `proc` leads (the
+    components each have a process group of their own in it)."""
+    wait_for(lambda: log.exists() and "Ctrl-C stops" in log.read_text(), 120, "the ready block")
+    group = in_session(proc.pid)
+    names = " ".join(" ".join(cmdline(p)) for p in group)
+    assert "worker worker" in names and "flower" in names, names
+    return group
+
+
+def all_gone(group: list[psutil.Process], port: int) -> None:
+    def gone() -> bool:
+        return not [p for p in group if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+    wait_for(gone, 60, "every process `make run` started to exit")
+    listen_on(port)  # Flower's port is free for the next `make run`
+
+
+def listen_on(port: int) -> None:
+    """Bind and listen as Flower and redis-server do (SO_REUSEADDR: a closed connection's
+    TIME_WAIT does not hold the port), or fail because something still listens."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+        s.listen()
+
+
+def test_make_run_through_tee_stops_everything_on_ctrl_c(origin, tmp_path):
+    # No Redis answers at this broker: the script starts a private redis-server, stopped too.
+    redis_port = free_port()
+    broker = f"redis://127.0.0.1:{redis_port}"
+    env, port = run_env(f"{broker}/0", f"{broker}/1", tmp_path)
+    env.update(DOWNLOAD_ALLOW_PRIVATE="true", STOP_GRACE="5")
+    log = tmp_path / "run.log"
+    proc = subprocess.Popen(
+        ["bash", "-c", 'make run 2>&1 | tee "$0"', str(log)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,  # its own session and process group, as a terminal's job
+    )
+    try:
+        group = started_by(proc, log)
+        assert "redis: starting a private redis-server" in log.read_text()
+        assert any("redis-server" in " ".join(cmdline(p)) for p in group)
+        # A download that would run for minutes: a worker's warm shutdown waits for it, so it
+        # is the script that must stop the worker (KILL once STOP_GRACE has passed).
+        app = Celery(broker=f"{broker}/0", backend=f"{broker}/1")
+        slow = app.send_task(TASK, kwargs={"url": f"{origin.url}/bytes/50000000?rate=100000"})
+        wait_for(lambda: slow.state == "PROGRESS", 60, "the slow download to run")
+    finally:
+        # A terminal's Ctrl-C: SIGINT to the foreground process group (bash, make, the script
+        # and tee at once: tee is gone before the script says anything more).
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(60)
+    all_gone(group, port)
+    listen_on(redis_port)
+
+
+def test_term_to_the_script_or_to_make_stops_everything(redis_server, tmp_path):
+    for n, command in enumerate((["bash", "scripts/stack.sh"], ["make", "run"])):
+        env, port = run_env(
+            f"{redis_server.url}/{5 + 2 * n}", f"{redis_server.url}/{6 + 2 * n}", tmp_path
+        )
+        log = tmp_path / f"run-{n}.log"
+        with log.open("w") as out:
+            proc = subprocess.Popen(
+                command,
+                cwd=ROOT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                text=True,
+                start_new_session=True,
+            )
+        try:
+            group = started_by(proc, log)
+        finally:
+            proc.terminate()  # SIGTERM to that one process, as `kill PID` does
+            proc.wait(60)
+        all_gone(group, port)
+        text = log.read_text()
+        assert text.rstrip().endswith("stopped"), text[-3000:]

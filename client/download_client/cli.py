@@ -53,6 +53,10 @@ input file (-i FILE, or - for standard input), one download a line:
   bad line stops the command (exit 2), and the downloads of the lines before it stay
   queued (their ids are printed).
 
+output without --wait: `ID  URL` a line as each is queued; --ids: the ID alone; --json: one
+  array. `downloads wait -i`, `cancel -i` and `result -i` read either back (the first field of
+  each line), so `downloads submit -i list | downloads wait -i -` waits for them all.
+
 """
 
 
@@ -62,20 +66,29 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _submit_parser(sub)
     w = _new(sub.add_parser, "wait", help="wait for downloads by id (as submit --wait)")
-    w.add_argument("ids", nargs="*", metavar="ID")
-    w.add_argument("-i", "--input", metavar="FILE", help="more ids, one a line (- : stdin)")
+    _id_arguments(w)
     w.add_argument("--timeout", type=float, default=None, help="seconds to wait at most")
     w.add_argument("--json", action="store_true", help="print JSON for machines")
     c = _new(sub.add_parser, "cancel", help="cancel downloads by id (a running one is stopped)")
-    c.add_argument("ids", nargs="+", metavar="ID")
+    _id_arguments(c)
     c.add_argument("--json", action="store_true", help="print JSON for machines")
     st = _new(sub.add_parser, "status", help="workers, queue depth, active and retrying downloads")
     st.add_argument("--json", action="store_true", help="print JSON for machines")
     st.add_argument("--queue", default="celery", help="queue whose depth to show")
     r = _new(sub.add_parser, "result", help="state and result of downloads by id")
-    r.add_argument("ids", nargs="+", metavar="ID")
+    _id_arguments(r)
     r.add_argument("--json", action="store_true", help="print JSON for machines")
     return parser
+
+
+def _id_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("ids", nargs="*", metavar="ID")
+    parser.add_argument(
+        "-i",
+        "--input",
+        metavar="FILE",
+        help="more ids (- : stdin): the first field of each line, as submit prints them",
+    )
 
 
 def _new(
@@ -108,6 +121,11 @@ def _submit_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     s.add_argument("--wait", action="store_true", help="wait, with progress, and summarise")
     s.add_argument("--timeout", type=float, default=None, help="seconds to wait at most")
     s.add_argument("--json", action="store_true", help="print JSON for machines")
+    s.add_argument(
+        "--ids",
+        action="store_true",
+        help="print only the ids, one a line (for ID=$(...) and `| downloads wait -i -`)",
+    )
 
 
 COMMANDS = {

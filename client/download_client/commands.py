@@ -23,7 +23,7 @@ from download_client.client import (
     submit_stream,
 )
 from download_client.errors import PermanentError
-from download_client.inputs import InputError, read_downloads
+from download_client.inputs import InputError, read_downloads, read_ids
 from download_client.tables import UNKNOWN
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
@@ -48,7 +48,7 @@ def _submit(args: argparse.Namespace, downloads: Iterable[dict[str, Any]], out: 
     app = connect()
     counter = _Counter(_expected(args), sys.stderr)
     urls: dict[str, str | None] = {}  # kept for --wait only: a plain submission streams
-    listing = _Listing(out, args.json) if not args.wait else None
+    listing = _Listing(out, args.json, args.ids) if not args.wait else None
     try:
         # Task-sent events for the command line's few; a file's thousands would double the
         # publishing and flood every event consumer (Flower lists them once a worker takes them).
@@ -83,6 +83,8 @@ def _submit(args: argparse.Namespace, downloads: Iterable[dict[str, Any]], out: 
 def _downloads(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The command line's downloads, each checked as the worker would before anything is sent
     (an input file's lines are checked as they are read)."""
+    if args.ids and (args.wait or args.json):
+        raise UsageError("--ids prints the ids as they are queued: not with --wait or --json")
     if args.input is not None:
         if args.urls or args.dest or args.sha256:
             raise UsageError("-i takes the URLs (and destinations, checksums) from the file")
@@ -180,10 +182,10 @@ class _Counter:
 
 class _Listing:
     """Without --wait: each id and URL as soon as it is queued (JSON: one array, written as it
-    grows), so nothing of a long input file is held in memory."""
+    grows; --ids: the id alone), so nothing of a long input file is held in memory."""
 
-    def __init__(self, out: TextIO, as_json: bool) -> None:
-        self.out, self.as_json, self.count = out, as_json, 0
+    def __init__(self, out: TextIO, as_json: bool, ids_only: bool = False) -> None:
+        self.out, self.as_json, self.ids_only, self.count = out, as_json, ids_only, 0
         if as_json:
             out.write("[")
 
@@ -191,6 +193,8 @@ class _Listing:
         if self.as_json:
             sep = ", " if self.count else ""
             self.out.write(sep + json.dumps({"id": task_id, "url": url}))
+        elif self.ids_only:
+            self.out.write(f"{task_id}\n")
         else:
             self.out.write(f"{task_id}  {url}\n")
         self.count += 1
@@ -225,11 +229,14 @@ def _watch(
 
 
 def _ids(args: argparse.Namespace) -> list[str]:
+    """The ids of the command line, then those of -i FILE (the first field of each line: what
+    `submit` prints, with or without --ids)."""
     ids = list(args.ids)
-    if getattr(args, "input", None) is not None:
+    if args.input is not None:
         with ExitStack() as stack:
             lines = sys.stdin if args.input == "-" else stack.enter_context(_open(args.input))
-            ids += [line.strip() for line in lines if line.strip()]
+            source = "standard input" if args.input == "-" else args.input
+            ids += read_ids(lines, source)
     if not ids:
         raise UsageError("give one or more ids")
     return list(dict.fromkeys(ids))  # each once, in order
@@ -250,7 +257,7 @@ def _known(app: Any, ids: list[str]) -> dict[str, str | None]:
 
 
 def results(args: argparse.Namespace, out: TextIO) -> int:
-    ids = list(dict.fromkeys(args.ids))
+    ids = _ids(args)
     app = connect()
     known = _known(app, ids)
     client = backend_redis(app)
@@ -267,7 +274,7 @@ def results(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cancel_ids(args: argparse.Namespace, out: TextIO) -> int:
-    ids = list(dict.fromkeys(args.ids))
+    ids = _ids(args)
     app = connect()
     known = _known(app, ids)
     states = read_states(app.backend, ids)

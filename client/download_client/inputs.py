@@ -5,16 +5,22 @@ file of any length is submitted in flat memory.
     {"url": ..., "dest": ..., "headers": ...}  a JSON object of the task's keyword arguments
 
 Blank lines and lines starting with `#` are skipped. Each line is checked as the worker would
-(download_client.arguments) when it is read; the first bad one stops the reading."""
+(download_client.arguments) when it is read; the first bad one stops the reading.
+
+Id files for `wait`, `cancel` and `result -i FILE`: the first field of each line is the id, so
+what `submit` prints (`ID  URL`, or the ids alone with `--ids`) is read back as it is."""
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from download_client import arguments
 from download_client.errors import PermanentError
+
+_ID = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")  # a UUID, as Celery's
 
 
 class InputError(ValueError):
@@ -66,3 +72,17 @@ def _with_defaults(given: dict[str, Any], defaults: Mapping[str, Any]) -> dict[s
     if defaults.get("headers") and isinstance(given.get("headers"), dict):
         merged["headers"] = {**defaults["headers"], **given["headers"]}
     return merged
+
+
+def read_ids(lines: Iterable[str], source: str) -> Iterator[str]:
+    """The id of each line: its first whitespace-separated field (the rest, such as the URL that
+    `submit` prints beside it, is ignored). Blank lines and `#` lines are skipped; a first field
+    that is not an id raises InputError naming the line."""
+    for number, line in enumerate(lines, 1):
+        fields = line.split(None, 1)
+        if not fields or fields[0].startswith("#"):
+            continue
+        if not _ID.fullmatch(fields[0]):
+            shown = fields[0] if len(fields[0]) <= 60 else fields[0][:57] + "..."
+            raise InputError(source, number, f"{shown!r} is not a download id (a UUID)")
+        yield fields[0]

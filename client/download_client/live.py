@@ -1,10 +1,16 @@
 """The live view of `--wait` on a terminal, drawn with rich: a bar per running download (bytes,
 speed, time left) and one for the batch, redrawn in place; a line above the bars for each
 download that ends. Only what runs or waits to retry has a bar: a batch of thousands shows the
-few that move."""
+few that move.
+
+The view is drawn at most every REDRAW_EVERY seconds, however many downloads move or end: the
+states only change the figures, and the lines of the downloads that ended since the last
+redraw are printed with it, in one write. (A rich redraw of the bars costs some milliseconds;
+one for each update and each line that ended cost a core's worth on a batch of hundreds.)"""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -12,6 +18,7 @@ from typing import Any
 
 from celery.result import AsyncResult
 from rich.console import Console
+from rich.live import Live
 from rich.markup import escape
 from rich.progress import (
     BarColumn,
@@ -22,7 +29,6 @@ from rich.progress import (
     TaskID,
     TextColumn,
     TimeRemainingColumn,
-    TransferSpeedColumn,
 )
 from rich.text import Text
 
@@ -32,6 +38,7 @@ from download_client.tables import message, retry_of, retry_text, size
 
 NotesReader = Callable[[Sequence[str]], dict[str, RetryNote]]
 NOTES_EVERY = 1.0  # seconds between reads of the retry notes of downloads in RETRY
+REDRAW_EVERY = 0.5  # seconds between two redraws, at the least
 
 
 class _StatusColumn(ProgressColumn):
@@ -73,31 +80,54 @@ class LiveView:
     def __init__(self, urls: dict[str, str | None], console: Console, notes: NotesReader) -> None:
         self.urls, self.console, self.read_notes = urls, console, notes
         self.batch = _Batch({rid: "PENDING" for rid in urls})
+        # The bars' figures; never started itself (it would redraw on its own and at each bar
+        # added): the view's Live draws it when the view says so.
         self.progress = Progress(
             TextColumn("{task.fields[label]}"),
             BarColumn(bar_width=30),
-            DownloadColumn(),
-            TransferSpeedColumn(),
+            DownloadColumn(binary_units=True),
+            _SpeedColumn(),
             TimeRemainingColumn(),
             _StatusColumn(),
             console=console,
-            refresh_per_second=8,
+            auto_refresh=False,
         )
+        self.live = Live(self.progress, console=console, auto_refresh=False)
         self.bars: dict[str, TaskID] = {}
         self.total = self.progress.add_task("", total=None, label="batch", status="")
         self.notes_read = 0.0
+        self.drawn = 0.0
+        self.redraws = 0
+        self.lines: list[str] = []  # to print above the bars at the next redraw
+        self.lock = threading.Lock()  # `say` may come from another thread
         self._show_batch()
 
     def __enter__(self) -> LiveView:
-        self.progress.start()
+        self.live.start(refresh=True)
+        self.drawn = time.monotonic()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.progress.stop()
+        self.draw()
+        self.live.stop()
 
     def say(self, text: str) -> None:
-        """A line above the bars (a warning, a download that ended)."""
-        self.progress.console.print(text, highlight=False)
+        """A line above the bars (a warning, a download that ended), printed at the next
+        redraw."""
+        with self.lock:
+            self.lines.append(text)
+
+    def draw(self) -> None:
+        """Redraw now: the batch's figures, the lines said since the last redraw, the bars."""
+        self._show_batch()
+        with self.lock:
+            lines, self.lines = self.lines, []
+        if lines:  # printed above the live bars, which rich redraws below them
+            self.console.print("\n".join(lines), highlight=False)
+        else:
+            self.live.refresh()
+        self.redraws += 1
+        self.drawn = time.monotonic()
 
     def update(self, result: AsyncResult, state: str, info: Any) -> None:
         rid = result.id
@@ -117,12 +147,14 @@ class LiveView:
                 self.progress.update(bar, retry=retry_of(info, note))
             else:
                 self.progress.update(bar, status=state.lower(), retry=None)
-        self._show_batch()
 
     def poll(self) -> None:
-        """Between two reads of the states: the retry notes of downloads in RETRY (a worker
-        writes its note beside the state, so it may come a little later)."""
+        """Between two reads of the states: a redraw, when the last is REDRAW_EVERY old; the
+        retry notes of downloads in RETRY (a worker writes its note beside the state, so it
+        may come a little later)."""
         now = time.monotonic()
+        if now - self.drawn >= REDRAW_EVERY:
+            self.draw()
         if now - self.notes_read < NOTES_EVERY:
             return
         self.notes_read = now
@@ -169,6 +201,16 @@ class LiveView:
         self.progress.update(
             self.total, completed=done, total=total, label="batch", status=self.batch.line()
         )
+
+
+class _SpeedColumn(ProgressColumn):
+    """The speed in the tables' binary units (`97.7 KiB/s`), as the sizes beside it."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        if speed is None:
+            return Text("?", style="progress.data.speed")
+        return Text(f"{size(speed)}/s", style="progress.data.speed")
 
 
 def _short(text: str, width: int) -> str:

@@ -118,9 +118,18 @@ def _redact_param(param: str) -> str:
     return f"{name}={MASK}" if eq and is_secret_param(name) else param
 
 
+# The order shown kwargs are in (a dict's repr follows it): the URL first, so a narrow cell
+# (Flower's task list) starts with it; the headers, the longest, last.
+SHOWN_ORDER = ("url", "dest", "sha256", "max_bytes", "callback_url")
+
+
 def redact_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The task's kwargs as they may be shown: header values masked, the URL redacted."""
-    shown = dict(kwargs)
+    """The task's kwargs as they may be shown: header values masked, the URL redacted; the URL
+    first, then the destination, the other arguments, the headers last."""
+    first = {k: kwargs[k] for k in SHOWN_ORDER if k in kwargs}
+    shown = {**first, **{k: v for k, v in kwargs.items() if k not in first and k != "headers"}}
+    if "headers" in kwargs:
+        shown["headers"] = kwargs["headers"]
     if isinstance(shown.get("url"), str):
         shown["url"] = redact_url(shown["url"])
     headers = shown.get("headers")

@@ -14,6 +14,7 @@ from rich.text import Text
 from download_client.records import RetryNote
 
 UNKNOWN = "unknown"  # not a Celery state: no record of the id and Celery knows nothing of it
+NO_URL = "-"  # the tables' URL of a download whose URL is not known (JSON: null)
 FINAL_STATES = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
 
 
@@ -112,7 +113,8 @@ def write_plain(rows: list[dict[str, Any]], out: TextIO, now: float) -> None:
     for r in rows:
         amount, said = detail(r, now)
         out.write(
-            f"{r['state']:8}  {amount:>10}  {_short(said, 40):40}  {r['id']:36}  {r['url']}\n"
+            f"{r['state']:8}  {amount:>10}  {_short(said, 40):40}  {r['id']:36}  "
+            f"{r['url'] or NO_URL}\n"
         )
         if len(said) > 40:
             out.write(f"{'':10}  {said}\n")
@@ -133,7 +135,7 @@ def write_rich(rows: list[dict[str, Any]], console: Console, now: float) -> None
         style = _STYLES.get(r["state"], "yellow")
         # Text, not markup: a URL or an error may hold square brackets.
         table.add_row(
-            r["id"], Text(r["state"], style=style), amount, Text(said), Text(r["url"] or "")
+            r["id"], Text(r["state"], style=style), amount, Text(said), Text(r["url"] or NO_URL)
         )
     console.print(table)
     console.print(summary_line(rows), highlight=False)

@@ -46,7 +46,7 @@ def resolve_checked(host: str, port: int, allow_private: bool) -> list[tuple[int
         if not allow_private and not address_allowed(ip):
             raise BlockedAddressError(
                 f"refused to connect to {host!r}: it resolves to {ip}, which is not a public "
-                "address (set DOWNLOAD_ALLOW_PRIVATE=true to allow internal hosts)"
+                "address (the workers' DOWNLOAD_ALLOW_PRIVATE setting allows it)"
             )
         if (family, address) not in pairs:
             pairs.append((family, address))

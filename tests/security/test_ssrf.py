@@ -47,7 +47,8 @@ def test_loopback_refused_before_connecting(
     tag = mark()
     before = origin.stats.connections
     url = f"http://{host}:{origin.server_address[1]}/bytes/10?m={tag}"
-    sandbox.refused(client, ssrf, "which is not a public address", url=url, dest=f"s/{tag}")
+    said = "which is not a public address (the workers' DOWNLOAD_ALLOW_PRIVATE setting allows it)"
+    sandbox.refused(client, ssrf, said, url=url, dest=f"s/{tag}")
     assert origin.stats.connections == before, "a TCP connection reached the origin"
     assert sandbox.requests(tag) == 0
 
