@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 
 import psutil
+import pytest
 import requests
 from celery import Celery
 
@@ -185,6 +186,7 @@ def run_env(broker: str, results: str, tmp_path: Path) -> tuple[dict[str, str], 
         FLOWER_BASIC_AUTH=f"ops:pw-{uuid.uuid4().hex}",
         WORKER_CONCURRENCY="2",
         DOWNLOAD_DIR=str(tmp_path / "downloads"),
+        STOP_GRACE="10",  # a warm shutdown's bound before KILL, shorter than make run's own
     )
     return env, port
 
@@ -216,6 +218,7 @@ def listen_on(port: int) -> None:
         s.listen()
 
 
+@pytest.mark.timeout(300)
 def test_make_run_through_tee_stops_everything_on_ctrl_c(origin, tmp_path):
     # No Redis answers at this broker: the script starts a private redis-server, stopped too.
     redis_port = free_port()
@@ -245,11 +248,12 @@ def test_make_run_through_tee_stops_everything_on_ctrl_c(origin, tmp_path):
         # A terminal's Ctrl-C: SIGINT to the foreground process group (bash, make, the script
         # and tee at once: tee is gone before the script says anything more).
         os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(60)
+        proc.wait(120)  # generous: STOP_GRACE bounds it, a loaded machine stretches it
     all_gone(group, port)
     listen_on(redis_port)
 
 
+@pytest.mark.timeout(480)
 def test_term_to_the_script_or_to_make_stops_everything(redis_server, tmp_path):
     for n, command in enumerate((["bash", "scripts/stack.sh"], ["make", "run"])):
         env, port = run_env(
@@ -270,7 +274,7 @@ def test_term_to_the_script_or_to_make_stops_everything(redis_server, tmp_path):
             group = started_by(proc, log)
         finally:
             proc.terminate()  # SIGTERM to that one process, as `kill PID` does
-            proc.wait(60)
+            proc.wait(120)  # generous: STOP_GRACE bounds it, a loaded machine stretches it
         all_gone(group, port)
         text = log.read_text()
         assert text.rstrip().endswith("stopped"), text[-3000:]
