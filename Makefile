@@ -80,7 +80,8 @@ bench: install $(VENV)/.bench-installed
 	$(PY) -m bench.origins
 
 # Not part of `make test`: a long run that crashes Redis and kills workers on purpose.
-# SOAK_QUICK=1: a short run; SOAK_DOWNLOADS=N: N downloads, the time scaled to match.
+# SOAK_QUICK=1: a short run; SOAK_DOWNLOADS=N: N downloads, the time scaled to match;
+# SOAK_BROKER=rabbitmq: a private RabbitMQ node as the broker, crashed in turn too.
 soak: install
 	$(PY) -m soak
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from celery import Celery
 
 from tests.harness import RedisServer, Worker
+from tests.rabbitmq import RabbitServer
 
 
 @dataclass
@@ -33,11 +34,16 @@ class Chaos:
     pause: tuple[float, float]
     stop_timeout: float
     redis_kills: int = 0  # when set: nothing but this many Redis crashes
+    # A RabbitMQ node as the broker (SOAK_BROKER=rabbitmq): crashed in turn with Redis, which
+    # then holds only the results.
+    node: RabbitServer | None = None
     events: list[Event] = field(default_factory=list)
     stopping: threading.Event = field(default_factory=threading.Event)
 
     def run(self, until: float) -> None:
         actions = [self.kill_child] * 5 + [self.restart_worker] * 2 + [self.redis_outage]
+        if self.node is not None:
+            actions.append(self.node_outage)
         if self.redis_kills:
             actions = [self.redis_outage]
         while time.monotonic() < until and not self.stopping.is_set():
@@ -79,6 +85,15 @@ class Chaos:
         self.redis.kill()
         time.sleep(seconds)  # the outage itself
         self.redis.start()
+        event.end = time.monotonic()
+
+    def node_outage(self) -> None:
+        assert self.node is not None
+        seconds = self.rng.uniform(*self.outage)
+        event = self.record("RabbitMQ node SIGKILLed", f"{seconds:.1f} s")
+        self.node.kill()
+        time.sleep(seconds)
+        self.node.start()
         event.end = time.monotonic()
 
     def revive_the_dead(self) -> None:

@@ -67,6 +67,9 @@ def judge(
         "partial_left": partial_left[:50],
         "faults": dict(Counter(e.kind for e in events)),
         "outages_s": [float(e.detail.split()[0]) for e in events if e.kind.startswith("Redis")],
+        "node_outages_s": [
+            float(e.detail.split()[0]) for e in events if e.kind.startswith("RabbitMQ")
+        ],
         "worker_deaths": [e.detail for e in events if e.kind == "worker died on its own"],
         "children_sampled": len(growth),
         "rss_growth_mib_max": max(growth.values(), default=0.0),
@@ -143,6 +146,7 @@ def markdown(f: dict[str, Any]) -> str:
         "Written by `make soak` (the figures below are from its last run; see docs/reliability.md",
         "(The chaos soak) for what it proves and `soak/report.py` for each definition).",
         "",
+        f"- broker: **{f.get('broker', 'redis')}** (results in Redis either way)",
         f"- downloads accepted: **{f['accepted']}**; accounted for: **{f['accounted']}** "
         f"({100 * f['accounted'] / max(1, f['accepted']):.2f} %)",
         f"- double writers: **{len(f['double_writers'])}**; needless full transfers: "
@@ -151,7 +155,7 @@ def markdown(f: dict[str, Any]) -> str:
         f"- child RSS, last sample against first, over {f['children_sampled']} children: median "
         f"{f['rss_growth_mib_median']:+.1f} MiB, largest {f['rss_growth_mib_max']:+.1f} MiB",
         f"- chaos ran {f['timings_s']['chaos_s']:.0f} s; the queue drained "
-        f"{f['timings_s']['drain_s']:.0f} s later; submissions retried while Redis was away: "
+        f"{f['timings_s']['drain_s']:.0f} s later; submissions retried while the broker was away: "
         f"{f['submit_retries']}",
         f"- workers that died on their own: {len(f['worker_deaths'])}",
         "",
@@ -162,6 +166,11 @@ def markdown(f: dict[str, Any]) -> str:
         *[f"| {k} | {v} |" for k, v in sorted(f["faults"].items())],
         "",
         f"Redis outages (s): {', '.join(f'{s:.0f}' for s in f['outages_s']) or 'none'}",
+        *(
+            [f"RabbitMQ node outages (s): {', '.join(f'{s:.0f}' for s in f['node_outages_s'])}"]
+            if f.get("node_outages_s")
+            else []
+        ),
         "",
         "## Outcomes by case (the origin's faults)",
         "",

@@ -21,11 +21,14 @@ import psutil
 import redis
 from celery import Celery
 
+from download_client.brokers import rabbitmq_config
+from download_client.settings import Settings
 from soak.chaos import Chaos
 from soak.origin import RecordingOrigin
 from soak.plan import Download, MiB, plan
 from soak.report import judge
 from tests.harness import RedisServer, Worker, wait_for, worker_env
+from tests.rabbitmq import RabbitServer
 
 TASK = "downloads.fetch"
 WORKERS = 2
@@ -174,17 +177,28 @@ class Stack:
     client: Celery
     origin: RecordingOrigin
     workers: list[Worker]
+    node: RabbitServer | None = None  # the broker when it is RabbitMQ
 
     @classmethod
-    def start(cls, work: Path) -> Stack:
+    def start(cls, work: Path, broker: str = "redis") -> Stack:
         (work / "redis").mkdir(parents=True)
         server = RedisServer(work / "redis", persistent=True)
         server.start()
-        client = Celery(broker=f"{server.url}/0", backend=f"{server.url}/1")
+        node, broker_url, backend = None, f"{server.url}/0", f"{server.url}/1"
+        if broker == "rabbitmq":
+            node = RabbitServer(work / "rabbitmq")
+            node.start()
+            broker_url = node.url
+        client = Celery(broker=broker_url, backend=backend)
         client.conf.update(accept_content=["json"], broker_connection_retry_on_startup=True)
+        # Queues declared as the workers declare them (quorum, topic) when RabbitMQ is the broker.
+        settings = Settings.from_env(
+            {"CELERY_BROKER_URL": broker_url, "CELERY_RESULT_BACKEND": backend}
+        )
+        client.conf.update(rabbitmq_config(settings))
         origin = RecordingOrigin()
         origin.start()
-        env = worker_env(server.url, work / "dl", **SOAK_SETTINGS)
+        env = worker_env(server.url, work / "dl", CELERY_BROKER_URL=broker_url, **SOAK_SETTINGS)
         workers = [
             Worker(
                 env, f"soak{i}", "soak", work / f"soak{i}.log", work / "dl", ["-c", str(CHILDREN)]
@@ -193,7 +207,7 @@ class Stack:
         ]
         for w in workers:
             w.start(client)
-        return cls(work, server, client, origin, workers)
+        return cls(work, server, client, origin, workers, node)
 
     def partial_left(self) -> list[str]:
         area = self.work / "dl" / ".partial"
@@ -204,16 +218,22 @@ class Stack:
             w.stop()
         self.origin.stop()
         self.redis.stop()
+        if self.node is not None:
+            self.node.close()
 
 
 def main(size: Size | None = None, seed: int | None = None) -> dict[str, Any]:
     size = size or Size.from_env()
     seed = int(os.environ.get("SOAK_SEED", "1")) if seed is None else seed
-    stack = Stack.start(Path(tempfile.mkdtemp(prefix="soak-")))
+    broker = os.environ.get("SOAK_BROKER", "redis")
+    if broker not in ("redis", "rabbitmq"):
+        raise SystemExit(f"SOAK_BROKER={broker!r}: expected redis or rabbitmq")
+    stack = Stack.start(Path(tempfile.mkdtemp(prefix="soak-")), broker)
     books, stop = Books(), threading.Event()
     rss: dict[int, list[int]] = {}
     chaos = Chaos(stack.redis, stack.client, stack.workers, random.Random(seed), size.outage,
-                  size.pause, stop_timeout=60, redis_kills=size.redis_kills)  # fmt: skip
+                  size.pause, stop_timeout=60, redis_kills=size.redis_kills,
+                  node=stack.node)  # fmt: skip
     backend = f"{stack.redis.url}/1"
     _background(account, books, backend, stack.work / "dl", stop)
     _background(sample_rss, stack.workers, rss, stop)
@@ -234,6 +254,7 @@ def main(size: Size | None = None, seed: int | None = None) -> dict[str, Any]:
     figures = judge(books=books, ledger=stack.origin.ledger, events=chaos.events, rss=rss,
                     partial_left=partial_left, timings=timings, size=size, seed=seed)  # fmt: skip
     figures["work"] = str(stack.work)
+    figures["broker"] = broker
     if figures["ok"]:
         shutil.rmtree(stack.work, ignore_errors=True)
     return figures
