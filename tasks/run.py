@@ -12,6 +12,7 @@ from typing import Any, Protocol, runtime_checkable
 from celery import Task, states
 
 from download_client.arguments import DownloadRequest
+from download_client.errors import PermanentError
 from download_client.settings import Settings
 from tasks import counters, deliveries, parking
 from tasks.core import claims, origins
@@ -80,7 +81,7 @@ class Run:
             self.seat.granted(lease)
         try:
             deliveries.check(admitted.delivered, self.settings.max_deliveries)
-        except Exception:  # a poison message: its waiters must not wait for it any longer
+        except PermanentError:  # a poison message: its waiters must not wait for it any longer
             self.let_go(claim=True)
             raise
         return admitted

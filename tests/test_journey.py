@@ -80,6 +80,14 @@ def test_waits_and_faults_are_bounded(settings):
     assert fault_delay(settings, 0, 10**6) == settings.retry_backoff_max
 
 
+def test_a_wait_of_an_hour_costs_a_waiter_a_few_hundred_re_sends():
+    waited, sends = 0.0, 0
+    while waited < 3600:
+        waited += wait_delay(sends)
+        sends += 1
+    assert sends <= 3600 / (0.8 * WAIT_CAP_S) + 5  # at worst one every 8 s once capped
+
+
 def test_a_parked_message_is_published_again_as_it_was_with_its_wait_added(settings):
     headers = {"download_waits": 3, "download_waited_s": 1.5, "celery_own": "dropped"}
     message = parking.message(_task(headers))
