@@ -18,7 +18,7 @@ import redis
 
 from tasks.core import budgets, origins
 from tasks.core.budgets import Budget, Busy, Seat
-from tasks.core.ledger import Ledger
+from tasks.core.ledger import BudgetKeys, Ledger
 from tests.harness import ROOT, wait_for
 
 DB = 8
@@ -187,3 +187,11 @@ def _nap(seconds: float) -> bool:
 
     time.sleep(seconds)
     return True
+
+
+def test_a_waking_entry_from_before_the_json_entries_is_still_woken_again(ledger):
+    """Written as '<ms>|<message>' by workers that ran before an upgrade."""
+    keys = BudgetKeys("disk", "/data")
+    ledger.client.hset(keys.names[3], "old", f"1000|{_message('old')}")
+    assert _ids(_disk().sweep(ledger)) == ["old"]
+    assert _ids(_disk().sweep(ledger)) == []  # re-dated: not again before it goes stale

@@ -10,10 +10,11 @@ The keys live in the result backend's Redis, beside Celery's results:
     downloads:retry:<id>                  why a download is in RETRY, and when it is due
     downloads:callback-given-up:<id>      a callback the workers gave up on
     downloads:metrics:bytes, :recycled    the fleet's running totals (worker/metrics.py)
-    downloads:budget:<kind>:<scope>:...   a fleet-wide budget (tasks/core/budgets.py): `slots`
-                                          (leases), `paused`, `parked`, `waking`, `cap`
-    downloads:budgets:<kind>:parked       the scopes of a budget with parked messages
-    downloads:budgets:<kind>:stats        deferrals and pauses per scope
+    downloads:<kind>:<scope>:...          a fleet-wide budget (tasks/core/budgets.py): `slots`
+                                          (leases), `paused`, `parked`, `waking`, `cap`; for
+                                          the origin slots, downloads:origin:<origin>:slots
+    downloads:<kind>s:parked              the scopes of a budget with parked messages
+    downloads:<kind>s:stats               deferrals and pauses per scope
 
 A download's round trips are typed calls: `admit` (claim, delivery count, STARTED, a budget
 slot) returns an `Admitted`, `settle` (final state, claim, slot, bytes, uncounting) a `Settled`.
@@ -74,23 +75,23 @@ class BudgetKeys:
 
     @property
     def parked_scopes(self) -> str:
-        return f"{PREFIX}budgets:{self.kind}:parked"
+        return f"{PREFIX}{self.kind}s:parked"
 
     @property
     def stats(self) -> str:
-        return f"{PREFIX}budgets:{self.kind}:stats"
+        return f"{PREFIX}{self.kind}s:stats"
 
     @property
     def names(self) -> list[str]:
         """The scripts' KEYS, in their order."""
-        base = f"{PREFIX}budget:{self.kind}:{self.scope}"
+        base = f"{PREFIX}{self.kind}:{self.scope}"
         scope = [f"{base}:{part}" for part in ("slots", "paused", "parked", "waking", "cap")]
         return [*scope, self.parked_scopes, self.stats]
 
 
 def _scopes(client: Any, kind: str, suffix: str) -> dict[str, str]:
     """Scope -> key, for the keys of one budget that end in `suffix`."""
-    head, tail = f"{PREFIX}budget:{kind}:", f":{suffix}"
+    head, tail = f"{PREFIX}{kind}:", f":{suffix}"
     found = {}
     for raw in client.scan_iter(match=f"{head}*{tail}", count=100):
         key = raw.decode() if isinstance(raw, bytes) else raw
@@ -237,7 +238,11 @@ _SWEEP = (
 local out = wake()
 local all = redis.call('HGETALL', KEYS[4])
 for i = 1, #all, 2 do
-  local entry = cjson.decode(all[i + 1])
+  local ok, entry = pcall(cjson.decode, all[i + 1])
+  if not ok then  -- written as '<ms>|<message>' by workers before the JSON entries
+    local bar = string.find(all[i + 1], '|', 1, true)
+    entry = {at=tonumber(string.sub(all[i + 1], 1, bar - 1)), msg=string.sub(all[i + 1], bar + 1)}
+  end
   if now - entry.at > tonumber(ARGV[4]) then
     redis.call('HSET', KEYS[4], all[i], cjson.encode({at=now, msg=entry.msg}))
     out[#out + 1] = entry.msg
