@@ -30,7 +30,7 @@ from tasks.core.ledger import Held
 from tasks.core.transfer import Outcome, download
 from tasks.deliveries import REDIS_ERRORS
 from tasks.progress import Progress
-from tasks.retries import fault_delay, note_ttl, publish_policy, retry_note, wait_delay
+from tasks.retries import Journey, fault_delay, note_ttl, publish_policy, retry_note, wait_delay
 from tasks.run import Run
 from tasks.runtime import Runtime
 
@@ -135,7 +135,7 @@ class FetchTask(Task):  # type: ignore[misc]
         except REDIS_ERRORS as exc:
             log.warning("retry note not written (%s)", exc)
 
-    def resend(self, s: Settings, journey: Any, delay: float, why: DownloadError) -> Retry:
+    def resend(self, s: Settings, journey: Journey, delay: float, why: DownloadError) -> Retry:
         return self.retry(
             exc=why, countdown=delay, headers=journey.headers(self), retry_policy=publish_policy(s)
         )

@@ -115,8 +115,9 @@ class Run:
         self._settle(Settle(release=self._letting_go(), uncount=self._this_delivery()))
 
     def park(self) -> None:
-        """The message waits in Redis for a slot: this run is not counted."""
-        self._settle(Settle(release=self._letting_go(), uncount=self._this_delivery()))
+        """The message waits in Redis for a slot: this run is not counted, and it holds nothing
+        while it waits."""
+        self.step_aside()
 
     def let_go(self, claim: bool) -> None:
         """The run ends without a result: the slot goes back, and the claim too when `claim`."""
