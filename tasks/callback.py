@@ -9,7 +9,6 @@ FAILURE (Flower shows it), logs an error and keeps a record in Redis for the ope
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -26,9 +25,9 @@ from tasks import runtime
 from tasks.core import callbacks
 from tasks.core.http import new_session
 from tasks.retries import publish_policy
+from tasks.run import backend_of
 
 CALLBACK_TASK = "downloads.callback"
-GIVEN_UP_KEY = "downloads:callback-given-up:{}"
 log = logging.getLogger(__name__)
 _sessions: dict[int, requests.Session] = {}
 
@@ -56,11 +55,17 @@ class CallbackTask(Task):  # type: ignore[misc]
 
     def _record_give_up(self, url: str, task_id: str, why: str) -> None:
         log.error("callback for %s to %s %s", task_id, redact_url(url), why)
-        client = getattr(self.backend, "client", None)
-        if client is not None:
-            record = {"callback_url": redact_url(url), "why": why, "at": time.time()}
-            expires = int(runtime.configured().result_expires)
-            client.set(GIVEN_UP_KEY.format(task_id), json.dumps(record), ex=expires)
+        record = {"callback_url": redact_url(url), "why": why, "at": time.time()}
+        expires = int(runtime.configured().result_expires)
+        backend_of(self).ledger.record_given_up(task_id, record, expires)
+
+
+def close_session() -> None:
+    """Close this process's callback session (at the process's exit, beside its runtime)."""
+    session = _sessions.pop(os.getpid(), None)
+    _sessions.clear()
+    if session is not None:
+        session.close()
 
 
 def _session() -> requests.Session:

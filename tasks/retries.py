@@ -48,11 +48,6 @@ def publish_policy(settings: Settings) -> dict[str, float]:
     return {"max_retries": tries, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}
 
 
-def note_key(task_id: str) -> str:
-    """Where a download in RETRY keeps why and until when (docs/contract.md)."""
-    return f"downloads:retry:{task_id}"
-
-
 def retry_note(reason: str, delay: float, attempt: int) -> str:
     """The note a client reads while the download waits for its retry: Celery's RETRY state
     holds the exception but not when the next attempt is due."""

@@ -72,10 +72,10 @@ def test_a_killed_child_gives_its_slot_back(start_worker, client, origin, key):
     runner = next(w for w in fleet if holder.id in _active(client, w))
     os.kill(active_pid(client, runner, holder.id), signal.SIGKILL)
     killed = time.monotonic()
-    assert waiter.get(timeout=60)["size"] == 100
     # Back by the lease (10 s) and the sweep, or at once when the message comes back and is
-    # refused as poison (one delivery): not by the holder's end, which never comes.
-    assert time.monotonic() - killed < 20
+    # refused as poison (one delivery): not by the holder's end, which never comes. The
+    # deadline is generous; how soon a lease comes back is tests/test_budgets.py's business.
+    assert waiter.get(timeout=60)["size"] == 100
     spans = [
         (
             r.query["key"][-1],

@@ -131,6 +131,16 @@ def test_a_broker_that_is_not_redis_needs_a_result_backend():
     assert Settings.from_env(both).result_backend == "redis://r:6379/1"
 
 
+@pytest.mark.parametrize("backend", ["rpc://", "db+postgresql://u:hunter2@db/r", "file:///tmp"])
+def test_the_result_backend_must_be_a_redis(backend):
+    """Claims, delivery counts, slots and notes live beside the results: no other store holds
+    them, so another backend is refused at start rather than half supported."""
+    env = {"CELERY_BROKER_URL": "redis://h:6379/0", "CELERY_RESULT_BACKEND": backend}
+    with pytest.raises(SettingsError, match="must be a redis:// or rediss:// URL") as info:
+        Settings.from_env(env)
+    assert "hunter2" not in str(info.value)
+
+
 def test_every_component_reads_the_same_result_backend():
     from download_client.client import connect
     from worker.celery_app import celery_config

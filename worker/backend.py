@@ -8,10 +8,11 @@ thread may wait, the main process must keep acking, heartbeating and sending eve
 PROGRESS are courtesies: when Redis is away they are skipped, never waited for.
 
 Celery's read-then-write (a stored SUCCESS is never overwritten: a lost worker's late copy must
-not undo a finished task) is done here as one script: one round trip for each state stored,
-where Celery takes two. A task may also put its STARTED on a pipeline of its own
-(`queue_state`) and have writes ride with its final state (`ride`): a download then costs the
-worker process two round trips in all, as a task that does nothing does.
+not undo a finished task) is done here as one script (the ledger's, tasks/core/ledger.py): one
+round trip for each state stored, where Celery takes two. It is the task's `LedgerBackend`
+(tasks/run.py): the task encodes its STARTED here to store it in its own first round trip, and
+has its last writes ride with its final state (`ride`): a download then costs the worker process
+two round trips in all, as a task that does nothing does.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Protocol
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
 
 from billiard.process import current_process
 from celery import states
@@ -27,6 +30,7 @@ from celery.backends.redis import RedisBackend
 from celery.exceptions import BackendStoreError
 
 from tasks import callback
+from tasks.core.ledger import Ledger, Settle, Settled, State
 from worker.celery_internals import result_meta
 
 log = logging.getLogger(__name__)
@@ -34,37 +38,18 @@ log = logging.getLogger(__name__)
 # backend checks too: refused here before the script would fail on it.
 MAX_VALUE_BYTES = 512 * 1024 * 1024
 _WAITED_FOR = frozenset({*states.READY_STATES, states.RETRY})
-# KEYS: the task's result key. ARGV: the encoded meta (JSON), its expiry in seconds (0: none).
-_STORE_UNLESS_SUCCEEDED = """
-local cur = redis.call('GET', KEYS[1])
-if cur then
-  local ok, meta = pcall(cjson.decode, cur)
-  if ok and type(meta) == 'table' and meta['status'] == 'SUCCESS' then return 0 end
-end
-if tonumber(ARGV[2]) > 0 then
-  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-else
-  redis.call('SET', KEYS[1], ARGV[1])
-end
-redis.call('PUBLISH', KEYS[1], ARGV[1])
-return 1
-"""
-
-
-class Rider(Protocol):
-    """Writes that go with a task's final state, in the same round trip (a download's claim,
-    origin slot and byte count); `done` gets their answers."""
-
-    def queue(self, pipe: Any) -> None: ...
-
-    def done(self, answers: list[Any]) -> None: ...
 
 
 class DurableRedisBackend(RedisBackend):  # type: ignore[misc]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.outage_s = float(self.app.conf.get("download_result_outage") or 0)
-        self.riders: dict[str, Rider] = {}
+        self.riders: dict[str, tuple[Settle, Callable[[Settled], None]]] = {}
+
+    @property
+    def ledger(self) -> Ledger:
+        """The download's Redis state, on this backend's client (and its connection pool)."""
+        return Ledger(self.client)
 
     def store_result(
         self,
@@ -80,31 +65,36 @@ class DurableRedisBackend(RedisBackend):  # type: ignore[misc]
             self._call_back(task_id, state, result, request)
         return stored
 
-    def queue_state(self, pipe: Any, task_id: str, result: Any, state: str, request: Any) -> bool:
-        """Queue the storing of a state on a task's own pipeline (one round trip for both);
-        False when it cannot be queued (the task stores it the usual way)."""
-        if self.serializer != "json":
-            return False
-        pipe.eval(_STORE_UNLESS_SUCCEEDED, 1, *self._encoded(task_id, result, state, None, request))
-        return True
+    def state(self, task_id: str, result: Any, state: str, request: Any) -> State:
+        """`state` encoded as this backend stores it, for the task to store in its own round
+        trip (the ledger's script: a stored SUCCESS stays)."""
+        return State(*self._encoded(task_id, result, state, None, request))
 
-    def ride(self, task_id: str, rider: Rider) -> None:
-        """Have `rider`'s writes go with the task's final state, in its round trip."""
-        self.riders[task_id] = rider
+    def ride(self, task_id: str, settle: Settle, then: Callable[[Settled], None]) -> None:
+        """Have `settle`'s writes go with the task's final state, in its round trip; `then` gets
+        what they settled once they are stored."""
+        self.riders[task_id] = (settle, then)
 
     def _write(
         self, task_id: str, result: Any, state: str, traceback: Any, request: Any, **kwargs: Any
     ) -> Any:
-        """Store one state, once: Celery's encoding, then the script (Celery's own read and
-        write when the serializer is not JSON, which the script cannot read)."""
-        if self.serializer != "json":
-            return super().store_result(task_id, result, state, traceback, request, **kwargs)
+        """Store one state, once: Celery's encoding, then the ledger's script, with the writes
+        riding on a final state (settings make the serializer JSON, which the script reads)."""
         result = self.encode_result(result, state)
-        stored = self._encoded(task_id, result, state, traceback, request)
+        stored = State(*self._encoded(task_id, result, state, traceback, request))
         rider = self.riders.get(task_id) if state in states.READY_STATES else None
         # No retry here (Celery wraps its own write in one): a courtesy state is skipped at
         # once when Redis is away, and final states are retried by `_store`, off the main loop.
-        self._store_unless_succeeded(*stored, rider)
+        if rider is None:
+            self.ledger.store_state(stored)
+        else:
+            settle, then = rider
+            settled = self.ledger.settle(replace(settle, final=stored))
+            self.riders.pop(task_id, None)
+            try:
+                then(settled)
+            except Exception:  # the state is stored: what it woke waits for the sweep
+                log.exception("what %s released was not passed on", task_id)
         self.riders.pop(task_id, None)
         return result
 
@@ -119,17 +109,6 @@ class DurableRedisBackend(RedisBackend):  # type: ignore[misc]
             raise BackendStoreError(too_large, state=state, task_id=task_id)
         expires = self.failure_expires if state == states.FAILURE else self.expires
         return self.get_key_for_task(task_id), value, int(expires or 0)
-
-    def _store_unless_succeeded(
-        self, key: str, value: str, expires: int, rider: Rider | None = None
-    ) -> None:
-        if rider is None:
-            self.client.eval(_STORE_UNLESS_SUCCEEDED, 1, key, value, expires)
-            return
-        pipe = self.client.pipeline(transaction=False)
-        pipe.eval(_STORE_UNLESS_SUCCEEDED, 1, key, value, expires)
-        rider.queue(pipe)
-        rider.done(pipe.execute()[1:])
 
     def _call_back(self, task_id: str, state: str, result: Any, request: Any) -> None:
         """Queue the download's completion callback, if it asked for one: after its final state
@@ -170,3 +149,11 @@ def _off_main_loop() -> bool:
     return current_process().name != "MainProcess" or (
         threading.current_thread() is not threading.main_thread()
     )
+
+
+def ledger_of(app: Any) -> Ledger:
+    """The ledger on an app's result backend (always this backend: the settings want a Redis)."""
+    backend = app.backend
+    if not isinstance(backend, DurableRedisBackend):
+        raise TypeError(f"{type(backend).__name__} is not the downloads' Redis backend")
+    return backend.ledger

@@ -13,7 +13,7 @@ from celery import Celery, bootsteps
 from celery.signals import worker_process_init, worker_process_shutdown
 
 from download_client.settings import Settings
-from tasks import runtime
+from tasks import callback, runtime
 from tasks.core.egress import Egress
 
 
@@ -60,3 +60,4 @@ def _open(**_: Any) -> None:
 
 def _close(**_: Any) -> None:
     runtime.close_for_process()
+    callback.close_session()

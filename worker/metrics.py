@@ -1,12 +1,11 @@
 """The two figures operators need that Flower's /metrics lacks: bytes downloaded and worker
 children recycled.
 
-Workers count them in Redis (the result backend's database), one hash field per worker
-(tasks/counters.py): `downloads:metrics:bytes` after each successful download (bytes received
-by that run: its size minus what it resumed from, 0 when skipped) and
-`downloads:metrics:recycled` when a prefork child exits because it reached
-WORKER_MAX_TASKS_PER_CHILD or WORKER_MAX_MEMORY_PER_CHILD. Every process that creates the app
-registers a collector in prometheus_client's default registry, so Flower
+Workers count them in Redis (the result backend's database, through the ledger), one hash field
+per worker: the bytes after each successful download (received by that run: its size minus what
+it resumed from, 0 when skipped; tasks/counters.py), and the children that exit because they
+reached WORKER_MAX_TASKS_PER_CHILD or WORKER_MAX_MEMORY_PER_CHILD. Every process that creates
+the app registers a collector in prometheus_client's default registry, so Flower
 (`celery -A worker flower`) serves them on its own /metrics, beside flower_*:
 
     downloads_bytes_total{worker="celery@host"}
@@ -29,7 +28,8 @@ from redis.exceptions import RedisError
 
 from download_client.settings import Settings
 from tasks.core import origins
-from tasks.counters import BYTES_KEY, RECYCLED_KEY
+from tasks.core.ledger import Ledger
+from worker.backend import ledger_of
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +38,12 @@ def connect(app: Celery, settings: Settings) -> None:
     """Count into the result backend's Redis, and serve the counts from this process's
     prometheus_client registry (once per process, however many apps are made)."""
 
-    def redis() -> Any:
-        return getattr(app.backend, "client", None)
+    def ledger() -> Ledger:
+        return ledger_of(app)
 
     def count_recycled(sender: Any = None, exitcode: int | None = None, **_: Any) -> None:
         if exitcode == EX_RECYCLE:
-            _incr(redis(), RECYCLED_KEY, str(sender or "unknown"), 1)
+            _count_recycled(ledger(), str(sender or "unknown"))
 
     worker_process_shutdown.connect(
         count_recycled, weak=False, dispatch_uid="downloads-metrics-recycled"
@@ -51,23 +51,21 @@ def connect(app: Celery, settings: Settings) -> None:
     # Registered once a process: a second app's collector names the same series, which the
     # registry refuses (DuplicateTimeseries, a ValueError).
     with contextlib.suppress(ValueError):
-        REGISTRY.register(DownloadsCollector(redis))
+        REGISTRY.register(DownloadsCollector(ledger))
 
 
-def _incr(client: Any, key: str, worker: str, n: int) -> None:
-    if client is None or n <= 0:
-        return
+def _count_recycled(ledger: Ledger, worker: str) -> None:
     try:
-        client.hincrby(key, worker, n)
-    except RedisError as exc:  # a metric is never worth failing a download or a child's exit
-        log.warning("could not count %s for %s: %s", key, worker, exc)
+        ledger.count_recycled(worker, 1)
+    except RedisError as exc:  # a metric is never worth failing a child's exit
+        log.warning("could not count a recycled child of %s: %s", worker, exc)
 
 
 class DownloadsCollector(Collector):
     """Reads the counters from Redis at each scrape (one round trip)."""
 
-    def __init__(self, client: Callable[[], Any]) -> None:
-        self.client = client
+    def __init__(self, ledger: Callable[[], Ledger]) -> None:
+        self.ledger = ledger
 
     def _families(self) -> tuple[CounterMetricFamily, CounterMetricFamily]:
         return (
@@ -88,13 +86,9 @@ class DownloadsCollector(Collector):
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         families = self._families()
-        client = self.client()
-        if client is None:
-            return
+        ledger = self.ledger()
         try:
-            pipe = client.pipeline()
-            pipe.hgetall(BYTES_KEY).hgetall(RECYCLED_KEY)
-            counts = pipe.execute()
+            counts = ledger.totals()
         except RedisError as exc:
             log.warning("downloads metrics unavailable: %s", exc)
             return
@@ -102,13 +96,13 @@ class DownloadsCollector(Collector):
             for worker, value in sorted(values.items()):
                 family.add_metric([_text(worker)], float(value))
             yield family
-        yield from _origin_families(client)
+        yield from _origin_families(ledger)
 
 
-def _origin_families(client: Any) -> Iterator[Any]:
+def _origin_families(ledger: Ledger) -> Iterator[Any]:
     """Per origin: downloads holding a slot now, deferrals and pauses so far."""
     try:
-        seen = origins.stats(client)
+        seen = origins.stats(ledger)
     except RedisError as exc:
         log.warning("origin metrics unavailable: %s", exc)
         return

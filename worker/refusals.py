@@ -19,22 +19,12 @@ from celery import Celery, signals, states
 from celery.worker.consumer.consumer import Consumer as CeleryConsumer
 
 from download_client.errors import PermanentError
+from tasks.core.ledger import State
+from worker.backend import ledger_of
 from worker.celery_internals import result_meta
 
 log = logging.getLogger(__name__)
 MAX_PENDING = 1000  # refusals waiting to be stored; past this they are only logged
-
-# SET only when the key is absent, and tell subscribers (AsyncResult.get) in the same step.
-_STORE_IF_ABSENT = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-if tonumber(ARGV[2]) > 0 then
-  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-else
-  redis.call('SET', KEYS[1], ARGV[1])
-end
-redis.call('PUBLISH', KEYS[1], ARGV[1])
-return 1
-"""
 
 
 class Consumer(CeleryConsumer):  # type: ignore[misc]
@@ -103,9 +93,6 @@ class Refusals:
     def store(self, task_id: str, reason: str) -> bool:
         """FAILURE under `task_id` unless a state is there already; True if stored."""
         backend = self.app.backend
-        client = getattr(backend, "client", None)
-        if client is None:
-            return False
         error = PermanentError(f"the worker refused the message: {reason}")
         meta = result_meta(
             backend, backend.encode_result(error, states.FAILURE), states.FAILURE, None, None
@@ -113,7 +100,9 @@ class Refusals:
         meta["task_id"] = task_id
         key = backend.get_key_for_task(task_id)
         expires = int(backend.expires or 0)
-        return bool(client.eval(_STORE_IF_ABSENT, 1, key, backend.encode(meta), expires))
+        # Only where no state exists, telling subscribers (AsyncResult.get) in the same step.
+        state = State(key, backend.encode(meta), expires)
+        return ledger_of(self.app).store_state(state, only_new=True)
 
 
 def _field(message: Any, body: Any, name: str) -> Any:

@@ -17,9 +17,10 @@ from download_client.arguments import DownloadRequest
 from download_client.contract import TASK_NAME
 from download_client.errors import DownloadError, PermanentError
 from download_client.settings import Settings
-from tasks.core.claims import Claims
+from tasks.core import claims
 from tasks.core.storage import Target
 from tasks.deliveries import REDIS_ERRORS
+from worker.backend import ledger_of
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +46,7 @@ def clean_up(app: Celery, settings: Settings, args: DownloadRequest, task_id: st
             target.discard()
     except (DownloadError, OSError) as exc:
         log.warning("could not remove the partial of revoked task %s: %s", task_id, exc)
-    client = getattr(app.backend, "client", None)
-    if client is not None:
-        try:
-            Claims(client, args, task_id, 0).release()
-        except REDIS_ERRORS as exc:
-            log.warning("claim of revoked task %s not released (%s)", task_id, exc)
+    try:
+        ledger_of(app).release_claim(claims.claim(args, task_id, 0))
+    except REDIS_ERRORS as exc:
+        log.warning("claim of revoked task %s not released (%s)", task_id, exc)

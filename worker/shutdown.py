@@ -21,6 +21,7 @@ from celery.signals import worker_ready, worker_shutting_down
 
 from download_client.settings import Settings
 from tasks import deliveries
+from worker.backend import ledger_of
 from worker.celery_internals import running_requests
 
 log = logging.getLogger(__name__)
@@ -51,11 +52,8 @@ def requeue_running(app: Celery, settings: Settings) -> None:
         settings.shutdown_grace,
         len(running),
     )
-    client = getattr(app.backend, "client", None)
-    if client is not None:
-        deliveries.uncount(
-            client, [(r.id, int(r.request_dict.get("retries") or 0)) for r in running]
-        )
+    runs = [(r.id, int(r.request_dict.get("retries") or 0)) for r in running]
+    deliveries.uncount(ledger_of(app), runs)
     for request in running:
         # Not pool.terminate_job: the pool would record the task as REVOKED ("terminated").
         with contextlib.suppress(OSError):

@@ -16,6 +16,7 @@ from download_client.settings import Settings
 from tasks import parking
 from tasks.core import origins
 from tasks.core.sweep import sweep_partials
+from worker.backend import ledger_of
 
 ORIGIN_SWEEP_S = 1.0
 
@@ -62,11 +63,9 @@ def wake_until(app: Celery, settings: Settings, stop: threading.Event) -> None:
     a slot for (a released slot wakes its successor at once; this is for what nobody released)."""
     if not settings.host_concurrency and not settings.host_limits:
         return
+    slots = origins.budget(settings.host_limit)
     while not stop.wait(ORIGIN_SWEEP_S):
-        client = getattr(app.backend, "client", None)
-        if client is None:
-            return
         try:
-            parking.publish(app, origins.sweep(client, settings.host_limit))
+            parking.publish(app, slots.sweep(ledger_of(app)))
         except Exception as exc:  # Redis away: next second
             log.debug("origin sweep skipped (%s)", exc)

@@ -192,6 +192,14 @@ class Settings:
         return dict(self.host_limits).get(origin, self.host_concurrency)
 
     def check(self) -> None:
+        # The result backend also holds the downloads' claims, delivery counts, slots and notes.
+        backend_scheme = urlsplit(self.result_backend).scheme.lower()
+        if backend_scheme not in REDIS_SCHEMES:
+            raise SettingsError(
+                "CELERY_RESULT_BACKEND must be a redis:// or rediss:// URL (it is "
+                f"{backend_scheme or 'without a scheme'}://...): the workers keep each "
+                "download's claims, counts and slots beside its result"
+            )
         if self.ca_only and not self.ca_bundle:
             raise SettingsError("DOWNLOAD_CA_ONLY=true needs DOWNLOAD_CA_BUNDLE")
         if self.client_key and not self.client_cert:

@@ -1,0 +1,181 @@
+"""A fleet-wide budget: a capacity per scope, shared by every worker on one Redis (no Celery here).
+
+A budget has a kind (its name: "origin" for the per-origin slots, tasks/core/origins.py) and a
+capacity for each scope (an origin, a group, a disk). A run holds a slot as a lease that one
+thread per process renews every RENEW_S; a holder that dies stops renewing, and its slot comes
+back when the lease ends (LEASE_MS). A run that finds no slot parks its task message in Redis
+and leaves its worker process: releasing a slot (or the sweep, once a pause or a lease ends)
+reserves the slot for the head of the parked list and hands its message back to be published
+again, first come first served. A scope can be paused (Retry-After): nothing is granted there
+until the pause ends. The keys and the scripts are the ledger's (tasks/core/ledger.py).
+
+A lease belongs to one run, not to one task id: a redelivered copy of a message that runs
+beside its original (Redis put the message back while the original still ran) is another
+holder, and neither can release or renew the other's slot. A run never holds a slot of one
+budget while it is parked for another: it gives back what it holds before it parks."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from tasks.core.ledger import Lease, Ledger
+
+LEASE_MS = 10_000
+RENEW_S = 3.0
+# A woken message not started this long after it was woken (its publisher died) is woken again.
+WAKING_STALE_MS = 30_000
+
+log = logging.getLogger(__name__)
+
+
+class Busy(Exception):
+    """No slot in `scope` now: the run's message is parked and will be published again."""
+
+    def __init__(self, kind: str, scope: str, paused_ms: int) -> None:
+        self.kind, self.scope, self.paused_ms = kind, scope, paused_ms
+        why = f"paused for {paused_ms / 1000:.1f} s more" if paused_ms else "at its limit"
+        super().__init__(f"{scope} is {why}; waiting for a slot there")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """One kind of fleet-wide limit: its name, each scope's capacity (0: no limit) and the
+    length of its leases."""
+
+    kind: str
+    cap_for: Callable[[str], int]
+    lease_ms: int = LEASE_MS
+
+    def lease(self, scope: str, holder: str, task_id: str) -> Lease | None:
+        """The lease `holder` would hold in `scope`; None where the scope has no limit."""
+        cap = self.cap_for(scope)
+        if cap == 0:
+            return None
+        return Lease(self.kind, scope, holder, task_id, cap, self.lease_ms)
+
+    def sweep(self, ledger: Ledger) -> list[str]:
+        """Messages to publish again: woken by a pause or a lease that ended, or stuck waking."""
+        return ledger.sweep(self.kind, self.cap_for, WAKING_STALE_MS, self.lease_ms)
+
+    def stats(self, ledger: Ledger) -> dict[str, Any]:
+        return ledger.budget_stats(self.kind)
+
+
+def holder_token(task_id: str) -> str:
+    """A run's name as a lease holder: its task id and a part of its own."""
+    return f"{task_id}/{uuid.uuid4().hex[:12]}"
+
+
+@dataclass
+class Seat:
+    """What one run holds in one budget: at most one slot, in one scope at a time."""
+
+    budget: Budget
+    ledger: Ledger
+    task_id: str
+    parked_message: Callable[[], str]
+    holder: str = ""
+    held: Lease | None = None
+    woken: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.holder = self.holder or holder_token(self.task_id)
+
+    def trying(self, scope: str) -> Lease | None:
+        """The slot to try for in the run's first round trip (parking nothing), if any."""
+        if self.held is not None:
+            return None
+        return self.budget.lease(scope, self.holder, self.task_id)
+
+    def granted(self, lease: Lease) -> None:
+        """The slot tried for is held: keep its lease alive."""
+        self.held = lease
+        _renewer.hold(self.ledger, lease)
+
+    def enter(self, scope: str) -> None:
+        """Hold a slot in `scope` (giving back one held elsewhere first), or park and raise Busy."""
+        if self.held is not None and self.held.scope == scope:
+            return
+        self.leave()
+        lease = self.budget.lease(scope, self.holder, self.task_id)
+        if lease is None:
+            return
+        ok, paused_ms = self.ledger.acquire(lease, self.parked_message())
+        if not ok:
+            raise Busy(self.budget.kind, scope, paused_ms)
+        self.granted(lease)
+
+    def letting_go(self) -> Lease | None:
+        """The lease to release in the run's last round trip (it is no longer renewed); the
+        messages that release wakes go to `woken` through `took_back`."""
+        lease, self.held = self.held, None
+        if lease is not None:
+            _renewer.drop(lease)
+        return lease
+
+    def took_back(self, woken: list[str]) -> None:
+        self.woken += woken
+
+    def leave(self) -> None:
+        """Give the slot back now, on its own round trip."""
+        lease = self.letting_go()
+        if lease is not None:
+            self.took_back(self.ledger.release(lease))
+
+    def pause(self, seconds: float) -> None:
+        """The held scope asked to slow down (429 or 503 with Retry-After): nobody in the fleet
+        is granted a slot there for `seconds`."""
+        if self.held is not None and seconds > 0:
+            self.ledger.pause(self.held, int(seconds * 1000))
+
+
+class _Renewer:
+    """The one thread of a process that renews its leases every RENEW_S: a thread per download
+    would cost a thread start for every small file."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.leases: dict[Lease, Ledger] = {}
+        self.thread: threading.Thread | None = None
+
+    def hold(self, ledger: Ledger, lease: Lease) -> None:
+        with self.lock:
+            self.leases[lease] = ledger
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._loop, name="budget-leases", daemon=True)
+                self.thread.start()
+
+    def drop(self, lease: Lease) -> None:
+        with self.lock:
+            self.leases.pop(lease, None)
+
+    def renew_all(self) -> None:
+        with self.lock:
+            held = list(self.leases.items())
+        for lease, ledger in held:
+            try:
+                if not ledger.renew(lease):
+                    log.warning("%s lease of %s in %s had ended", lease.kind, lease.holder,
+                                lease.scope)  # fmt: skip
+            except Exception:  # Redis away: the lease runs on; try again next time
+                continue
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(RENEW_S)
+            self.renew_all()
+
+    def forked(self) -> None:
+        """A forked child has none of its parent's threads or downloads."""
+        self.lock, self.leases, self.thread = threading.Lock(), {}, None
+
+
+_renewer = _Renewer()
+os.register_at_fork(after_in_child=_renewer.forked)

@@ -1,0 +1,531 @@
+"""The ledger: every Redis key the workers keep for a download, and every round trip they make
+with them, in one place (no Celery here).
+
+The keys live in the result backend's Redis, beside Celery's results:
+
+    downloads:claim:<hash of dest>        who downloads to a destination (tasks/core/claims.py)
+    downloads:done:<task id>              a finished holder's result, for those who waited on it
+    downloads:deliveries:<id>:<retries>   deliveries of one message (the poison guard)
+    downloads:attempts:<id>               runs of one download (its result's `attempts`)
+    downloads:retry:<id>                  why a download is in RETRY, and when it is due
+    downloads:callback-given-up:<id>      a callback the workers gave up on
+    downloads:metrics:bytes, :recycled    the fleet's running totals (worker/metrics.py)
+    downloads:<kind>:<scope>:...          a fleet-wide budget (tasks/core/budgets.py): `slots`
+                                          (leases), `paused`, `parked`, `waking`, `cap`; for
+                                          the origin slots, downloads:origin:<origin>:slots
+    downloads:<kind>s:parked              the scopes of a budget with parked messages
+    downloads:<kind>s:stats               deferrals and pauses per scope
+
+A download's round trips are typed calls: `admit` (claim, delivery count, STARTED, a budget
+slot) returns an `Admitted`, `settle` (final state, claim, slot, bytes, uncounting) a `Settled`.
+Each records where its commands land on the pipeline when it queues them and reads its own
+answers back by those names: no caller counts positions. The scripts decode JSON (cjson), and
+Celery's result keys are given by the backend (`get_key_for_task`), never spelled here."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+PREFIX = "downloads:"
+BYTES = f"{PREFIX}metrics:bytes"
+RECYCLED = f"{PREFIX}metrics:recycled"
+# A finished holder's result stays this long for the tasks that waited on it; a waiter that
+# comes later downloads (a conditional request: 304 when nothing changed).
+DONE_TTL_S = 3600
+
+
+def claim_key(dest: str) -> str:
+    return (
+        f"{PREFIX}claim:" + hashlib.sha256(dest.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    )
+
+
+def done_key(task_id: str) -> str:
+    return f"{PREFIX}done:{task_id}"
+
+
+def deliveries_key(task_id: str, retries: int) -> str:
+    return f"{PREFIX}deliveries:{task_id}:{retries}"
+
+
+def attempts_key(task_id: str) -> str:
+    return f"{PREFIX}attempts:{task_id}"
+
+
+def retry_note_key(task_id: str) -> str:
+    """Where a download in RETRY keeps why and until when (docs/contract.md); the client reads
+    it under the same name (download_client/records.py)."""
+    return f"{PREFIX}retry:{task_id}"
+
+
+def given_up_key(task_id: str) -> str:
+    return f"{PREFIX}callback-given-up:{task_id}"
+
+
+@dataclass(frozen=True)
+class BudgetKeys:
+    """The keys of one scope of one budget (an origin of the per-origin slots)."""
+
+    kind: str
+    scope: str
+
+    @property
+    def parked_scopes(self) -> str:
+        return f"{PREFIX}{self.kind}s:parked"
+
+    @property
+    def stats(self) -> str:
+        return f"{PREFIX}{self.kind}s:stats"
+
+    @property
+    def names(self) -> list[str]:
+        """The scripts' KEYS, in their order."""
+        base = f"{PREFIX}{self.kind}:{self.scope}"
+        scope = [f"{base}:{part}" for part in ("slots", "paused", "parked", "waking", "cap")]
+        return [*scope, self.parked_scopes, self.stats]
+
+
+def _scopes(client: Any, kind: str, suffix: str) -> dict[str, str]:
+    """Scope -> key, for the keys of one budget that end in `suffix`."""
+    head, tail = f"{PREFIX}{kind}:", f":{suffix}"
+    found = {}
+    for raw in client.scan_iter(match=f"{head}*{tail}", count=100):
+        key = raw.decode() if isinstance(raw, bytes) else raw
+        found[key.removeprefix(head).removesuffix(tail)] = key
+    return found
+
+
+# --- scripts -------------------------------------------------------------------------------
+
+# KEYS: claim, this task's result (Celery's key), the result left by the holder waited for.
+# ARGV: me, flight key, ttl ms. Returns nil when the claim is now mine, else a JSON object: who
+# holds it, what the holder waited for left, or this task's own stored success.
+_CLAIM = """
+local meta = redis.call('GET', KEYS[2])
+if meta then
+  local ok, stored = pcall(cjson.decode, meta)
+  if ok and type(stored) == 'table' and stored['status'] == 'SUCCESS' then
+    return cjson.encode({task=ARGV[1], self_done=true})
+  end
+end
+local left = redis.call('GET', KEYS[3])
+if left and cjson.decode(left).key == ARGV[2] then return left end
+local v = redis.call('GET', KEYS[1])
+if v and cjson.decode(v).task ~= ARGV[1] then return v end
+redis.call('SET', KEYS[1], cjson.encode({task=ARGV[1], key=ARGV[2]}), 'PX', ARGV[3])
+return false
+"""
+# KEYS: claim, where to leave the result. ARGV: me, result JSON or '' (none), its ttl ms.
+_UNCLAIM = """
+if ARGV[2] ~= '' then redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3]) end
+local v = redis.call('GET', KEYS[1])
+if v and cjson.decode(v).task == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1
+"""
+# Celery's read-then-write (a stored SUCCESS is never overwritten: a lost worker's late copy
+# must not undo a finished task) as one script. KEYS: the task's result key. ARGV: the encoded
+# meta (JSON), its expiry in seconds (0: none). Returns 1 when stored.
+_STORE = """
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local ok, meta = pcall(cjson.decode, cur)
+  if ok and type(meta) == 'table' and meta['status'] == 'SUCCESS' then return 0 end
+end
+if tonumber(ARGV[2]) > 0 then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+else
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+redis.call('PUBLISH', KEYS[1], ARGV[1])
+return 1
+"""
+# Same as _STORE, but only where no state exists yet (a refused message's FAILURE).
+_STORE_NEW = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if tonumber(ARGV[2]) > 0 then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+else
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+redis.call('PUBLISH', KEYS[1], ARGV[1])
+return 1
+"""
+
+# Budgets. KEYS: BudgetKeys.names. ARGV[1] the scope, ARGV[2] its capacity (0: none), ARGV[3]
+# the lease in ms; each script's own arguments follow. A lease is a member of `slots` scored by
+# its end (Redis time, ms): a holder's token (one per run), or `woken:<task id>`, the slot
+# reserved for a parked message that was woken and is being published again.
+_NOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local scope, lease = ARGV[1], tonumber(ARGV[3])
+local cap = tonumber(redis.call('GET', KEYS[5]) or ARGV[2])
+"""
+# Hand free slots to the parked, head first: each gets a reserved lease and moves to `waking`.
+_WAKE = """
+local function wake()
+  local woken = {}
+  if redis.call('EXISTS', KEYS[2]) == 1 then return woken end
+  while redis.call('LLEN', KEYS[3]) > 0 and (cap == 0 or redis.call('ZCARD', KEYS[1]) < cap) do
+    local msg = redis.call('LPOP', KEYS[3])
+    local id = cjson.decode(msg).id
+    redis.call('ZADD', KEYS[1], now + lease, 'woken:' .. id)
+    redis.call('HSET', KEYS[4], id, cjson.encode({at=now, msg=msg}))
+    woken[#woken + 1] = msg
+  end
+  if redis.call('LLEN', KEYS[3]) == 0 then redis.call('SREM', KEYS[6], scope) end
+  return woken
+end
+"""
+# ARGV[4] holder token, ARGV[5] task id, ARGV[6] the message to park ('' = only try).
+# Returns {status, pttl}: 1 granted, 0 parked (or not granted), -1 parked behind a pause.
+_ACQUIRE = (
+    _NOW
+    + """
+local holder, id = ARGV[4], ARGV[5]
+cap = tonumber(ARGV[2])
+redis.call('SET', KEYS[5], cap)
+redis.call('HDEL', KEYS[4], id)
+if redis.call('ZREM', KEYS[1], 'woken:' .. id) == 1 or redis.call('ZSCORE', KEYS[1], holder) then
+  redis.call('ZADD', KEYS[1], now + lease, holder)
+  return {1, 0}
+end
+local paused = redis.call('PTTL', KEYS[2])
+local full = cap > 0 and redis.call('ZCARD', KEYS[1]) >= cap
+if paused <= 0 and not full and redis.call('LLEN', KEYS[3]) == 0 then
+  redis.call('ZADD', KEYS[1], now + lease, holder)
+  return {1, 0}
+end
+if ARGV[6] == '' then return {0, 0} end
+redis.call('RPUSH', KEYS[3], ARGV[6])
+redis.call('SADD', KEYS[6], scope)
+redis.call('HINCRBY', KEYS[7], 'deferrals ' .. scope, 1)
+if paused > 0 then return {-1, paused} end
+return {0, 0}
+"""
+)
+# ARGV[4] holder token. Returns 1 when the lease was renewed, 0 when it is gone.
+_RENEW = (
+    _NOW
+    + """
+if redis.call('ZSCORE', KEYS[1], ARGV[4]) then
+  redis.call('ZADD', KEYS[1], now + lease, ARGV[4])
+  return 1
+end
+return 0
+"""
+)
+# ARGV[4] holder token. Returns the woken messages.
+_RELEASE = (
+    _NOW
+    + _WAKE
+    + """
+redis.call('ZREM', KEYS[1], ARGV[4])
+return wake()
+"""
+)
+# The sweep: wake what a pause or an ended lease freed, and hand back stale `waking` entries.
+# ARGV[4] how old a `waking` entry is when its publisher is taken for dead (ms).
+_SWEEP = (
+    _NOW
+    + _WAKE
+    + """
+local out = wake()
+local all = redis.call('HGETALL', KEYS[4])
+for i = 1, #all, 2 do
+  local ok, entry = pcall(cjson.decode, all[i + 1])
+  if not ok then  -- written as '<ms>|<message>' by workers before the JSON entries
+    local bar = string.find(all[i + 1], '|', 1, true)
+    entry = {at=tonumber(string.sub(all[i + 1], 1, bar - 1)), msg=string.sub(all[i + 1], bar + 1)}
+  end
+  if now - entry.at > tonumber(ARGV[4]) then
+    redis.call('HSET', KEYS[4], all[i], cjson.encode({at=now, msg=entry.msg}))
+    out[#out + 1] = entry.msg
+  end
+end
+return out
+"""
+)
+# ARGV[4] the pause in ms.
+_PAUSE = """
+local left = redis.call('PTTL', KEYS[2])
+if left < tonumber(ARGV[4]) then
+  redis.call('SET', KEYS[2], '1', 'PX', ARGV[4])
+  redis.call('HINCRBY', KEYS[7], 'pauses ' .. ARGV[1], 1)
+end
+return 1
+"""
+
+
+# --- what a round trip takes and returns ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One task's claim on one destination. `flight` is what makes two downloads the same
+    download; `waited_for` the holder whose result this task may take instead."""
+
+    dest: str
+    flight: str
+    task_id: str
+    ttl_ms: int
+    waited_for: str | None = None
+
+
+@dataclass(frozen=True)
+class Held:
+    """Someone else's claim (`done` is None while it runs), or this task's own earlier success."""
+
+    task: str
+    done: dict[str, Any] | None = None
+    self_done: bool = False
+
+
+@dataclass(frozen=True)
+class State:
+    """A task state encoded by the result backend, stored unless a SUCCESS is there already."""
+
+    key: str
+    value: str
+    expires: int
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A slot of one budget's scope for one holder (a run of a task)."""
+
+    kind: str
+    scope: str
+    holder: str
+    task_id: str
+    cap: int
+    lease_ms: int
+
+    @property
+    def keys(self) -> BudgetKeys:
+        return BudgetKeys(self.kind, self.scope)
+
+
+@dataclass(frozen=True)
+class Admit:
+    """A run's first round trip: take the claim, count the delivery, store STARTED, try for a
+    slot (each part optional but the count)."""
+
+    task_id: str
+    retries: int
+    expires: int
+    result_key: str  # Celery's key of this task's result (a stored SUCCESS ends the claim)
+    claim: Claim | None = None
+    started: State | None = None
+    lease: Lease | None = None
+
+
+@dataclass(frozen=True)
+class Admitted:
+    holder: Held | None  # who else holds the destination (None: this run does)
+    delivered: int  # deliveries of this message, this one included
+    attempts: int  # runs of the download so far, this one included
+    granted: bool  # the slot tried for is this run's
+
+
+@dataclass(frozen=True)
+class Settle:
+    """A run's last writes, in one round trip: its final state, the claim (with the result left
+    for waiters, or without), the slot, the bytes received, and uncounting a run that did not
+    download."""
+
+    final: State | None = None
+    claim: Claim | None = None
+    left: dict[str, Any] | None = None
+    release: Lease | None = None
+    bytes_for: tuple[str, int] | None = None
+    uncount: tuple[str, int] | None = None
+
+
+@dataclass(frozen=True)
+class Settled:
+    stored: bool  # the final state was written (False: a SUCCESS was there already, or none)
+    woken: list[str] = field(default_factory=list)  # parked messages a released slot woke
+
+
+class _Round:
+    """One pipeline; each command's answer is read back by the name it was queued under."""
+
+    def __init__(self, client: Any) -> None:
+        self.pipe = client.pipeline(transaction=False)
+        self.at: dict[str, int] = {}
+
+    def add(self, name: str, queue: Callable[[Any], Any]) -> None:
+        self.at[name] = len(self.pipe)
+        queue(self.pipe)
+
+    def run(self) -> dict[str, Any]:
+        answers = self.pipe.execute()
+        return {name: answers[i] for name, i in self.at.items()}
+
+
+def _eval(pipe: Any, script: str, keys: Iterable[str], *argv: Any) -> Any:
+    """EVAL with the text: Redis caches it by its SHA, and a pipeline needs no SCRIPT EXISTS
+    round trip before it runs (as a registered Script would)."""
+    keys = list(keys)
+    return pipe.eval(script, len(keys), *keys, *(str(a) for a in argv))
+
+
+def _budget(pipe: Any, script: str, lease: Lease, *argv: Any) -> Any:
+    return _eval(pipe, script, lease.keys.names, lease.scope, lease.cap, lease.lease_ms, *argv)
+
+
+def _texts(raw: Iterable[Any]) -> list[str]:
+    return [m.decode() if isinstance(m, bytes) else m for m in raw]
+
+
+class Ledger:
+    """The workers' side of the download's Redis state, on one client (the result backend's)."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    # A download's two round trips.
+
+    def admit(self, a: Admit) -> Admitted:
+        r = _Round(self.client)
+        if a.claim is not None:
+            c = a.claim
+            keys = (claim_key(c.dest), a.result_key, done_key(c.waited_for or "-"))
+            r.add("claim", lambda p: _eval(p, _CLAIM, keys, c.task_id, c.flight, c.ttl_ms))
+        delivered, attempts = deliveries_key(a.task_id, a.retries), attempts_key(a.task_id)
+        r.add("delivered", lambda p: p.incr(delivered).expire(delivered, a.expires))
+        r.add("attempts", lambda p: p.incr(attempts).expire(attempts, a.expires))
+        started, lease = a.started, a.lease
+        if started is not None:
+            r.add("started", lambda p: _store(p, started))
+        if lease is not None:
+            r.add("slot", lambda p: _budget(p, _ACQUIRE, lease, lease.holder, a.task_id, ""))
+        got = r.run()
+        raw_held = got.get("claim")
+        held = None if raw_held is None else _held(raw_held)
+        granted = "slot" in got and int(got["slot"][0]) == 1
+        return Admitted(held, int(got["delivered"]), int(got["attempts"]), granted)
+
+    def settle(self, s: Settle) -> Settled:
+        r = _Round(self.client)
+        final, claim, lease = s.final, s.claim, s.release
+        if final is not None:
+            r.add("stored", lambda p: _store(p, final))
+        if claim is not None:
+            r.add("claim", lambda p: _unclaim(p, claim, s.left))
+        if lease is not None:
+            r.add("woken", lambda p: _budget(p, _RELEASE, lease, lease.holder))
+        if s.bytes_for is not None:
+            worker, n = s.bytes_for
+            r.add("bytes", lambda p: p.hincrby(BYTES, worker, n))
+        if s.uncount is not None:
+            task_id, retries = s.uncount
+            key, attempts = deliveries_key(task_id, retries), attempts_key(task_id)
+            r.add("uncount", lambda p: p.decr(key).decr(attempts))
+        got = r.run()
+        return Settled(bool(got.get("stored")), _texts(got.get("woken") or []))
+
+    # Results and notes.
+
+    def store_state(self, state: State, only_new: bool = False) -> bool:
+        """Store a task state unless a SUCCESS is there (`only_new`: unless any state is)."""
+        return bool(_eval(self.client, _STORE_NEW if only_new else _STORE, [state.key],
+                          state.value, state.expires))  # fmt: skip
+
+    def note_retry(self, task_id: str, note: str, ttl: int) -> None:
+        self.client.set(retry_note_key(task_id), note, ex=ttl)
+
+    def record_given_up(self, task_id: str, record: dict[str, Any], ttl: int) -> None:
+        self.client.set(given_up_key(task_id), json.dumps(record), ex=ttl)
+
+    def uncount(self, runs: Iterable[tuple[str, int]]) -> None:
+        """Take back deliveries stopped on purpose (a shutdown), not by a death."""
+        pipe = self.client.pipeline()
+        for task_id, retries in runs:
+            pipe.decr(deliveries_key(task_id, retries))
+        pipe.execute()
+
+    def release_claim(self, claim: Claim) -> None:
+        _unclaim(self.client, claim, None)
+
+    # Totals.
+
+    def count_recycled(self, worker: str, n: int) -> None:
+        self.client.hincrby(RECYCLED, worker, n)
+
+    def totals(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Bytes and recycled children per worker."""
+        got = _Round(self.client)
+        got.add("bytes", lambda p: p.hgetall(BYTES))
+        got.add("recycled", lambda p: p.hgetall(RECYCLED))
+        seen = got.run()
+        return _counts(seen["bytes"]), _counts(seen["recycled"])
+
+    # Budgets (their rules are in tasks/core/budgets.py).
+
+    def acquire(self, lease: Lease, parked: str = "") -> tuple[bool, int]:
+        """Take a slot, or park `parked` (a message) behind the others: (granted, pause ms)."""
+        status, left = _budget(self.client, _ACQUIRE, lease, lease.holder, lease.task_id, parked)
+        return int(status) == 1, int(left)
+
+    def renew(self, lease: Lease) -> bool:
+        return bool(_budget(self.client, _RENEW, lease, lease.holder))
+
+    def release(self, lease: Lease) -> list[str]:
+        return _texts(_budget(self.client, _RELEASE, lease, lease.holder))
+
+    def pause(self, lease: Lease, ms: int) -> None:
+        _budget(self.client, _PAUSE, lease, ms)
+
+    def sweep(
+        self, kind: str, cap_for: Callable[[str], int], stale_ms: int, lease_ms: int
+    ) -> list[str]:
+        """Messages of one budget to publish again: woken by a pause or a lease that ended, or
+        left in `waking` by a publisher that died."""
+        parked = set(_texts(self.client.smembers(BudgetKeys(kind, "").parked_scopes)))
+        scopes = parked | set(_scopes(self.client, kind, "waking"))
+        out: list[str] = []
+        for scope in sorted(scopes):
+            keys = BudgetKeys(kind, scope).names
+            out += _texts(_eval(self.client, _SWEEP, keys, scope, cap_for(scope), lease_ms,
+                                stale_ms))  # fmt: skip
+        return out
+
+    def budget_stats(self, kind: str) -> dict[str, Any]:
+        """In flight per scope (live leases), deferrals and pauses so far."""
+        seconds, micros = self.client.time()
+        now_ms = seconds * 1000 + micros // 1000
+        flight = {
+            scope: int(self.client.zcount(key, now_ms, "+inf"))
+            for scope, key in _scopes(self.client, kind, "slots").items()
+        }
+        counts = _counts(self.client.hgetall(BudgetKeys(kind, "").stats))
+        for name in counts:  # a scope seen before and idle now shows 0, not nothing
+            flight.setdefault(name.split(" ", 1)[1], 0)
+        return {"in_flight": flight, "counts": counts}
+
+
+def _store(pipe: Any, state: State) -> Any:
+    return _eval(pipe, _STORE, [state.key], state.value, state.expires)
+
+
+def _unclaim(pipe: Any, claim: Claim, left: dict[str, Any] | None) -> Any:
+    text = "" if left is None else json.dumps({"task": claim.task_id, "key": claim.flight,
+                                                "done": left})  # fmt: skip
+    keys = (claim_key(claim.dest), done_key(claim.task_id))
+    return _eval(pipe, _UNCLAIM, keys, claim.task_id, text, DONE_TTL_S * 1000)
+
+
+def _held(raw: Any) -> Held:
+    seen = json.loads(raw)
+    return Held(seen["task"], seen.get("done"), bool(seen.get("self_done")))
+
+
+def _counts(raw: dict[Any, Any]) -> dict[str, int]:
+    return {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in raw.items()}

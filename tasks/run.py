@@ -1,0 +1,146 @@
+"""One run of a download as the fleet sees it: what it holds in Redis (the destination's claim, a
+slot at its origin, its delivery count) from admission to settling, through the ledger
+(tasks/core/ledger.py), and the one backend interface those writes ride on (`LedgerBackend`)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
+
+from celery import Task, states
+
+from download_client.arguments import DownloadRequest
+from download_client.errors import PermanentError
+from download_client.settings import Settings
+from tasks import counters, deliveries, parking
+from tasks.core import claims, origins
+from tasks.core.budgets import Seat
+from tasks.core.ledger import Admit, Admitted, Ledger, Settle, Settled, State
+from tasks.deliveries import REDIS_ERRORS
+from tasks.retries import Journey
+
+log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class LedgerBackend(Protocol):
+    """What the task needs of its result backend (worker/backend.py is the one there is): the
+    ledger on its Redis, a state encoded as the backend stores it, and writes that ride with the
+    task's final state in its round trip (`then` gets what they settled)."""
+
+    ledger: Ledger
+
+    def state(self, task_id: str, result: Any, state: str, request: Any) -> State: ...
+
+    def ride(self, task_id: str, settle: Settle, then: Callable[[Settled], None]) -> None: ...
+
+
+def backend_of(task: Task) -> LedgerBackend:
+    backend = task.backend
+    if not isinstance(backend, LedgerBackend):
+        raise TypeError(f"{type(backend).__name__} is not a ledger backend (a Redis is needed)")
+    return backend
+
+
+class Run:
+    """A run's claim, slot and count: `admit` takes them in one round trip, and `succeed`,
+    `step_aside`, `park` or `let_go` gives them back in one more."""
+
+    def __init__(self, task: Task, s: Settings, request: DownloadRequest) -> None:
+        self.task, self.settings, self.request = task, s, request
+        self.backend = backend_of(task)
+        self.ledger = self.backend.ledger
+        self.journey = Journey.of(task)
+        # The holder may run up to its hard time limit, then wait up to the longest countdown.
+        ttl = s.time_limit + s.retry_backoff_max + 60
+        self.claim = claims.claim(request, task.request.id, ttl, self.journey.waiting_for)
+        self.seat: Seat | None = None
+        if s.host_concurrency or s.host_limits:
+            message = lambda: parking.message(task)  # noqa: E731
+            self.seat = Seat(origins.budget(s.host_limit), self.ledger, task.request.id, message)
+
+    def admit(self) -> Admitted:
+        """Take the destination's claim, count this delivery (the poison guard), store STARTED and
+        try for a slot at the origin: one round trip."""
+        req = self.task.request
+        meta = {"pid": os.getpid(), "hostname": req.hostname}
+        started = self.backend.state(req.id, meta, states.STARTED, req)
+        scope = origins.origin_of(self.request.url)
+        lease = self.seat.trying(scope) if self.seat is not None else None
+        ask = Admit(req.id, req.retries, self.settings.result_expires, started.key, self.claim,
+                    started, lease)  # fmt: skip
+        try:
+            admitted = self.ledger.admit(ask)
+        except REDIS_ERRORS as exc:
+            # Redis away: the destination's flock alone keeps writers apart on this file system.
+            log.warning("destination claim and delivery count not taken (%s)", exc)
+            return Admitted(None, 0, req.retries + 1, False)
+        if admitted.granted and self.seat is not None and lease is not None:
+            self.seat.granted(lease)
+        try:
+            deliveries.check(admitted.delivered, self.settings.max_deliveries)
+        except PermanentError:  # a poison message: its waiters must not wait for it any longer
+            self.let_go(claim=True)
+            raise
+        return admitted
+
+    def gate(self) -> Callable[[str], None] | None:
+        """What each hop passes before its request: a slot at the hop's origin (or Busy)."""
+        seat = self.seat
+        if seat is None:
+            return None
+        return lambda url: seat.enter(origins.origin_of(url))
+
+    def pause_origin(self, seconds: float) -> None:
+        if self.seat is not None:
+            self.seat.pause(seconds)
+
+    def succeed(self, result: Any) -> None:
+        """Leave the result to the destination's waiters, give the slot back and count the bytes:
+        with SUCCESS, in its round trip."""
+        n = counters.received_bytes(result)
+        settle = Settle(
+            claim=self.claim,
+            left=dict(result),
+            release=self._letting_go(),
+            bytes_for=(str(result.get("worker") or "unknown"), n) if n > 0 else None,
+        )
+        self.backend.ride(self.task.request.id, settle, self._woke)
+
+    def step_aside(self) -> None:
+        """This run does not download (another task has the destination): its count and any slot
+        it took go back."""
+        self._settle(Settle(release=self._letting_go(), uncount=self._this_delivery()))
+
+    def park(self) -> None:
+        """The message waits in Redis for a slot: this run is not counted, and it holds nothing
+        while it waits."""
+        self.step_aside()
+
+    def let_go(self, claim: bool) -> None:
+        """The run ends without a result: the slot goes back, and the claim too when `claim`."""
+        self._settle(Settle(claim=self.claim if claim else None, release=self._letting_go()))
+
+    def _letting_go(self) -> Any:
+        return self.seat.letting_go() if self.seat is not None else None
+
+    def _this_delivery(self) -> tuple[str, int]:
+        return self.task.request.id, self.task.request.retries
+
+    def _settle(self, settle: Settle) -> None:
+        try:
+            settled = self.ledger.settle(settle) if settle != Settle() else Settled(False)
+        except REDIS_ERRORS as exc:
+            log.warning("slot and claim not given back (%s); their leases end on their own", exc)
+            settled = Settled(False)
+        self._woke(settled)
+
+    def _woke(self, settled: Settled) -> None:
+        """Publish the parked messages this run's releases woke."""
+        woken = settled.woken
+        if self.seat is not None:
+            woken, self.seat.woken = [*self.seat.woken, *woken], []
+        if woken:
+            parking.publish(self.task.app, woken)

@@ -1,0 +1,197 @@
+"""The fleet-wide budget primitive in-process, against the session's private Redis: a budget
+other than the origin slots ("disk", made here from the same primitive) shows its cap, ordered
+wake-up, pauses, and a SIGKILLed holder's lease coming back; the origin slots are its first
+instance. Deadlines are generous: what the primitive's figures are is the benchmark's business."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from tasks.core import budgets, origins
+from tasks.core.budgets import Budget, Busy, Seat
+from tasks.core.ledger import BudgetKeys, Ledger
+from tests.harness import ROOT, wait_for
+
+DB = 8
+
+
+@pytest.fixture
+def ledger(redis_server) -> Iterator[Ledger]:
+    client = redis.Redis.from_url(f"{redis_server.url}/{DB}")
+    client.flushdb()
+    yield Ledger(client)
+    with budgets._renewer.lock:  # this process's renewer forgets the test's leases
+        budgets._renewer.leases.clear()
+    client.flushdb()
+    client.close()
+
+
+def _message(task_id: str) -> str:
+    return json.dumps({"id": task_id, "args": [], "kwargs": {}})
+
+
+def _seat(budget: Budget, ledger: Ledger, task_id: str) -> Seat:
+    return Seat(budget, ledger, task_id, lambda: _message(task_id))
+
+
+def _ids(messages: list[str]) -> list[str]:
+    return [json.loads(m)["id"] for m in messages]
+
+
+def _disk(cap: int = 2, lease_ms: int = budgets.LEASE_MS) -> Budget:
+    return Budget("disk", lambda scope: cap, lease_ms)
+
+
+def test_a_second_budget_holds_its_cap_and_wakes_the_parked_in_order(ledger):
+    disk = _disk(cap=2)
+    holders = [_seat(disk, ledger, f"h{i}") for i in range(2)]
+    for seat in holders:
+        seat.enter("/data")
+    parked = [_seat(disk, ledger, f"p{i}") for i in range(3)]
+    for seat in parked:
+        with pytest.raises(Busy) as busy:
+            seat.enter("/data")
+        assert (busy.value.kind, busy.value.scope, busy.value.paused_ms) == ("disk", "/data", 0)
+    assert disk.stats(ledger)["in_flight"] == {"/data": 2}
+    holders[0].leave()
+    assert _ids(holders[0].woken) == ["p0"]  # first come, first served
+    holders[1].leave()
+    assert _ids(holders[1].woken) == ["p1"]
+    # The woken run's slot is reserved for it: a newcomer parks behind p2, p0 and p1 enter.
+    with pytest.raises(Busy):
+        _seat(disk, ledger, "late").enter("/data")
+    parked[0].enter("/data")
+    parked[1].enter("/data")
+    assert disk.stats(ledger)["in_flight"] == {"/data": 2}
+    parked[0].leave()
+    assert _ids(parked[0].woken) == ["p2"]
+
+
+def test_budgets_and_scopes_do_not_share_slots(ledger):
+    disk, slots = _disk(cap=1), origins.budget(lambda origin: 1)
+    _seat(disk, ledger, "a").enter("/data")
+    _seat(disk, ledger, "b").enter("/other")
+    _seat(slots, ledger, "c").enter("/data")  # another budget, its own scope of that name
+    assert disk.stats(ledger)["in_flight"] == {"/data": 1, "/other": 1}
+    assert origins.stats(ledger)["in_flight"] == {"/data": 1}
+
+
+def test_a_redelivered_copy_beside_its_original_is_another_holder(ledger):
+    """Redis puts a running download's message back after an outage, and the copy runs beside
+    its original with the same task id: it must not ride on the original's lease, nor release
+    it (the copy's release would free a slot the original still uses)."""
+    disk = _disk(cap=1)
+    original, copy = _seat(disk, ledger, "same"), _seat(disk, ledger, "same")
+    original.enter("/data")
+    with pytest.raises(Busy):
+        copy.enter("/data")
+    copy.leave()  # holds nothing: releases nothing
+    with pytest.raises(Busy):
+        _seat(disk, ledger, "other").enter("/data")
+    assert disk.stats(ledger)["in_flight"] == {"/data": 1}
+
+
+def test_a_run_tries_in_its_first_round_trip_without_parking(ledger):
+    disk = _disk(cap=1)
+    first, second = _seat(disk, ledger, "a"), _seat(disk, ledger, "b")
+    lease = first.trying("/data")
+    assert lease is not None
+    assert ledger.acquire(lease) == (True, 0)
+    first.granted(lease)
+    assert first.trying("/data") is None  # held already
+    other = second.trying("/data")
+    assert other is not None and ledger.acquire(other) == (False, 0)
+    assert disk.sweep(ledger) == []  # nothing was parked
+
+
+def test_a_pause_grants_nothing_until_it_ends_and_then_the_sweep_wakes(ledger):
+    disk = _disk(cap=4)
+    holder = _seat(disk, ledger, "h")
+    holder.enter("/data")
+    holder.pause(0.5)
+    with pytest.raises(Busy) as busy:
+        _seat(disk, ledger, "p").enter("/data")
+    assert 0 < busy.value.paused_ms <= 500
+    assert disk.sweep(ledger) == []
+    woken = wait_for(lambda: disk.sweep(ledger), 10, "the pause to end")
+    assert _ids(woken) == ["p"]
+    assert disk.stats(ledger)["counts"] == {"deferrals /data": 1, "pauses /data": 1}
+
+
+def test_a_sigkilled_holders_lease_comes_back_and_wakes_the_parked(ledger, redis_server):
+    """A holder in another process renews its lease until it is killed; then its lease ends
+    and the sweep hands the slot to the parked run."""
+    lease_ms = 1000
+    holder = textwrap.dedent(
+        f"""
+        import sys, time, redis
+        from tasks.core import budgets
+        from tasks.core.budgets import Budget, Seat
+        from tasks.core.ledger import Ledger
+        budgets.RENEW_S = 0.2
+        ledger = Ledger(redis.Redis.from_url("{redis_server.url}/{DB}"))
+        seat = Seat(Budget("disk", lambda s: 1, {lease_ms}), ledger, "holder", lambda: "")
+        seat.enter("/data")
+        print("held", flush=True)
+        time.sleep(600)
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, env=env)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == b"held"
+        disk = _disk(cap=1, lease_ms=lease_ms)
+        waiter = _seat(disk, ledger, "waiter")
+        with pytest.raises(Busy):
+            waiter.enter("/data")
+        # Renewed past several lease lengths while the holder lives.
+        wait_for(lambda: _nap(3 * lease_ms / 1000), 10, "three lease lengths")
+        assert disk.sweep(ledger) == []
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        woken = wait_for(lambda: disk.sweep(ledger), 10 * lease_ms / 1000, "the lease to end")
+        assert _ids(woken) == ["waiter"]
+        waiter.enter("/data")
+        assert disk.stats(ledger)["in_flight"] == {"/data": 1}
+    finally:
+        proc.kill()
+        proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def test_a_woken_message_whose_publisher_died_is_woken_again(ledger, monkeypatch):
+    monkeypatch.setattr(budgets, "WAKING_STALE_MS", 200)
+    disk = _disk(cap=1)
+    holder = _seat(disk, ledger, "h")
+    holder.enter("/data")
+    with pytest.raises(Busy):
+        _seat(disk, ledger, "p").enter("/data")
+    holder.leave()
+    assert _ids(holder.woken) == ["p"]  # ... and its publisher dies before publishing it
+    again = wait_for(lambda: disk.sweep(ledger), 10, "the woken entry to go stale")
+    assert _ids(again) == ["p"]
+
+
+def _nap(seconds: float) -> bool:
+    import time
+
+    time.sleep(seconds)
+    return True
+
+
+def test_a_waking_entry_from_before_the_json_entries_is_still_woken_again(ledger):
+    """Written as '<ms>|<message>' by workers that ran before an upgrade."""
+    keys = BudgetKeys("disk", "/data")
+    ledger.client.hset(keys.names[3], "old", f"1000|{_message('old')}")
+    assert _ids(_disk().sweep(ledger)) == ["old"]
+    assert _ids(_disk().sweep(ledger)) == []  # re-dated: not again before it goes stale
