@@ -20,6 +20,7 @@ from typing import Any
 import psutil
 import redis
 from celery import Celery
+from kombu.entity import Exchange, Queue
 
 from download_client.brokers import rabbitmq_config
 from download_client.settings import Settings
@@ -196,6 +197,8 @@ class Stack:
             {"CELERY_BROKER_URL": broker_url, "CELERY_RESULT_BACKEND": backend}
         )
         client.conf.update(rabbitmq_config(settings))
+        if node is not None:
+            _declare_default_queue(client)
         origin = RecordingOrigin()
         origin.start()
         env = worker_env(server.url, work / "dl", CELERY_BROKER_URL=broker_url, **SOAK_SETTINGS)
@@ -220,6 +223,17 @@ class Stack:
         self.redis.stop()
         if self.node is not None:
             self.node.close()
+
+
+def _declare_default_queue(client: Celery) -> None:
+    """The default queue and its exchange, as they exist once anything is submitted without a
+    queue: every worker binds it to the delayed-delivery exchange at start, and without it native
+    delayed delivery is off ("Failed to setup delayed delivery")."""
+    with client.connection_for_write() as conn:
+        exchange = Exchange("celery", "topic")  # type: ignore[no-untyped-call]
+        quorum = {"x-queue-type": "quorum"}
+        queue = Queue("celery", exchange, "celery", queue_arguments=quorum)  # type: ignore[no-untyped-call]
+        queue.declare(channel=conn.default_channel)  # type: ignore[no-untyped-call]
 
 
 def main(size: Size | None = None, seed: int | None = None) -> dict[str, Any]:
