@@ -5,12 +5,15 @@ subscribers, and one state costs one round trip."""
 from __future__ import annotations
 
 import json
+import math
+import time
 import uuid
 
 import pytest
 import redis
 
 from download_client.settings import Settings
+from tasks.core.budgets import RENEW_S
 from tests.harness import worker_env
 from worker.celery_app import create_app
 
@@ -89,10 +92,15 @@ def test_a_download_costs_its_worker_process_two_round_trips(
         WORKER_MAX_TASKS_PER_CHILD="0",
     )
     n = 40
+    began = time.monotonic()
     res = [submit(client, w, url=f"{origin.url}/bytes/2000?seed={i}", dest=f"rt/{i}.bin")
            for i in range(n)]  # fmt: skip
     assert all(r.get(timeout=60)["size"] == 2000 for r in res)
+    held_s = time.monotonic() - began
     w.stop()
     (child,) = [int(p.read_text()) for p in counts.iterdir()]
     connecting = 10  # a child's first commands: connections opened, scripts loaded
-    assert child <= 2 * n + connecting, child
+    # The process's one lease renewal a RENEW_S while it holds an origin slot: a round trip per
+    # time held, not per download (more of them on a slower, loaded machine).
+    renewals = math.ceil(held_s / RENEW_S) + 1
+    assert child <= 2 * n + connecting + renewals, (child, renewals)

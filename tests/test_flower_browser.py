@@ -13,6 +13,7 @@ import re
 import shutil
 import struct
 import subprocess
+import urllib.parse
 import uuid
 from pathlib import Path
 
@@ -165,7 +166,12 @@ def cells(dom: str, task_id: str) -> dict[str, str]:
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
-def test_task_list_shows_a_running_downloads_progress(flower, worker, origin, client, tmp_path):
+def test_task_list_shows_a_running_downloads_progress(
+    flower, start_worker, origin, client, tmp_path
+):
+    # A worker of its own, so that the list can be narrowed to this test's two downloads
+    # (`?worker=`): other tests' tasks would push them off the list's first page.
+    worker = start_worker(queue=f"browser-{uuid.uuid4().hex[:6]}")
     secret = f"tok-{uuid.uuid4().hex}"
     url = f"{origin.url}/bytes/{SIZE}?rate=1000000&token={secret}"
     running = client.send_task(
@@ -177,7 +183,10 @@ def test_task_list_shows_a_running_downloads_progress(flower, worker, origin, cl
     try:
         flower.wait_state(failed.id, "FAILURE", timeout=30)
         flower.wait_state(running.id, "PROGRESS", timeout=30)
-        page = f"http://{USER}:{flower.password}@127.0.0.1:{flower.port}/tasks"
+        page = (
+            f"http://{USER}:{flower.password}@127.0.0.1:{flower.port}/tasks"
+            f"?worker={urllib.parse.quote(worker.hostname)}"
+        )
         shot = tmp_path / "flower-tasks.png"
         doms: list[str] = []
 
