@@ -57,6 +57,7 @@ class Target:
         # What this run saw missing from .partial/ while it held the destination's lock, so that
         # a small download does not unlink files it already knows are not there.
         self._no_partial = self._no_sidecar = False
+        self._no_dest = False  # check_path found nothing at the destination
 
     # -- locking ---------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -200,18 +201,26 @@ class Target:
         symlink or a file, or that is a directory. publish() walks again (the path may change)."""
         try:
             with self._parent_fd(create=False) as parent:
-                self._refuse_directory(parent)
+                self._no_dest = self._refuse_directory(parent)
         except FileNotFoundError:
-            pass  # missing directories are made at publish
+            self._no_dest = True  # missing directories are made at publish
         except OSError as exc:
             raise disk_error(exc, f"checking the way to {self.dest}") from exc
 
-    def _refuse_directory(self, parent: int) -> None:
-        if _is_dir_at(parent, self.dest.name):
+    def _refuse_directory(self, parent: int) -> bool:
+        """Refuse a directory at the destination; True when nothing is there."""
+        try:
+            mode = os.stat(self.dest.name, dir_fd=parent, follow_symlinks=False).st_mode
+        except FileNotFoundError:
+            return True
+        if stat.S_ISDIR(mode):
             raise PermanentError(f"dest: {self.dest} is an existing directory")
+        return False
 
     def existing_sha256(self) -> tuple[str, int] | None:
         """(sha256, size) of the regular file at the destination, or None if there is none."""
+        if self._no_dest:
+            return None
         try:
             with self._parent_fd(create=False) as parent:
                 fd = os.open(
@@ -227,7 +236,10 @@ class Target:
 
     def finished_record(self) -> Record | None:
         """The record of the file at the destination if it came from this URL and has not been
-        changed since (same size and mtime); None otherwise, or where there are no user xattrs."""
+        changed since (same size and mtime); None otherwise, or where there are no user xattrs.
+        A destination check_path found empty stays so: this task holds its lock."""
+        if self._no_dest:
+            return None
         try:
             with self._parent_fd(create=False) as parent:
                 fd = os.open(
@@ -298,10 +310,3 @@ def _record_on(fd: int, url: str) -> Record | None:
 def sidecars(part: Path) -> tuple[Path, Path]:
     """The validators file of a partial and its temporary name while being written."""
     return part.with_suffix(".json"), part.with_suffix(".json.tmp")
-
-
-def _is_dir_at(dir_fd: int, name: str) -> bool:
-    try:
-        return stat.S_ISDIR(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
-    except FileNotFoundError:
-        return False
