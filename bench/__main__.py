@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import large, latency, live_view, machine, memory, profile, report, small
+from bench import large, latency, live_view, machine, memory, profile, report, seed, small
 from bench.config import KIB, MIB, Config
 from bench.stack import Nginx, Stack, make_files
 
@@ -67,6 +67,8 @@ def measure(cfg: Config, work: Path) -> dict[str, Any]:
         results["latency"] = latency.run(stack, cfg)
         _step("part 6: the live view's cost, submit --wait on a terminal and piped")
         results["live_view"] = live_view.run(stack, cfg)
+        _step("part 7: the seed's batch, images at 50 ms time to first byte")
+        results["seed"] = seed.run(stack, cfg)
     results["load_at_end"] = machine.load()
     results["duration_s"] = time.monotonic() - started
     return results

@@ -4,14 +4,14 @@ PSS a slot (main process and children, from /proc/<pid>/smaps_rollup)."""
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Mapping
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from statistics import median
 from typing import Any
 
-from bench.config import KIB, MIB, Config
+from bench.config import KIB, Config
+from bench.delayed import DelayedOrigin
 from bench.small import _aria2, _celery, _curl
 from bench.stack import Stack, available, rotated
 from bench.stats import fmt, ratios, summary
@@ -19,71 +19,56 @@ from download_client.contract import TASK_NAME
 from tests.harness import Worker
 
 TTFB_MS = (20, 100, 300)
-BODY = b"\0" * (16 * KIB)
 PLOT = "bench-latency.png"
 
 
-class _Delayed(BaseHTTPRequestHandler):
-    """GET /<ms>/<name>: nothing at all for <ms> milliseconds, then 16 KiB."""
-
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-    def do_GET(self) -> None:
-        time.sleep(int(self.path.split("/")[1]) / 1000)
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(BODY)))
-        self.send_header("Content-Type", "application/octet-stream")
-        self.end_headers()
-        self.wfile.write(BODY)
+def rollup_kib(pid: int) -> dict[str, int]:
+    """The kB fields of /proc/<pid>/smaps_rollup (Pss, Private_Clean, Private_Dirty...)."""
+    out: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        key, value = line.split(":", 1)
+        out[key] = int(value.split()[0])
+    return out
 
 
-class DelayedOrigin(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 256  # 32 clients connecting at once must not wait on the backlog
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _Delayed)
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-    def url(self, ms: int) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/{ms}"
-
-
-def pss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-        if line.startswith("Pss:"):
-            return int(line.split()[1]) * KIB
-    raise KeyError("Pss")
+def memory_of(w: Worker, slots: int) -> dict[str, float]:
+    """The whole worker's PSS a slot, and per child the median USS (what only it holds) and
+    Private_Dirty (what it wrote into pages of its own: after fork, copies of the parent's)."""
+    assert w.proc is not None
+    children = [rollup_kib(p) for p in w.children()]
+    main = rollup_kib(w.proc.pid)
+    return {
+        "pss_per_slot_mib": (main["Pss"] + sum(c["Pss"] for c in children)) / slots / KIB,
+        "uss_per_child_mib": median([c["Private_Clean"] + c["Private_Dirty"] for c in children])
+        / KIB,
+        "private_dirty_per_child_mib": median([c["Private_Dirty"] for c in children]) / KIB,
+    }
 
 
 def run(stack: Stack, cfg: Config) -> dict[str, Any]:
     slot_counts = (2, 8) if cfg.quick else (2, 8, 32)
     rounds, waves = (1, 3) if cfg.quick else (3, 6)
-    origin = DelayedOrigin()
+    origin = DelayedOrigin()  # its own process: it must not share this one's interpreter
     table: dict[str, Any] = {}
     try:
         for slots in slot_counts:
             table[str(slots)] = _slots(stack, origin, slots, rounds, waves)
     finally:
-        origin.shutdown()
-        origin.server_close()
+        origin.stop()
     return {"rounds": rounds, "ttfb_ms": list(TTFB_MS), "by_slots": table}
 
 
 def _slots(
     stack: Stack, origin: DelayedOrigin, slots: int, rounds: int, waves: int
 ) -> dict[str, Any]:
-    # Every slot at the one delayed origin: its per-origin cap is the slot count.
-    w = stack.worker(
-        f"lat{slots}", WORKER_CONCURRENCY=str(slots), DOWNLOAD_HOST_CONCURRENCY=str(slots)
-    )
+    # Every slot at the one delayed origin, with no per-origin cap (0): the peers have none.
+    w = stack.worker(f"lat{slots}", WORKER_CONCURRENCY=str(slots), DOWNLOAD_HOST_CONCURRENCY="0")
     n = slots * waves  # every slot busy for `waves` downloads in a row
     names = [f"f{i:04d}.bin" for i in range(n)]
     out: dict[str, Any] = {}
     try:
+        time.sleep(2)  # the children finish starting
+        out["idle"] = memory_of(w, slots)
         # Not timed: every child opens its connection and imports what it imports lazily first.
         warm = [f"{origin.url(0)}/{name}" for name in names]
         _celery(stack, w, TASK_NAME, warm, f"lat/{slots}/warm", n)
@@ -91,8 +76,9 @@ def _slots(
             urls = [f"{origin.url(ms)}/{name}" for name in names]
             out[str(ms)] = _cell(stack, w, slots, urls, names, rounds, f"lat/{slots}/{ms}")
         # After the runs: every child has served downloads and dirtied what it dirties.
-        pids = [w.proc.pid, *w.children()] if w.proc else []
-        out["pss_per_slot_mib"] = sum(pss_bytes(p) for p in pids) / slots / MIB
+        out["after"] = memory_of(w, slots)
+        out["downloads_done"] = n * (1 + len(TTFB_MS) * rounds)
+        out["pss_per_slot_mib"] = out["after"]["pss_per_slot_mib"]
     finally:
         stack.stop_worker(w)
     return out
@@ -139,20 +125,32 @@ def render(lat: Mapping[str, Any]) -> str:
         f"![files/s against slots]({PLOT})",
         "",
         "16 KiB files from an origin that answers after the given delay; medians (min-max) over "
-        f"{lat['rounds']} rounds; the worker's PSS (main process and children) a slot after them.",
+        f"{lat['rounds']} rounds. The origin runs in a process of its own. The worker's PSS "
+        "(main process and children) a slot idle (started, no download yet) and after the runs; "
+        "USS and Private_Dirty: the median child, idle -> after.",
         "",
-        "| slots | PSS a slot (MiB) | TTFB | worker files/s | curl --parallel | worker / curl |",
-        "|---|---|---|---|---|---|",
+        "| slots | PSS a slot idle -> after (MiB) | USS a child | Private_Dirty a child "
+        "| TTFB | worker files/s | curl --parallel | worker / curl |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for slots, row in lat["by_slots"].items():
         for ms in lat["ttfb_ms"]:
             cell = row[str(ms)]
             rates = cell["files_per_s"]
             lines.append(
-                f"| {slots} | {row['pss_per_slot_mib']:.1f} | {ms} ms | {fmt(rates['worker'], 1)} "
-                f"| {fmt(rates['curl --parallel'], 1)} | {fmt(cell['worker_vs_curl'], 2)} |"
+                f"| {slots} | {_mem(row, 'pss_per_slot_mib')} | {_mem(row, 'uss_per_child_mib')} "
+                f"| {_mem(row, 'private_dirty_per_child_mib')} | {ms} ms "
+                f"| {fmt(rates['worker'], 1)} | {fmt(rates['curl --parallel'], 1)} "
+                f"| {fmt(cell['worker_vs_curl'], 2)} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _mem(row: Mapping[str, Any], key: str) -> str:
+    """`idle -> after` where the run measured both (reports before them show one figure)."""
+    if "idle" not in row:
+        return f"{row[key]:.1f}" if key in row else "-"
+    return f"{row['idle'][key]:.1f} -> {row['after'][key]:.1f}"
 
 
 def plot(lat: Mapping[str, Any], docs: Path, plt: Any) -> None:

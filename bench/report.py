@@ -8,13 +8,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from bench import latency, live_view
+from bench import latency, live_view, seed
 from bench.large import DEFAULT_CHUNK, chunk_label
 from bench.stats import fmt, ratios
 
 RSS_PLOT, LARGE_PLOT, SMALL_PLOT = "bench-rss.png", "bench-large.png", "bench-small.png"
 GROWTH_TARGET_MIB, LARGE_RSS_TARGET_MIB, LARGE_SPEED_TARGET = 4.0, 16.0, 0.9
 SMALL_TARGET, CONNECTIONS_TARGET = 0.75, 2
+CHILD_CPU_TARGET_MS, MAIN_CPU_TARGET, SEED_TARGET, LATENCY_TARGET = 2.8, 1.1, 0.8, 0.9
+PSS_IDLE_TARGET_MIB, PSS_AFTER_TARGET_MIB = 11.0, 13.0
 # The durable limit: the same bytes, from memory (the page cache), written and fsynced.
 DURABLE = "dd + fsync"
 
@@ -42,6 +44,8 @@ def render(r: Mapping[str, Any], plotted: bool = True) -> str:
         parts.append(latency.render(r["latency"]))
     if "live_view" in r:
         parts.append(live_view.render(r["live_view"]))
+    if "seed" in r:
+        parts.append(seed.render(r["seed"]))
     return "\n".join(parts)
 
 
@@ -123,6 +127,38 @@ def _targets(r: Mapping[str, Any]) -> str:
                 v["median"] >= SMALL_TARGET,
             )
         )
+    if small and "cpu_ms_per_task" in small:
+        child = small["cpu_ms_per_task"]["worker"]["child"]
+        rows.append(
+            (
+                "16 KiB: the worker child's CPU a download",
+                f"<= {CHILD_CPU_TARGET_MS:g} ms",
+                f"{fmt(child, 2)} ms",
+                child["median"] <= CHILD_CPU_TARGET_MS,
+            )
+        )
+        main = small["cpu_vs_noop"]["main"]
+        rows.append(
+            (
+                "16 KiB: the main process's CPU a download against the no-op's",
+                f"<= {MAIN_CPU_TARGET:g} x",
+                f"{fmt(main, 2)} x",
+                main["median"] <= MAIN_CPU_TARGET,
+            )
+        )
+    rows += _latency_targets(r.get("latency", {}).get("by_slots", {}))
+    seed_run = r.get("seed")
+    if seed_run:
+        v = seed_run["worker_vs_curl"]
+        rows.append(
+            (
+                f"the seed's batch, {seed_run['images']:,} images: against curl --parallel-max "
+                f"{seed_run['cap']}",
+                f">= {SEED_TARGET:g} x",
+                f"{fmt(v, 2)} x",
+                v["median"] >= SEED_TARGET,
+            )
+        )
     view = r.get("live_view")
     if view:
         share = view["terminal"]["cpu_share"]
@@ -139,6 +175,36 @@ def _targets(r: Mapping[str, Any]) -> str:
     lines += [f"| {a} | {b} | {c} | {'met' if ok else '**missed**'} |" for a, b, c, ok in rows]
     lines += _why_missed(r)
     return "\n".join(lines) + "\n"
+
+
+def _latency_targets(by_slots: Mapping[str, Any]) -> list[tuple[str, str, str, bool]]:
+    """32 slots: files/s against curl at 100 ms, and PSS a slot idle and after the runs."""
+    row = by_slots.get("32")
+    if not row:
+        return []
+    rows = []
+    if "100" in row:
+        v = row["100"]["worker_vs_curl"]
+        rows.append(
+            (
+                "32 slots, 100 ms to first byte: files/s against curl --parallel-max 32",
+                f">= {LATENCY_TARGET:g} x",
+                f"{fmt(v, 2)} x",
+                v["median"] >= LATENCY_TARGET,
+            )
+        )
+    for when, target in (("idle", PSS_IDLE_TARGET_MIB), ("after", PSS_AFTER_TARGET_MIB)):
+        if when in row:
+            pss = row[when]["pss_per_slot_mib"]
+            rows.append(
+                (
+                    f"32 slots: PSS a slot, {'idle' if when == 'idle' else 'after the runs'}",
+                    f"<= {target:g} MiB",
+                    f"{pss:.1f} MiB",
+                    pss <= target,
+                )
+            )
+    return rows
 
 
 def _why_missed(r: Mapping[str, Any]) -> list[str]:
@@ -274,7 +340,27 @@ def _small(s: Mapping[str, Any], plotted: bool) -> str:
         )
     if s.get("missing"):
         lines += ["", f"Not measured (not installed): {', '.join(s['missing'])}."]
+    if "cpu_ms_per_task" in s:
+        lines += ["", *_small_cpu(s)]
     return "\n".join(lines) + "\n"
+
+
+def _small_cpu(s: Mapping[str, Any]) -> list[str]:
+    """CPU a task where it is spent, for the download and the no-op on the same worker."""
+    cpu = s["cpu_ms_per_task"]
+    lines = [
+        "CPU a task (ms), in the worker's children (live and reaped), its main process and "
+        "Redis, read before and after each run; worker / no-op per run, then the median.",
+        "",
+        "| where | download task | no-op task | download / no-op |",
+        "|---|---|---|---|",
+    ]
+    for part, ratio in s["cpu_vs_noop"].items():
+        lines.append(
+            f"| {part} | {fmt(cpu['worker'][part], 2)} | {fmt(cpu['no-op task'][part], 2)} "
+            f"| {fmt(ratio, 2)} |"
+        )
+    return lines
 
 
 def _profile(p: Mapping[str, Any], large: Mapping[str, Any] | None) -> str:

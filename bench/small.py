@@ -14,6 +14,8 @@ from bench.stack import (
     Nginx,
     Stack,
     available,
+    children_cpu_seconds,
+    cpu_seconds,
     last_done,
     rotated,
     run_measured,
@@ -54,6 +56,17 @@ def run(stack: Stack, cfg: Config, nginx: Nginx) -> dict[str, Any]:
     clients.update(found)
     rates: dict[str, list[float]] = {name: [] for name in clients}
     conns: dict[str, list[int]] = {name: [] for name in clients}
+    # CPU a task in the worker's children, its main process and Redis, for both Celery clients.
+    assert w.proc is not None and stack.redis.proc is not None
+    main, redis = w.proc.pid, stack.redis.proc.pid
+    parts: dict[str, Callable[[], float]] = {
+        "child": lambda: children_cpu_seconds(main),
+        "main": lambda: cpu_seconds([main]),  # its own threads, not its children
+        "redis": lambda: cpu_seconds([redis]),
+    }
+    cpu: dict[str, dict[str, list[float]]] = {
+        name: {part: [] for part in parts} for name in ("worker", "no-op task")
+    }
     order = list(clients)
     try:
         for r in range(cfg.small_runs):
@@ -62,7 +75,12 @@ def run(stack: Stack, cfg: Config, nginx: Nginx) -> dict[str, Any]:
                 out.mkdir(parents=True)  # a new directory each run (ext4 after deletes is slow)
                 os.sync()  # not timed: no run starts with the previous run's dirty pages
                 before = nginx.accepts()
+                used = {part: read() for part, read in parts.items()}
                 seconds = clients[name](out, r)
+                if name in cpu:
+                    for part, read in parts.items():
+                        ms = (read() - used[part]) * 1000 / n
+                        cpu[name][part].append(ms)
                 conns[name].append(nginx.accepts() - before - 1)
                 rates[name].append(n / seconds)
     finally:
@@ -74,6 +92,12 @@ def run(stack: Stack, cfg: Config, nginx: Nginx) -> dict[str, Any]:
         "files_per_s": {k: summary(v) for k, v in rates.items()},
         "connections": {k: summary([float(c) for c in v]) for k, v in conns.items()},
         "worker_vs_noop": ratios(rates["worker"], rates["no-op task"]),
+        "cpu_ms_per_task": {
+            name: {part: summary(v) for part, v in by.items()} for name, by in cpu.items()
+        },
+        "cpu_vs_noop": {
+            part: ratios(cpu["worker"][part], cpu["no-op task"][part]) for part in parts
+        },
         "worker_vs": {k: ratios(rates["worker"], v) for k, v in rates.items() if k != "worker"},
         "raw": rates,
     }

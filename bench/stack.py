@@ -242,6 +242,19 @@ def cpu_seconds(pids: Iterable[int]) -> float:
     return total
 
 
+def children_cpu_seconds(main: int) -> float:
+    """CPU of all of `main`'s children, live and reaped: a child recycled between two readings
+    moves from the one to the other, so a difference of two readings counts it whole."""
+    proc = psutil.Process(main)
+    t = proc.cpu_times()
+    total = float(t.children_user + t.children_system)
+    for child in proc.children():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            c = child.cpu_times()
+            total += c.user + c.system
+    return total
+
+
 def time_wait(port: int) -> int:
     """TCP sockets in TIME_WAIT on either side of a connection to `port`."""
     return sum(

@@ -23,6 +23,10 @@ def _latency_cell(worker: float, curl: float) -> dict[str, Any]:
     }
 
 
+def _memory_of(pss: float) -> dict[str, float]:
+    return {"pss_per_slot_mib": pss, "uss_per_child_mib": 7.0, "private_dirty_per_child_mib": 6.5}
+
+
 def fake_results() -> dict[str, Any]:
     variant = {
         "key": "a",
@@ -94,6 +98,15 @@ def fake_results() -> dict[str, Any]:
             "connections": {"worker": _s(2, 2), "no-op task": _s(0, 0)},
             "worker_vs_noop": ratios([300, 310], [500, 520]),
             "worker_vs": {"no-op task": ratios([300, 310], [500, 520])},
+            "cpu_ms_per_task": {
+                "worker": {"child": _s(2.5), "main": _s(2.0), "redis": _s(0.4)},
+                "no-op task": {"child": _s(1.0), "main": _s(2.0), "redis": _s(0.3)},
+            },
+            "cpu_vs_noop": {
+                "child": ratios([2.5], [1.0]),
+                "main": ratios([2.0], [2.0]),
+                "redis": ratios([0.4], [0.3]),
+            },
         },
         "latency": {
             "rounds": 1,
@@ -101,11 +114,22 @@ def fake_results() -> dict[str, Any]:
             "by_slots": {
                 str(slots): {
                     "pss_per_slot_mib": 60.0 / slots,
+                    "idle": _memory_of(48.0 / slots),
+                    "after": _memory_of(60.0 / slots),
                     "20": _latency_cell(40.0 * slots, 45.0 * slots),
                     "100": _latency_cell(9.0 * slots, 10.0 * slots),
                 }
                 for slots in (2, 8)
             },
+        },
+        "seed": {
+            "images": 200,
+            "bytes": 200 * 1024,
+            "ttfb_ms": 50,
+            "cap": 8,
+            "rounds": 1,
+            "files_per_s": {"worker": _s(120.0), "curl --parallel": _s(150.0)},
+            "worker_vs_curl": ratios([120.0], [150.0]),
         },
         "live_view": {
             "downloads": 300,
@@ -172,8 +196,28 @@ def test_fmt_prints_median_and_range() -> None:
 
 def test_latency_section_has_a_row_per_slots_and_delay(tmp_path: Path) -> None:
     text = report.render(fake_results(), plotted=False)
-    assert "| 8 | 7.5 | 100 ms | 72.0 | 80.0 | 0.90 |" in text
-    assert "| 2 | 30.0 | 20 ms | 80.0 | 90.0 | 0.89 |" in text
+    assert "| 8 | 6.0 -> 7.5 | 7.0 -> 7.0 | 6.5 -> 6.5 | 100 ms | 72.0 | 80.0 | 0.90 |" in text
+    assert "| 2 | 24.0 -> 30.0 | 7.0 -> 7.0 | 6.5 -> 6.5 | 20 ms | 80.0 | 90.0 | 0.89 |" in text
+
+
+def test_latency_section_of_an_older_report_has_no_idle_figures() -> None:
+    results = fake_results()
+    for row in results["latency"]["by_slots"].values():
+        del row["idle"], row["after"]
+    text = report.render(results, plotted=False)
+    assert "| 8 | 7.5 | - | - | 100 ms | 72.0 | 80.0 | 0.90 |" in text
+
+
+def test_small_section_splits_cpu_a_task_by_process() -> None:
+    text = report.render(fake_results(), plotted=False)
+    assert "| child | 2.50 | 1.00 | 2.50 |" in text
+    assert "| redis | 0.40 | 0.30 | 1.33 |" in text
+
+
+def test_seed_section_against_curl() -> None:
+    text = report.render(fake_results(), plotted=False)
+    assert "| worker | 120.0 | 0.80 |" in text
+    assert "| curl --parallel --parallel-max 8 | 150.0 | |" in text
 
 
 def test_latency_plot_is_drawn(tmp_path: Path) -> None:
@@ -187,3 +231,22 @@ def test_live_view_section_and_target() -> None:
     assert "| terminal | 2.40 | 80.0 | 3.0% |" in text and "| pipe | 1.60 | 80.0 | 2.0% |" in text
     target = "the command's CPU on a terminal | <= 5% of one core | 3.0% | met |"
     assert target in text
+
+
+def test_targets_of_the_cpu_seed_and_32_slots() -> None:
+    results = fake_results()
+    row = {
+        "idle": _memory_of(10.5),
+        "after": _memory_of(13.5),
+        "pss_per_slot_mib": 13.5,
+        "20": _latency_cell(900.0, 1000.0),
+        "100": _latency_cell(290.0, 310.0),
+    }
+    results["latency"]["by_slots"]["32"] = row
+    text = report.render(results, plotted=False)
+    assert "| 16 KiB: the worker child's CPU a download | <= 2.8 ms | 2.50 ms | met |" in text
+    assert "against the no-op's | <= 1.1 x | 1.00 x | met |" in text
+    assert "curl --parallel-max 32 | >= 0.9 x | 0.94 x | met |" in text
+    assert "| 32 slots: PSS a slot, idle | <= 11 MiB | 10.5 MiB | met |" in text
+    assert "| 32 slots: PSS a slot, after the runs | <= 13 MiB | 13.5 MiB | **missed** |" in text
+    assert "curl --parallel-max 8 | >= 0.8 x | 0.80 x | met |" in text

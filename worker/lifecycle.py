@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 from typing import Any
 
 from celery import Celery, bootsteps
-from celery.signals import worker_process_init, worker_process_shutdown
+from celery.signals import worker_init, worker_process_init, worker_process_shutdown
 
 from download_client.settings import Settings
 from tasks import callback, runtime
@@ -21,6 +22,7 @@ def connect(app: Celery, settings: Settings) -> None:
     if not _freezing:
         _freezing.append(True)
         os.register_at_fork(before=_freeze_before_fork)
+    worker_init.connect(_parse_before_fork, weak=False, dispatch_uid="downloads-parse-before-fork")
     worker_process_init.connect(_open, weak=False, dispatch_uid="downloads-runtime-open")
     worker_process_shutdown.connect(_close, weak=False, dispatch_uid="downloads-runtime-close")
 
@@ -52,6 +54,24 @@ def _freeze_before_fork() -> None:
     each recycle). The collection scans only objects made since the last freeze."""
     gc.collect()
     gc.freeze()
+
+
+PRCTL = "int prctl (int __option, ...);"
+
+
+def _parse_before_fork(**_: Any) -> None:
+    """Parse, in the main process, the one C declaration every child parses as it starts.
+
+    billiard sets each new child's parent-death signal through cffi whenever cffi is imported
+    (billiard/util.py, `set_pdeathsig`): `cffi.FFI().cdef(PRCTL)`. The first cdef in a process
+    imports pycparser and builds its parser, which cffi then keeps (cffi/cparser.py,
+    `_get_parser`); done after fork, each child built its own, with its imports, in pages of its
+    own. Done here first, before the pool forks, children find the parser made and share it."""
+    if "cffi" not in sys.modules:
+        return  # billiard then uses ctypes, which parses nothing
+    import cffi  # type: ignore[import-untyped]  # no stubs (tests/test_memory.py)
+
+    cffi.FFI().cdef(PRCTL)
 
 
 def _open(**_: Any) -> None:

@@ -12,6 +12,7 @@ import requests
 from download_client.arguments import check_url
 from download_client.errors import PermanentError
 from tasks.core import failures
+from tasks.core.http import EgressSession
 from tasks.core.responses import content_length
 
 MAX_REDIRECTS = 10
@@ -64,9 +65,12 @@ def _send(
     session: requests.Session, url: str, headers: dict[str, str], timeout: tuple[float, float]
 ) -> requests.Response:
     try:
-        response = session.get(
-            url, headers=headers, stream=True, allow_redirects=False, timeout=timeout
-        )
+        if isinstance(session, EgressSession):
+            response = session.stream_get(url, headers, timeout)
+        else:
+            response = session.get(
+                url, headers=headers, stream=True, allow_redirects=False, timeout=timeout
+            )
     except Exception as exc:
         mapped = failures.on_request(exc, url, timeout)
         if mapped is None:

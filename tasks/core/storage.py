@@ -54,6 +54,10 @@ class Target:
         self.part_path = self.partial_dir / f"{key}.part"
         self.sidecar_path = self.partial_dir / f"{key}.json"
         self.lock_path = self.partial_dir / f"{_key(dest)}.lock"
+        # What this run saw missing from .partial/ while it held the destination's lock, so that
+        # a small download does not unlink files it already knows are not there.
+        self._no_partial = self._no_sidecar = False
+        self._no_dest = False  # check_path found nothing at the destination
 
     # -- locking ---------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -76,24 +80,35 @@ class Target:
 
     def _ensure_partial_dir(self) -> None:
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            os.mkdir(self.partial_dir, 0o700)
+            try:
+                os.mkdir(self.partial_dir, 0o700)
+            except FileNotFoundError:  # the root first
+                self.root.mkdir(parents=True, exist_ok=True)
+                os.mkdir(self.partial_dir, 0o700)
         except FileExistsError:
             pass
         except OSError as exc:
             raise disk_error(exc, "creating the in-progress area") from exc
-        if self.partial_dir.is_symlink() or not self.partial_dir.is_dir():
+        try:
+            real = stat.S_ISDIR(os.lstat(self.partial_dir).st_mode)  # a symlink is not
+        except OSError:
+            real = False
+        if not real:
             raise PermanentError(f"{self.partial_dir} must be a real directory")
 
     # -- the partial's validators ----------------------------------------------------------
     def load_sidecar(self) -> Record:
         try:
             return Record.from_json(self.sidecar_path.read_bytes())
+        except FileNotFoundError:
+            self._no_sidecar = True
+            return Record()
         except OSError:
             return Record()
 
     def save_sidecar(self, record: Record) -> None:
         tmp = self.sidecar_path.with_suffix(".json.tmp")
+        self._no_sidecar = False
         try:
             tmp.write_bytes(Record(etag=record.etag, last_modified=record.last_modified).to_json())
             os.replace(tmp, self.sidecar_path)
@@ -116,7 +131,9 @@ class Target:
             fd = lock_current(self.part_path, os.O_RDWR | os.O_CREAT, time.monotonic() + 10, 0o666)
             if fd is None:
                 raise PermanentError("the partial file stayed locked by another process")
-            os.utime(fd)  # in use again: not abandoned
+            self._no_partial = False
+            if keep:
+                os.utime(fd)  # in use again: not abandoned (truncating to 0 sets the time too)
             f = os.fdopen(fd, "r+b", buffering=0)
             if keep:
                 remaining = keep
@@ -144,6 +161,8 @@ class Target:
             )
 
     def discard(self) -> None:
+        if self._no_partial and self._no_sidecar:
+            return  # seen missing under the lock: nothing to remove
         for path in (self.part_path, *sidecars(self.part_path)):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
@@ -182,18 +201,26 @@ class Target:
         symlink or a file, or that is a directory. publish() walks again (the path may change)."""
         try:
             with self._parent_fd(create=False) as parent:
-                self._refuse_directory(parent)
+                self._no_dest = self._refuse_directory(parent)
         except FileNotFoundError:
-            pass  # missing directories are made at publish
+            self._no_dest = True  # missing directories are made at publish
         except OSError as exc:
             raise disk_error(exc, f"checking the way to {self.dest}") from exc
 
-    def _refuse_directory(self, parent: int) -> None:
-        if _is_dir_at(parent, self.dest.name):
+    def _refuse_directory(self, parent: int) -> bool:
+        """Refuse a directory at the destination; True when nothing is there."""
+        try:
+            mode = os.stat(self.dest.name, dir_fd=parent, follow_symlinks=False).st_mode
+        except FileNotFoundError:
+            return True
+        if stat.S_ISDIR(mode):
             raise PermanentError(f"dest: {self.dest} is an existing directory")
+        return False
 
     def existing_sha256(self) -> tuple[str, int] | None:
         """(sha256, size) of the regular file at the destination, or None if there is none."""
+        if self._no_dest:
+            return None
         try:
             with self._parent_fd(create=False) as parent:
                 fd = os.open(
@@ -209,7 +236,10 @@ class Target:
 
     def finished_record(self) -> Record | None:
         """The record of the file at the destination if it came from this URL and has not been
-        changed since (same size and mtime); None otherwise, or where there are no user xattrs."""
+        changed since (same size and mtime); None otherwise, or where there are no user xattrs.
+        A destination check_path found empty stays so: this task holds its lock."""
+        if self._no_dest:
+            return None
         try:
             with self._parent_fd(create=False) as parent:
                 fd = os.open(
@@ -225,11 +255,14 @@ class Target:
         next run publishes that body instead of fetching it again."""
         try:
             fd = os.open(self.part_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            self._no_partial = True
+            return None
         except OSError:
             return None
         return _record_on(fd, self.url)
 
-    def publish(self, f: Any, record: Record | None = None) -> os.stat_result:
+    def publish(self, f: Any, record: Record | None = None) -> None:
         """fsync the finished partial, with its record attached, and rename it onto the
         destination in one step; then fsync the directory so the rename survives a crash."""
         try:
@@ -241,17 +274,17 @@ class Target:
                 # Renamed while still open: the partial's lock keeps the sweep off until then.
                 os.replace(self.part_path, self.dest.name, dst_dir_fd=parent)
                 os.fsync(parent)
-                st = os.stat(self.dest.name, dir_fd=parent, follow_symlinks=False)
         except PermanentError:
             raise
         except OSError as exc:
             raise disk_error(exc, f"moving the file to {self.dest}") from exc
         finally:
             f.close()
+        if self._no_sidecar:
+            return  # none was read or written by this run
         for sidecar in sidecars(self.part_path):  # the partial they resumed is now the file
             with contextlib.suppress(FileNotFoundError):
                 sidecar.unlink()
-        return st
 
 
 def _record_on(fd: int, url: str) -> Record | None:
@@ -277,10 +310,3 @@ def _record_on(fd: int, url: str) -> Record | None:
 def sidecars(part: Path) -> tuple[Path, Path]:
     """The validators file of a partial and its temporary name while being written."""
     return part.with_suffix(".json"), part.with_suffix(".json.tmp")
-
-
-def _is_dir_at(dir_fd: int, name: str) -> bool:
-    try:
-        return stat.S_ISDIR(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
-    except FileNotFoundError:
-        return False
