@@ -4,7 +4,8 @@
 # tests); chromium (the headless browser that reads Flower's task list); node and npm with the
 # npm packages of tests/node/ (celery-node, a producer nobody here wrote); promtool (checks
 # deploy/prometheus); curl (the docs' curl examples). Called by `make test` and by CI.
-# As root, what is missing is installed; as another user, it is named in one line and nothing runs.
+# As root, what is missing is installed; as another user, it is named in one line and the script
+# stops before anything else runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -37,5 +38,5 @@ fi
 # The npm packages, again only when the lock file changed since they were installed.
 stamp=tests/node/node_modules/.package-lock.json
 if [ ! -f "$stamp" ] || [ tests/node/package-lock.json -nt "$stamp" ]; then
-  (cd tests/node && npm ci --no-audit --no-fund --loglevel=error)
+  (cd tests/node && npm ci --no-audit --no-fund --silent)
 fi

@@ -20,7 +20,7 @@ from worker.celery_internals import rank_state_with
 
 
 def celery_config(s: Settings) -> dict[str, Any]:
-    """Celery's configuration for these settings; the why of each line is in the README."""
+    """Celery's configuration for these settings; the why of each line is in docs/settings.md."""
     # kombu looks for messages of dead workers (past the visibility timeout) every 10 s but scans
     # Redis only every 10th look: once a look keeps that wait at 10 s instead of 100 s.
     transport = {"visibility_timeout": s.visibility_timeout, "unacked_restore_throttle": 1}

@@ -136,7 +136,8 @@ def exit_code(rows: list[dict[str, Any]]) -> int:
 def follow_hint(pending: list[str], err: TextIO) -> None:
     """What Ctrl-C prints: the downloads go on, and the command that waits for them again
     (the ids in a file when there are many)."""
-    err.write(f"\ninterrupted: {len(pending)} downloads not finished go on without this command.\n")
+    some = f"{len(pending)} download{'s' if len(pending) != 1 else ''}"
+    err.write(f"\ninterrupted: {some} not finished go on without this command.\n")
     if not pending:
         return
     if len(pending) <= HINT_IDS:
