@@ -1,5 +1,6 @@
 """What the worker does with a message before the task runs: the gate that refuses what cannot be
-a download, and the redacted view of a task that events, `inspect` and Flower show."""
+a download, and the redacted view of a task that events, `inspect` and Flower show (without a
+`task-started` of the main process's: the run says when it really runs)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,14 @@ class RedactedRequest(Request):  # type: ignore[misc]
     @property
     def kwargsrepr(self) -> str:
         return self.redacted[1]
+
+    def send_event(self, type: str, **fields: Any) -> None:
+        """Every event but `task-started`. The main process sends it when a child accepts the
+        message, before the run knows whether it will download or wait (for a slot at the
+        origin, for a busy destination), and its event buffer often delivers it after the
+        child's own `task-waiting`: the run itself says when it really runs (tasks/waiting.py)."""
+        if type != "task-started":
+            super().send_event(type, **fields)
 
     def info(self, safe: bool = False) -> dict[str, Any]:
         return {**super().info(safe=True), "args": self.argsrepr, "kwargs": self.kwargsrepr}
