@@ -132,6 +132,7 @@ class FetchTask(Task):  # type: ignore[misc]
         self.retry(exc=why, countdown=delay, headers=journey.headers(self),
                    retry_policy=publish_policy(run.settings), throw=False)  # fmt: skip
         run.wait(run.request.dest)
+        log.info("waiting %.1f s for a busy destination", delay)
         return Ignore()
 
     def note_retry(self, s: Settings, why: DownloadError, delay: float, attempt: int) -> None:
