@@ -15,7 +15,7 @@ from download_client.arguments import DownloadRequest
 from download_client.contract import WAITING
 from download_client.errors import PermanentError
 from download_client.settings import Settings
-from tasks import counters, deliveries, parking, waiting
+from tasks import counters, deliveries, messages, parking, waiting
 from tasks.core import claims, origins
 from tasks.core.budgets import Seat
 from tasks.core.ledger import Admit, Admitted, Ledger, Settle, Settled, State
@@ -55,8 +55,8 @@ class Run:
         self.ledger = self.backend.ledger
         self.journey = Journey.of(task)
         # A run after a wait leaves WAITING stored until it really runs (`running`), so a run
-        # that only waits again is never shown as started.
-        self.after_wait = self.journey.waits > 0 or self.journey.waited_s > 0
+        # that only waits again is never shown as started (nor sent as started: messages.py).
+        self.after_wait = messages.waited(task.request.headers or {})
         self.ran = False
         # The holder may run up to its hard time limit, then wait up to the longest countdown.
         ttl = s.time_limit + s.retry_backoff_max + 60
@@ -107,10 +107,12 @@ class Run:
         return enter
 
     def running(self) -> None:
-        """The run's first request is about to go out: say so, once (tasks/waiting.py)."""
-        if not self.ran:
+        """The run's first request is about to go out: after a wait, say so, once
+        (tasks/waiting.py). A first run's STARTED (stored at admission, and the main process's
+        event) says it already, at no extra round trip."""
+        if self.after_wait and not self.ran:
             self.ran = True
-            waiting.running(self.task, store=self.after_wait)
+            waiting.running(self.task)
 
     def pause_origin(self, seconds: float) -> None:
         if self.seat is not None:

@@ -4,9 +4,9 @@ A wait is the state WAITING with `{"reason": "origin", "since", "origin"}` (park
 its origin) or `{"reason": "destination", "since", "dest"}` (another download is writing its
 destination): stored in the result backend for pollers and sent as a `task-waiting` event for
 Flower. A run that really begins (its first request is about to go out) says so with PROGRESS at
-0 bytes, in the backend when a wait is stored there and always as a `task-progress` event: the
-worker's main process does not send `task-started` for a download (tasks/messages.py), since it
-cannot know whether the run will download or wait. See docs/contract.md."""
+0 bytes, in the backend and as a `task-progress` event, when it comes back from a wait: the
+worker's main process does not send `task-started` for such a run (tasks/messages.py), since it
+cannot know whether the run will download or wait again. See docs/contract.md."""
 
 from __future__ import annotations
 
@@ -56,12 +56,11 @@ def announce(task: Task, meta: dict[str, Any]) -> None:
         log.warning("waiting not announced (%s); the download waits all the same", exc)
 
 
-def running(task: Task, store: bool) -> None:
-    """The run really begins: PROGRESS at 0 bytes as an event (with `started`, the time Flower
-    shows as the task's start) and, when `store`, in the result backend too."""
+def running(task: Task) -> None:
+    """A run after a wait really begins: PROGRESS at 0 bytes in the result backend and as an
+    event (with `started`, the time Flower shows as the task's start)."""
     try:
-        if store:
-            task.update_state(state="PROGRESS", meta={"bytes": 0, "total": None})
+        task.update_state(state="PROGRESS", meta={"bytes": 0, "total": None})
         line = {"progress": progress_text(0, None), "bytes": 0, "total": None}
         task.send_event(
             "task-progress", bytes=0, total=None, started=time.time(), result=json.dumps(line)

@@ -129,14 +129,7 @@ def test_progress_reaches_pollers_and_flower(flower, worker, origin, client, eve
     progress = wait_for(backend_progress, 30, "PROGRESS in the result backend")
     assert 0 < progress["bytes"] <= size
     assert progress["total"] == size
-
-    def flower_progress() -> dict[str, Any] | None:
-        info = flower.info(res.id)
-        running = info is not None and info["state"] == "PROGRESS"
-        return info if running and json.loads(info["result"])["bytes"] else None
-
-    # (Its first PROGRESS is the run's start, at 0 bytes: the figures come with the next.)
-    info = wait_for(flower_progress, 30, "PROGRESS with figures in Flower")
+    info = flower.wait_state(res.id, "PROGRESS", timeout=30)
     # On Flower's task list, task page and API: JSON text that leads with a line for people,
     # "312.5 KiB of 976.6 KiB (32%)", and keeps the figures.
     shown = json.loads(info["result"])
@@ -145,11 +138,8 @@ def test_progress_reaches_pollers_and_flower(flower, worker, origin, client, eve
     assert shown["total"] == size and 0 < shown["bytes"] <= size
     assert res.get(timeout=60)["size"] == size
     assert flower.wait_state(res.id, "SUCCESS")["result"].startswith("{'url'")
-    # For machines, the same figures as numbers in every task-progress event after the first,
-    # which says when the run really began (no task-started is sent for a download).
-    start, *events = [e for e in event_log if e["type"] == "task-progress" and e["uuid"] == res.id]
-    assert (start["bytes"], start["total"]) == (0, None) and start["started"] > 0
-    assert not [e for e in event_log if e["type"] == "task-started" and e["uuid"] == res.id]
+    # For machines, the same figures as numbers in every task-progress event.
+    events = [e for e in event_log if e["type"] == "task-progress" and e["uuid"] == res.id]
     assert events and all(e["total"] == size and 0 < e["bytes"] <= size for e in events)
     assert [e["bytes"] for e in events] == sorted(e["bytes"] for e in events)
 
@@ -361,8 +351,8 @@ def test_readme_curl_examples_work(flower, worker, origin):
 
     env["ID"] = sh(commands[0])["task-id"]
     flower.wait_state(env["ID"], "PROGRESS")
-    wait_for(lambda: sh(commands[1])["state"] == "PROGRESS", 30, "PROGRESS in the result")
-    wait_for(lambda: " of 4.8 MiB (" in sh(commands[2])["result"], 30, "the figures in Flower")
+    assert sh(commands[1])["state"] == "PROGRESS"
+    assert " of 4.8 MiB (" in sh(commands[2])["result"]
     assert "message" in sh(commands[3])
     assert flower.wait_result(env["ID"])["state"] == "REVOKED"
     assert not (worker.download_dir / "img/a.png").exists()

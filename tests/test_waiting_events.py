@@ -98,3 +98,11 @@ def test_the_waiting_event_carries_a_line_for_flower() -> None:
     assert waiting.text(waiting.for_destination("a/b")) == (
         "waiting for a/b, which another download is writing"
     )
+
+
+def test_the_main_process_sends_task_started_only_for_a_first_run() -> None:
+    from tasks.messages import waited
+
+    assert not waited({"download_waits": 0, "download_waited_s": 0.0, "download_faults": 2})
+    assert waited({"download_waits": 1}) and waited({"download_waited_s": 0.25})
+    assert waited({"headers": {"download_waited_s": "1.5"}}) and not waited({"headers": None})
