@@ -83,6 +83,8 @@ class FetchTask(Task):  # type: ignore[misc]
         run.journey = run.journey.begun(time.time())
         last = run.journey.faults >= s.max_retries
         progress = Progress(self, s.progress_interval)
+        if run.seat is None:  # no slot to wait for: the run begins here (else at its gate)
+            run.running()
         try:
             return download(self.session(rt), run.request, rt.root, rt.limits, progress, last,
                             run.gate())  # fmt: skip
@@ -116,15 +118,22 @@ class FetchTask(Task):  # type: ignore[misc]
             raise
 
     def park(self, run: Run, busy: Busy) -> Ignore:
-        """The message waits in Redis for a slot (tasks/parking.py); this run is not counted."""
-        run.park()
-        self.backend.mark_as_retry(self.request.id, busy, request=self.request)
+        """The message waits in Redis for a slot (tasks/parking.py); this run is not counted.
+        The download is WAITING (tasks/waiting.py), not RETRY: a wait is not a fault."""
+        run.park(busy.scope)
         return Ignore()
 
-    def wait(self, run: Run, holder: str | None, why: DownloadError) -> Retry:
-        """Look again later without spending the fault budget; no worker process is held."""
+    def wait(self, run: Run, holder: str | None, why: DownloadError) -> Ignore:
+        """Look again later without spending the fault budget; no worker process is held. The
+        message is sent again with a countdown as a retry is, but the run ends WAITING, neither
+        RETRY nor a `task-retried` event: a wait is not a fault."""
         delay = wait_delay(run.journey.waits)
-        return self.resend(run.settings, run.journey.after_wait(delay, holder), delay, why)
+        journey = run.journey.after_wait(delay, holder)
+        self.retry(exc=why, countdown=delay, headers=journey.headers(self),
+                   retry_policy=publish_policy(run.settings), throw=False)  # fmt: skip
+        run.wait(run.request.dest)
+        log.info("waiting %.1f s for a busy destination", delay)
+        return Ignore()
 
     def note_retry(self, s: Settings, why: DownloadError, delay: float, attempt: int) -> None:
         """Why the download is in RETRY and when the next attempt is due, in the result

@@ -1,8 +1,10 @@
 """What the worker does with a message before the task runs: the gate that refuses what cannot be
-a download, and the redacted view of a task that events, `inspect` and Flower show."""
+a download, and the redacted view of a task that events, `inspect` and Flower show (without the
+main process's `task-started` for a download that waited before: the run says when it runs)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from celery import Task
@@ -31,11 +33,35 @@ class RedactedRequest(Request):  # type: ignore[misc]
     def kwargsrepr(self) -> str:
         return self.redacted[1]
 
+    def send_event(self, type: str, **fields: Any) -> None:
+        """Every event but the `task-started` of a download that waited before. The main
+        process sends it when a child accepts the message, before the run knows whether it will
+        download or wait again, and its event buffer often delivers it after the child's own
+        events: such a run says itself when it really runs (tasks/waiting.py). A first run's
+        `task-started` stays (it costs the child nothing); WAITING outranks it, whatever the
+        order the two arrive in (worker/celery_app.py)."""
+        if type != "task-started" or not waited(self.request_dict):
+            super().send_event(type, **fields)
+
     def info(self, safe: bool = False) -> dict[str, Any]:
         return {**super().info(safe=True), "args": self.argsrepr, "kwargs": self.kwargsrepr}
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__}: {self.humaninfo()} {self.argsrepr} {self.kwargsrepr}>"
+
+
+def waited(headers: Mapping[str, Any]) -> bool:
+    """Whether a download's message comes back from a wait (tasks/retries.py, Journey): for a
+    busy destination (`download_waits`) or parked for a slot (`download_waited_s`)."""
+    nested = headers.get("headers")
+    seen = {**headers, **(nested if isinstance(nested, Mapping) else {})}
+    try:
+        return (
+            int(seen.get("download_waits") or 0) > 0
+            or float(seen.get("download_waited_s") or 0) > 0
+        )
+    except (TypeError, ValueError):
+        return False
 
 
 def checked_strategy(task: Task, app: Any, consumer: Any, **kwargs: Any) -> Any:

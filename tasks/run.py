@@ -12,9 +12,10 @@ from typing import Any, Protocol, runtime_checkable
 from celery import Task, states
 
 from download_client.arguments import DownloadRequest
+from download_client.contract import WAITING
 from download_client.errors import PermanentError
 from download_client.settings import Settings
-from tasks import counters, deliveries, parking
+from tasks import counters, deliveries, messages, parking, waiting
 from tasks.core import claims, origins
 from tasks.core.budgets import Seat
 from tasks.core.ledger import Admit, Admitted, Ledger, Settle, Settled, State
@@ -53,6 +54,10 @@ class Run:
         self.backend = backend_of(task)
         self.ledger = self.backend.ledger
         self.journey = Journey.of(task)
+        # A run after a wait leaves WAITING stored until it really runs (`running`), so a run
+        # that only waits again is never shown as started (nor sent as started: messages.py).
+        self.after_wait = messages.waited(task.request.headers or {})
+        self.ran = False
         # The holder may run up to its hard time limit, then wait up to the longest countdown.
         ttl = s.time_limit + s.retry_backoff_max + 60
         self.claim = claims.claim(request, task.request.id, ttl, self.journey.waiting_for)
@@ -62,15 +67,17 @@ class Run:
             self.seat = Seat(origins.budget(s.host_limit), self.ledger, task.request.id, message)
 
     def admit(self) -> Admitted:
-        """Take the destination's claim, count this delivery (the poison guard), store STARTED and
-        try for a slot at the origin: one round trip."""
+        """Take the destination's claim, count this delivery (the poison guard), store STARTED
+        (unless the download waited before: then `running` says when it runs) and try for a slot
+        at the origin: one round trip."""
         req = self.task.request
         meta = {"pid": os.getpid(), "hostname": req.hostname}
         started = self.backend.state(req.id, meta, states.STARTED, req)
         scope = origins.origin_of(self.request.url)
         lease = self.seat.trying(scope) if self.seat is not None else None
+        stored = None if self.after_wait else started
         ask = Admit(req.id, req.retries, self.settings.result_expires, started.key, self.claim,
-                    started, lease)  # fmt: skip
+                    stored, lease)  # fmt: skip
         try:
             admitted = self.ledger.admit(ask)
         except REDIS_ERRORS as exc:
@@ -87,11 +94,25 @@ class Run:
         return admitted
 
     def gate(self) -> Callable[[str], None] | None:
-        """What each hop passes before its request: a slot at the hop's origin (or Busy)."""
+        """What each hop passes before its request: a slot at the hop's origin (or Busy), and
+        then the run really runs."""
         seat = self.seat
         if seat is None:
             return None
-        return lambda url: seat.enter(origins.origin_of(url))
+
+        def enter(url: str) -> None:
+            seat.enter(origins.origin_of(url))
+            self.running()
+
+        return enter
+
+    def running(self) -> None:
+        """The run's first request is about to go out: after a wait, say so, once
+        (tasks/waiting.py). A first run's STARTED (stored at admission, and the main process's
+        event) says it already, at no extra round trip."""
+        if self.after_wait and not self.ran:
+            self.ran = True
+            waiting.running(self.task)
 
     def pause_origin(self, seconds: float) -> None:
         if self.seat is not None:
@@ -114,10 +135,25 @@ class Run:
         it took go back."""
         self._settle(Settle(release=self._letting_go(), uncount=self._this_delivery()))
 
-    def park(self) -> None:
-        """The message waits in Redis for a slot: this run is not counted, and it holds nothing
-        while it waits."""
-        self.step_aside()
+    def park(self, origin: str) -> None:
+        """The message waits in Redis for a slot: this run is not counted, it holds nothing
+        while it waits, and WAITING is stored in the same round trip."""
+        meta = waiting.for_origin(origin)
+        req = self.task.request
+        final = self.backend.state(req.id, meta, WAITING, req)
+        self._settle(Settle(final=final, release=self._letting_go(), uncount=self._this_delivery()))
+        waiting.announce(self.task, meta)
+
+    def wait(self, dest: str) -> None:
+        """The run ends waiting for a busy destination (its message is sent again with a
+        countdown): WAITING, stored and announced."""
+        meta = waiting.for_destination(dest)
+        req = self.task.request
+        try:
+            self.ledger.store_state(self.backend.state(req.id, meta, WAITING, req))
+        except REDIS_ERRORS as exc:
+            log.warning("waiting not stored (%s); the download waits all the same", exc)
+        waiting.announce(self.task, meta)
 
     def let_go(self, claim: bool) -> None:
         """The run ends without a result: the slot goes back, and the claim too when `claim`."""

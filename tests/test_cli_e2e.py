@@ -136,7 +136,7 @@ def test_status_shows_workers_queue_depth_and_active(env, start_worker, origin, 
         body: dict[str, Any] = json.loads(done.stdout)
         return body if body["queue_depth"] == 2 and body["active"] else None
 
-    body = wait_for(status, 30, "status to show 2 waiting and one active")
+    body = wait_for(status, 30, "status to show 2 queued and one active")
     assert w.hostname in body["workers"]
     active = next(a for a in body["active"] if a["id"] == slow.id)
     assert active["worker"] == w.hostname
@@ -145,7 +145,8 @@ def test_status_shows_workers_queue_depth_and_active(env, start_worker, origin, 
     assert active["kwargs"] == {"url": slow_url.split("token=")[0] + "token=***"}
     text = cli(env, "status", "--queue", queue)
     assert text.returncode == 0
-    assert f"queue {queue!r}: 2 waiting" in text.stdout
+    assert f"queue {queue!r}: 2 queued" in text.stdout
+    assert body["waiting"]["queued"] == 2
     assert w.hostname in text.stdout and slow.id in text.stdout
     client.control.revoke(slow.id, terminate=True)
     wait_for(lambda: slow.state == "REVOKED", 30, "the slow download to be revoked")

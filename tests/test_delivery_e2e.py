@@ -125,6 +125,9 @@ def test_a_busy_destination_is_waited_for_without_a_child_or_the_fault_budget(
     elsewhere = submit(client, w, url=f"{origin.url}/bytes/1000?seed=e", dest="elsewhere.bin")
     assert elsewhere.get(timeout=30)["size"] == 1000
     assert holder.state in ("PROGRESS", "RETRY", "STARTED")
+    # Waiting is WAITING with its reason, never RETRY: the fault budget is not spent on it.
+    wait_for(lambda: twin.state == "WAITING", 30, "the twin to wait for the destination")
+    assert twin.info["reason"] == "destination" and twin.info["dest"] == "same.bin"
 
     first = holder.get(timeout=180)
     assert first["resumed_from"] == 75_000 and first["attempts"] == 2
@@ -135,8 +138,8 @@ def test_a_busy_destination_is_waited_for_without_a_child_or_the_fault_budget(
     assert second["attempts"] == 3 and second["size"] == 5000  # two faults, then success
     holder_done = origin.stats.for_key(key)[-1].at
     assert all(r.at > holder_done for r in origin.stats.for_key(f"{key}o"))
-    retries = w.log().count("retry: Retry in")
-    assert retries < 40, f"{retries} re-sends while waiting"
+    waits = w.log().count("for a busy destination")
+    assert 0 < waits < 40, f"{waits} re-sends while waiting"
 
 
 def test_a_warm_shutdown_requeues_what_outlives_its_grace(crashable_redis, origin, tmp_path, key):

@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 import redis
-from celery.exceptions import Retry
 
 from download_client.contract import TASK_NAME
 from download_client.errors import PermanentError
@@ -78,10 +77,16 @@ def test_a_busy_destination_is_waited_for_and_costs_no_attempt(app, client, orig
     other = claims.claim(_request(url, "in/busy.bin"), "holder", 60)
     Ledger(client).admit(Admit("holder", 0, 60, "unused", other))
     task = app.tasks[TASK_NAME]
-    task.retry = _no_eager_retry  # eager retries would run again at once, without a countdown
+    sent: list[dict[str, Any]] = []
+    task.retry = lambda **kw: sent.append(kw)  # eager retries would run again at once
     state = task.apply(kwargs={"url": url, "dest": "in/busy.bin"}, task_id="waiter")
-    assert isinstance(state.result, Retry)
-    assert "another task is downloading" in str(state.result.exc)
+    assert state.state == "IGNORED"  # a wait is not a retry: neither RETRY nor task-retried
+    assert "another task is downloading" in str(sent[0]["exc"]) and sent[0]["throw"] is False
+    assert sent[0]["headers"]["download_waits"] == 1 and sent[0]["countdown"] > 0
+    stored = json.loads(client.get(app.backend.get_key_for_task("waiter")))
+    assert stored["status"] == "WAITING"
+    assert stored["result"]["reason"] == "destination"
+    assert stored["result"]["dest"] == "in/busy.bin" and stored["result"]["since"] > 0
     assert client.get(attempts_key("waiter")) == b"0"
     assert json.loads(client.get(claim_key("in/busy.bin")))["task"] == "holder"
 
@@ -99,7 +104,3 @@ def _request(url: str, dest: str) -> Any:
     from download_client.arguments import DownloadRequest
 
     return DownloadRequest(url=url, dest=dest)
-
-
-def _no_eager_retry(*args: Any, exc: Any = None, **kwargs: Any) -> Retry:
-    return Retry(exc=exc)

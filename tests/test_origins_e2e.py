@@ -68,7 +68,7 @@ def test_a_killed_child_gives_its_slot_back(start_worker, client, origin, key):
     wait_for(lambda: holder.state == "PROGRESS", 30, "the holder to run")
     waiter = submit(client, fleet[1], url=f"{origin.url}/bytes/100?seed={key}&key={key}-w",
                     dest=f"{key}/w.bin")  # fmt: skip
-    wait_for(lambda: waiter.state == "RETRY", 30, "the waiter to park")
+    wait_for(lambda: waiter.state == "WAITING", 30, "the waiter to park")
     runner = next(w for w in fleet if holder.id in _active(client, w))
     os.kill(active_pid(client, runner, holder.id), signal.SIGKILL)
     killed = time.monotonic()

@@ -142,11 +142,13 @@ def test_celery_precedence_lookup_ranks_a_custom_state_for_event_monitors():
     assert states.precedence(custom) < states.precedence(states.REVOKED), (
         f"{CELERY}: an unknown state no longer ranks above REVOKED: the rank may be unneeded"
     )
-    celery_internals.rank_state_with(custom, states.STARTED)
+    celery_internals.rank_state_between(custom, states.REVOKED, states.STARTED)
     try:
-        assert states.precedence(custom) == states.precedence(states.STARTED), (
-            f"{CELERY}: precedence() no longer reads celery.states.PRECEDENCE_LOOKUP"
-        )
+        assert (
+            states.precedence(states.REVOKED)
+            < states.precedence(custom)
+            < states.precedence(states.STARTED)
+        ), f"{CELERY}: precedence() no longer reads celery.states.PRECEDENCE_LOOKUP"
         monitor, task_id, now = State(), str(uuid.uuid4()), time.time()
         for n, kind in enumerate(("task-received", "task-started", f"task-{custom.lower()}")):
             monitor.event(_task_event(kind, task_id, now + n, n))

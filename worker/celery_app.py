@@ -9,14 +9,14 @@ from celery import Celery, states
 from celery.loaders.app import AppLoader
 
 from download_client.brokers import is_rabbitmq, rabbitmq_config, whole_seconds
-from download_client.contract import TASK_NAME
+from download_client.contract import TASK_NAME, WAITING
 from download_client.redact import add_secret_params, redact_reprs
 from download_client.settings import Settings
 from tasks import runtime
 from tasks.callback import CallbackTask
 from tasks.fetch import FetchTask
 from worker import lifecycle, metrics, redis_transport, revoked, shutdown, sweeper
-from worker.celery_internals import rank_state_with
+from worker.celery_internals import rank_state_between
 
 
 def celery_config(s: Settings) -> dict[str, Any]:
@@ -108,15 +108,19 @@ def create_app(settings: Settings) -> DownloadsCelery:
     app.register_task(CallbackTask())
     runtime.configure(settings)
     add_secret_params(settings.redact_params)
-    _rank_progress_with_started()
+    rank_running_and_waiting()
     redis_transport.register()
     for part in (lifecycle, shutdown, sweeper, revoked, metrics):
         part.connect(app, settings)
     return app
 
 
-def _rank_progress_with_started() -> None:
-    """Event monitors (Flower) rank a custom state above REVOKED and keep showing PROGRESS for a
-    download revoked while it ran: rank PROGRESS with STARTED, which every final state
-    overrides. Celery keeps this table in one global, so it is set here, once, for everyone."""
-    rank_state_with("PROGRESS", states.STARTED)
+def rank_running_and_waiting() -> None:
+    """How event monitors (Flower) merge a download's events, which arrive in no fixed order
+    (the worker's main process buffers its own, a task's child sends at once): PROGRESS (the
+    child's "it runs") and WAITING (the child's "it waits") rank alike, so the later of the two
+    is shown, between REVOKED and STARTED: every final state and REVOKED replace them, and
+    STARTED or RECEIVED arriving late never do. Celery keeps this table in one global, so it is
+    set here, once, for everyone."""
+    for custom in ("PROGRESS", WAITING):
+        rank_state_between(custom, states.REVOKED, states.STARTED)

@@ -37,12 +37,15 @@ def running_requests() -> list[Any]:
     return list(worker_state.active_requests)
 
 
-def rank_state_with(custom: str, known: str) -> None:
-    """Have event monitors (Flower's `celery.events.state`) rank the custom state `custom` as
-    they rank the built-in `known`. Celery's table is one global, so this is set for the whole
+def rank_state_between(custom: str, higher: str, lower: str) -> None:
+    """Have event monitors (Flower's `celery.events.state`) rank the custom state `custom` below
+    the built-in `higher` and above the built-in `lower`: an event of `custom` replaces `lower`
+    and is replaced by `higher`, and two custom states ranked alike replace each other in the
+    order their events arrive. Celery's table is one global, so this is set for the whole
     process, once; a rank already given is kept.
 
     celery/states.py, `PRECEDENCE_LOOKUP` (read in 5.7.0): the dict `precedence()` and
-    `state.__lt__` read; a state missing from it ranks above REVOKED and STARTED. Celery has no
-    setting or hook for a custom state's rank."""
-    states.PRECEDENCE_LOOKUP.setdefault(custom, states.precedence(known))
+    `state.__lt__` read (a lower number wins); a state missing from it ranks above REVOKED and
+    STARTED. Celery has no setting or hook for a custom state's rank."""
+    rank = (states.precedence(higher) + states.precedence(lower)) / 2
+    states.PRECEDENCE_LOOKUP.setdefault(custom, rank)

@@ -10,6 +10,9 @@ the app registers a collector in prometheus_client's default registry, so Flower
 
     downloads_bytes_total{worker="celery@host"}
     downloads_worker_children_recycled_total{worker="celery@host"}
+
+and, per origin, the downloads holding a slot there and those WAITING for one (parked), with
+deferrals and pauses so far (docs/metrics.md).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from redis.exceptions import RedisError
 
 from download_client.settings import Settings
 from tasks.core import origins
-from tasks.core.ledger import Ledger
+from tasks.core.ledger import BudgetKeys, Ledger
 from worker.backend import ledger_of
 
 log = logging.getLogger(__name__)
@@ -112,6 +115,19 @@ def _origin_families(ledger: Ledger) -> Iterator[Any]:
     for origin, n in sorted(seen["in_flight"].items()):
         flight.add_metric([origin], float(n))
     yield flight
+    try:
+        parked = _parked(ledger)
+    except RedisError as exc:
+        log.warning("parked downloads unavailable: %s", exc)
+        parked = {}
+    waiting = GaugeMetricFamily(
+        "downloads_origin_waiting",
+        "Downloads WAITING for a slot at the origin (parked)",
+        labels=["origin"],
+    )
+    for origin, n in sorted(parked.items()):
+        waiting.add_metric([origin], float(n))
+    yield waiting
     for kind, text in (("deferrals", "parked for a slot"), ("pauses", "paused by Retry-After")):
         family = CounterMetricFamily(
             f"downloads_origin_{kind}", f"Times a download was {text}", labels=["origin"]
@@ -120,6 +136,16 @@ def _origin_families(ledger: Ledger) -> Iterator[Any]:
             if key.startswith(kind + " "):
                 family.add_metric([key.split(" ", 1)[1]], float(n))
         yield family
+
+
+def _parked(ledger: Ledger) -> dict[str, int]:
+    """Origin -> parked downloads: the origins with any (a set), then each one's list length."""
+    client = ledger.client
+    scopes = sorted(_text(s) for s in client.smembers(BudgetKeys(origins.KIND, "").parked_scopes))
+    pipe = client.pipeline(transaction=False)
+    for scope in scopes:
+        pipe.llen(BudgetKeys(origins.KIND, scope).names[2])  # slots, paused, parked, ...
+    return dict(zip(scopes, (int(n) for n in pipe.execute()), strict=True)) if scopes else {}
 
 
 def _text(value: bytes | str) -> str:

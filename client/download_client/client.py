@@ -15,7 +15,7 @@ from celery.result import AsyncResult
 
 from download_client import records
 from download_client.brokers import rabbitmq_config
-from download_client.contract import TASK_NAME
+from download_client.contract import TASK_NAME, WAITING
 from download_client.redact import add_secret_params, redact_kwargs
 from download_client.settings import Settings
 
@@ -224,8 +224,8 @@ RUNNING_STATES = frozenset({"RECEIVED", "STARTED", "PROGRESS", "RETRY"})
 
 class BatchProgress:
     """The combined view of a batch, fed by `wait(..., on_update=batch.update)`: how many
-    succeeded, failed, run and wait, and the bytes received so far (one failure never hides
-    the rest)."""
+    succeeded, failed, run, wait without a worker process (WAITING) and are still queued, and
+    the bytes received so far (one failure never hides the rest)."""
 
     def __init__(self, results: Iterable[AsyncResult]) -> None:
         self.states: dict[str, str] = {r.id: "PENDING" for r in results}
@@ -245,6 +245,9 @@ class BatchProgress:
             "succeeded": states.count("SUCCESS"),
             "failed": sum(s in ("FAILURE", "REVOKED") for s in states),
             "running": sum(s in RUNNING_STATES for s in states),
-            "waiting": sum(s not in DONE_STATES and s not in RUNNING_STATES for s in states),
+            "waiting": states.count(WAITING),
+            "queued": sum(
+                s not in DONE_STATES and s not in RUNNING_STATES and s != WAITING for s in states
+            ),
             "bytes": sum(self.bytes.values()),
         }

@@ -318,7 +318,7 @@ def _write_status(body: dict[str, Any], out: TextIO) -> None:
     out.write(f"workers online: {len(body['workers'])}\n")
     for w in body["workers"]:
         out.write(f"  {w}\n")
-    out.write(f"queue {body['queue']!r}: {body['queue_depth']} waiting\n")
+    out.write(f"queue {body['queue']!r}: {body['queue_depth']} queued\n")
     retrying = body["retrying"]
     out.write(f"active downloads: {len(body['active'])}\n")
     for d in body["active"]:
@@ -327,6 +327,15 @@ def _write_status(body: dict[str, Any], out: TextIO) -> None:
         if progress.get("total"):
             figures += f" of {tables.size(progress['total'])}"
         out.write(f"  {d['id']}  {d['worker']}  {figures}  {d['kwargs']}\n")
+    w = body["waiting"]
+    out.write(
+        f"waiting: {w['queued']} queued, {w['origin']} parked for an origin slot, "
+        f"{w['destination']} waiting for a busy destination\n"
+    )
+    for origin, n in w["origins"].items():
+        out.write(f"  {n} parked for a slot at {origin}\n")
+    for d in w["destinations"]:
+        out.write(f"  {d['id']}  {d['worker'] or ''}  waiting for {d['dest']}\n")
     out.write(f"waiting to retry: {len(retrying)}\n")
     now = time.time()
     for r in retrying:

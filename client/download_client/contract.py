@@ -8,6 +8,12 @@ from typing import TypedDict
 # The name producers submit to; it never changes with module paths.
 TASK_NAME = "downloads.fetch"
 
+# The state of a download that waits without a worker process (docs/contract.md), and why:
+# for a slot at its origin (parked) or for a destination another download is writing.
+WAITING = "WAITING"
+WAITING_ORIGIN = "origin"
+WAITING_DESTINATION = "destination"
+
 
 class DownloadResult(TypedDict):
     """What a successful `downloads.fetch` returns (the result table in docs/contract.md)."""

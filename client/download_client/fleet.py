@@ -1,5 +1,6 @@
 """What the workers say about themselves (Celery's remote control): who is online, what runs,
-what waits to retry, and whether anyone consumes a queue."""
+what waits (queued, parked for a slot at its origin, waiting for a busy destination), what waits
+to retry, and whether anyone consumes a queue."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from celery import Celery
 
 from download_client import records
 from download_client.client import backend_redis, read_states
-from download_client.contract import TASK_NAME
+from download_client.contract import TASK_NAME, WAITING
 from download_client.tables import retry_of
 
 INSPECT_TIMEOUT = 1.0  # seconds to wait for the workers' replies
@@ -54,13 +55,17 @@ def status(app: Celery, queue: str) -> dict[str, Any]:
         state, info = states[d["id"]]
         d["progress"] = info if state == "PROGRESS" and isinstance(info, dict) else None
     body = {"workers": workers, "queue": queue, "queue_depth": depth, "active": downloads}
-    return {**body, "retrying": retrying(app, workers)}
+    held = scheduled(app, workers)
+    return {
+        **body,
+        "waiting": waiting(app, depth, held),
+        "retrying": retrying(app, held),
+    }
 
 
-def retrying(app: Celery, workers: list[str]) -> list[dict[str, Any]]:
-    """Downloads between two attempts: held by a worker until their countdown ends (Celery's
-    `scheduled`) or noted by a worker in Redis; why and when, from the note where there is one,
-    else from the RETRY state's exception and the message's ETA."""
+def scheduled(app: Celery, workers: list[str]) -> dict[str, dict[str, Any]]:
+    """Downloads a worker holds until their countdown ends (Celery's `scheduled`): retries and
+    waits for a busy destination."""
     held: dict[str, dict[str, Any]] = {}
     if workers:  # only those that answered: the reply comes as soon as they all have
         inspect = app.control.inspect(workers, timeout=INSPECT_TIMEOUT, limit=len(workers))
@@ -69,6 +74,34 @@ def retrying(app: Celery, workers: list[str]) -> list[dict[str, Any]]:
                 request = entry.get("request") or {}
                 if request.get("name") == TASK_NAME:
                     held[request["id"]] = {"worker": worker, "eta": _epoch(entry.get("eta"))}
+    return held
+
+
+def waiting(app: Celery, queued: int, held: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """What waits without a worker process, by reason: `queued` (in the queue), `origin`
+    (parked for a slot at its origin; `origins` per origin) and `destination` (waiting for a
+    busy destination, held until its countdown ends; `destinations`: id, worker, dest)."""
+    client = backend_redis(app)
+    origins = records.parked(client) if client is not None else {}
+    states = read_states(app.backend, sorted(held))
+    busy = [
+        {"id": task_id, "worker": held[task_id]["worker"], "dest": info.get("dest")}
+        for task_id, (state, info) in states.items()
+        if state == WAITING and isinstance(info, dict)
+    ]
+    return {
+        "queued": queued,
+        "origin": sum(origins.values()),
+        "destination": len(busy),
+        "origins": origins,
+        "destinations": busy,
+    }
+
+
+def retrying(app: Celery, held: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Downloads between two attempts: held by a worker until their countdown ends or noted by
+    a worker in Redis; why and when, from the note where there is one, else from the RETRY
+    state's exception and the message's ETA. A wait for a busy destination is not a retry."""
     client = backend_redis(app)
     noted = records.retrying_ids(client) if client is not None else []
     ids = sorted(set(held) | set(noted))
@@ -77,8 +110,8 @@ def retrying(app: Celery, workers: list[str]) -> list[dict[str, Any]]:
     out = []
     for task_id in ids:
         state, info = states[task_id]
-        if task_id not in held and state != "RETRY":
-            continue  # a note outliving its retry: the download has moved on
+        if state == WAITING or (task_id not in held and state != "RETRY"):
+            continue  # a wait, or a note outliving its retry: the download has moved on
         retry = retry_of(info, notes.get(task_id))
         if retry["due"] is None and task_id in held:
             retry["due"] = held[task_id]["eta"]

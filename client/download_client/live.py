@@ -1,7 +1,8 @@
 """The live view of `--wait` on a terminal, drawn with rich: a bar per running download (bytes,
 speed, time left) and one for the batch, redrawn in place; a line above the bars for each
 download that ends. Only what runs or waits to retry has a bar: a batch of thousands shows the
-few that move.
+few that move. What waits without a worker process (WAITING: for a slot at its origin, for a
+busy destination) and what is still queued are counted in the batch's line.
 
 The view is drawn at most every REDRAW_EVERY seconds, however many downloads move or end: the
 states only change the figures, and the lines of the downloads that ended since the last
@@ -33,6 +34,7 @@ from rich.progress import (
 from rich.text import Text
 
 from download_client.client import DONE_STATES, RUNNING_STATES
+from download_client.contract import WAITING, WAITING_ORIGIN
 from download_client.records import RetryNote
 from download_client.tables import message, retry_of, retry_text, size
 
@@ -60,17 +62,28 @@ class _Batch:
     states: dict[str, str]
     done_bytes: dict[str, int] = field(default_factory=dict)
     totals: dict[str, int] = field(default_factory=dict)
+    reasons: dict[str, str | None] = field(default_factory=dict)  # why each WAITING one waits
 
     def line(self) -> str:
         states = list(self.states.values())
         ok, failed = states.count("SUCCESS"), states.count("FAILURE") + states.count("REVOKED")
         running = sum(s in RUNNING_STATES and s != "RETRY" for s in states)
-        waiting = sum(s not in DONE_STATES and s not in RUNNING_STATES for s in states)
+        waiting = [r for r, s in self.states.items() if s == WAITING]
+        queued = sum(s not in DONE_STATES and s not in RUNNING_STATES for s in states)
+        queued -= len(waiting)
         retrying = states.count("RETRY")
         text = (
             f"{ok + failed}/{len(states)} done ({ok} succeeded, {failed} failed), "
-            f"{running} running, {waiting} waiting"
+            f"{running} running, {len(waiting)} waiting"
         )
+        if waiting:
+            at_origin = sum(self.reasons.get(r) == WAITING_ORIGIN for r in waiting)
+            why = (
+                (at_origin, "for an origin slot"),
+                (len(waiting) - at_origin, "for a busy destination"),
+            )
+            text += " (" + ", ".join(f"{n} {what}" for n, what in why if n) + ")"
+        text += f", {queued} queued" if queued else ""
         return text + (f", {retrying} retrying" if retrying else "")
 
 
@@ -132,7 +145,11 @@ class LiveView:
     def update(self, result: AsyncResult, state: str, info: Any) -> None:
         rid = result.id
         self.batch.states[rid] = state
-        if state in DONE_STATES:
+        if state == WAITING:
+            self.batch.reasons[rid] = info.get("reason") if isinstance(info, dict) else None
+            if rid in self.bars:  # it ran and waits again: it has no process, so no bar
+                self.progress.remove_task(self.bars.pop(rid))
+        elif state in DONE_STATES:
             self._ended(rid, state, info)
         elif state in RUNNING_STATES:
             bar = self._bar(rid)

@@ -13,6 +13,10 @@ from typing import Any
 
 SUBMITTED_PREFIX = "downloads:submitted:"
 RETRY_PREFIX = "downloads:retry:"
+# The origins with parked downloads (a set), and each one's parked messages (a list), as the
+# workers' ledger names them (docs/reliability.md, "Per-origin limits").
+PARKED_ORIGINS = "downloads:origins:parked"
+ORIGIN_PREFIX = "downloads:origin:"
 _READ_CHUNK = 1000  # keys a pipeline reads at once: bounded replies for any number of ids
 
 
@@ -67,6 +71,16 @@ def retrying_ids(client: Any, limit: int = 1000) -> list[str]:
         if len(ids) >= limit:
             break
     return ids
+
+
+def parked(client: Any) -> dict[str, int]:
+    """Origin -> downloads parked there for a slot, read from the workers' lists in Redis."""
+    origins = sorted(_text(o) for o in client.smembers(PARKED_ORIGINS))
+    pipe = client.pipeline(transaction=False)
+    for origin in origins:
+        pipe.llen(f"{ORIGIN_PREFIX}{origin}:parked")
+    counts = pipe.execute() if origins else []
+    return {o: int(n) for o, n in zip(origins, counts, strict=True) if int(n) > 0}
 
 
 def parse_note(value: Any) -> RetryNote | None:

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from download_client.contract import WAITING, WAITING_ORIGIN
 from download_client.records import RetryNote
 
 UNKNOWN = "unknown"  # not a Celery state: no record of the id and Celery knows nothing of it
@@ -22,7 +23,8 @@ def row(
     task_id: str, url: str | None, state: str, info: Any, note: RetryNote | None = None
 ) -> dict[str, Any]:
     """One download as the JSON output shows it: `result` once it succeeded, `error` once it
-    failed, `progress` while it runs, `retry` (reason, due, attempt) while it waits to retry."""
+    failed, `progress` while it runs, `retry` (reason, due, attempt) while it waits to retry,
+    `waiting` (reason, since, origin or dest) while it waits without a worker process."""
     out: dict[str, Any] = {"id": task_id, "url": url, "state": state}
     if state == "SUCCESS" and isinstance(info, dict):
         out["result"] = info
@@ -35,7 +37,20 @@ def row(
         out["progress"] = info
     elif state == "RETRY":
         out["retry"] = retry_of(info, note)
+    elif state == WAITING:
+        out["waiting"] = info if isinstance(info, dict) else {"reason": None}
     return out
+
+
+def waiting_text(waiting: Mapping[str, Any], now: float) -> str:
+    """`waiting for a slot at https://files.example:443 (12 s)`, or for a busy destination."""
+    since = waiting.get("since")
+    took = f" ({max(0.0, now - since):.0f} s)" if isinstance(since, int | float) else ""
+    if waiting.get("reason") == WAITING_ORIGIN:
+        return f"waiting for a slot at {waiting.get('origin')}{took}"
+    if waiting.get("dest"):
+        return f"waiting for {waiting['dest']}, which another download is writing{took}"
+    return "waiting" + took
 
 
 def message(state: str, info: Any) -> str:
@@ -91,6 +106,8 @@ def detail(r: Mapping[str, Any], now: float) -> tuple[str, str]:
         return size(p.get("bytes") or 0), f"running, {size(p.get('bytes') or 0)}{total}"
     if "retry" in r:
         return "", "retrying: " + retry_text(r["retry"], now)
+    if "waiting" in r:
+        return "", waiting_text(r["waiting"], now)
     if r["state"] == UNKNOWN:
         return "", "no download with this id is known here"
     return "", r["state"].lower()

@@ -1,0 +1,109 @@
+"""Forty downloads from one origin with the default cap of 8 a origin, the origin holding its
+responses open (slow bodies) so the counts stand still: Flower's `/api/tasks`, `downloads status`,
+`downloads wait` and the metrics all show 8 running and 32 WAITING for a slot at the origin,
+none STARTED or RETRY among those that wait; then each ends SUCCESS and says so everywhere."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from tests.conftest import submit
+from tests.harness import ROOT, wait_for, worker_env
+
+N, CAP = 40, 8
+SIZE, RATE = 120_000, 5_000  # about 24 s a download: a wave stands still while it is looked at
+RUNNING = ("STARTED", "PROGRESS")
+
+
+def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "download_client.cli", *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+@pytest.mark.timeout(600)  # five waves of about 24 s each, after the look at the first
+def test_forty_from_one_origin_show_8_running_and_32_waiting_everywhere(
+    start_worker, client, origin, flower, redis_server, tmp_path, key
+):
+    w = start_worker(concurrency=16, DOWNLOAD_HOST_CONCURRENCY=str(CAP))
+    env = worker_env(redis_server.url, tmp_path)
+    results = [
+        submit(
+            client,
+            w,
+            url=f"{origin.url}/bytes/{SIZE}?rate={RATE}&seed={key}{i}",
+            dest=f"{key}/{i}.bin",
+        )
+        for i in range(N)
+    ]
+    ids = {r.id for r in results}
+    at = origin.url + ("" if origin.url.count(":") == 2 else ":80")
+
+    def backend() -> Counter[str] | None:
+        seen = Counter(r.state for r in results)
+        return seen if seen["WAITING"] == N - CAP and sum(seen[s] for s in RUNNING) == CAP else None
+
+    wait_for(backend, 120, "8 running and 32 waiting in the result backend")
+    for r in results:
+        if r.state == "WAITING":
+            assert r.info["reason"] == "origin" and r.info["origin"] == at, r.info
+            assert r.info["since"] > 0
+
+    def in_flower() -> dict[str, Any] | None:
+        listed = flower.get("/api/tasks").json()
+        mine = {i: t for i, t in listed.items() if i in ids}
+        seen = Counter(t["state"] for t in mine.values())
+        return mine if seen == Counter({"PROGRESS": CAP, "WAITING": N - CAP}) else None
+
+    shown = wait_for(in_flower, 60, "Flower to list 8 PROGRESS and 32 WAITING")
+    some = next(t for t in shown.values() if t["state"] == "WAITING")
+    assert json.loads(some["result"])["waiting"] == f"waiting for a slot at {at}"
+    detail = flower.get(f"/api/task/info/{some['uuid']}").json()
+    assert detail["state"] == "WAITING" and json.loads(detail["result"])["reason"] == "origin"
+    page = flower.get(f"/task/{some['uuid']}")
+    assert page.status_code == 200 and "WAITING" in page.text
+
+    def status() -> dict[str, Any] | None:
+        done = cli(env, "status", "--queue", w.queue, "--json")
+        assert done.returncode == 0, done.stderr
+        body: dict[str, Any] = json.loads(done.stdout)
+        mine = [a for a in body["active"] if a["id"] in ids]
+        waiting = body["waiting"]
+        steady = len(mine) == CAP and waiting["origin"] == N - CAP and waiting["queued"] == 0
+        return body if steady else None
+
+    body = wait_for(status, 60, "downloads status to show 8 active and 32 parked")
+    assert body["waiting"]["origins"] == {at: N - CAP}
+    assert body["waiting"]["destination"] == 0 and body["retrying"] == []
+    text = cli(env, "status", "--queue", w.queue).stdout
+    assert "waiting: 0 queued, 32 parked for an origin slot, 0 waiting for a busy destination" in (
+        text
+    ), text
+
+    rows = json.loads(cli(env, "wait", "--json", "--timeout", "1", *ids).stdout)
+    seen = Counter(r["state"] for r in rows)
+    assert seen["WAITING"] == N - CAP and sum(seen[s] for s in RUNNING) == CAP, seen
+    assert all(r["waiting"]["reason"] == "origin" for r in rows if r["state"] == "WAITING")
+    table = cli(env, "wait", "--timeout", "1", *ids).stdout
+    assert table.count(f"waiting for a slot at {at}") == N - CAP, table
+    assert flower.metric("downloads_origin_waiting", origin=at) == N - CAP
+
+    for r in results:
+        assert r.get(timeout=400)["size"] == SIZE
+    rows = json.loads(cli(env, "wait", "--json", *ids).stdout)
+    assert [r["state"] for r in rows] == ["SUCCESS"] * N
+    assert sum(r["result"]["waited_s"] > 0 for r in rows) >= N - CAP
+    assert all(r["result"]["attempts"] == 1 for r in rows)
+
+    def all_done_in_flower() -> bool:
+        listed = flower.get("/api/tasks").json()
+        return [listed[i]["state"] for i in ids if i in listed] == ["SUCCESS"] * N
+
+    wait_for(all_done_in_flower, 60, "Flower to show every download SUCCESS")
