@@ -6,6 +6,7 @@ none STARTED or RETRY among those that wait; then each ends SUCCESS and says so 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -76,16 +77,20 @@ def test_forty_from_one_origin_show_8_running_and_32_waiting_everywhere(
         body: dict[str, Any] = json.loads(done.stdout)
         mine = [a for a in body["active"] if a["id"] in ids]
         waiting = body["waiting"]
-        steady = len(mine) == CAP and waiting["origin"] == N - CAP and waiting["queued"] == 0
+        # This origin's count: a test before this one may have left others parked elsewhere.
+        parked = waiting["origins"].get(at)
+        steady = len(mine) == CAP and parked == N - CAP and waiting["queued"] == 0
         return body if steady else None
 
     body = wait_for(status, 60, "downloads status to show 8 active and 32 parked")
-    assert body["waiting"]["origins"] == {at: N - CAP}
-    assert body["waiting"]["destination"] == 0 and body["retrying"] == []
+    # None of these retrying or waiting for a destination (other tests' leftovers may be listed).
+    assert [d for d in body["waiting"]["destinations"] if d["id"] in ids] == []
+    assert [r for r in body["retrying"] if r["id"] in ids] == []
     text = cli(env, "status", "--queue", w.queue).stdout
-    assert "waiting: 0 queued, 32 parked for an origin slot, 0 waiting for a busy destination" in (
-        text
-    ), text
+    assert re.search(
+        r"waiting: 0 queued, \d+ parked for an origin slot, \d+ waiting for a busy", text
+    )
+    assert f"  {N - CAP} parked for a slot at {at}\n" in text, text
 
     rows = json.loads(cli(env, "wait", "--json", "--timeout", "1", *ids).stdout)
     seen = Counter(r["state"] for r in rows)
