@@ -31,7 +31,9 @@ PYTHON
 # named so that the newest each accepts is taken, not what an earlier run left.
 "$PY" -m pip install -q -U --upgrade-strategy eager -r "$VENV/requirements.txt" \
     'kombu<6' 'billiard<5' 'prometheus_client<1' 'urllib3<3' 'requests<3'
-"$PY" -m pip install -q --no-deps -e ./client -e .
+# The client first: pip checks the workers' requirement on it when it installs them.
+"$PY" -m pip install -q --no-deps -e ./client
+"$PY" -m pip install -q --no-deps -e .
 
 echo "newest releases under test:"
 "$PY" -m pip list --format=freeze 2>/dev/null \
