@@ -53,6 +53,7 @@ own_group() {
   pids+=($!)
 }
 alive() { for pid in "${pids[@]}"; do kill -0 -- "-$pid" 2>/dev/null && return 0; done; return 1; }
+every_one_alive() { for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null || return 1; done; }
 stop() {  # $1: the exit status (0 after Ctrl-C, else the failure's)
   local rc=$1
   trap - EXIT
@@ -132,7 +133,13 @@ cat <<EOT
   Ctrl-C stops all of it.
 
 EOT
-wait -n "${pids[@]}" || true
+# Until Ctrl-C or TERM, or until a component stops on its own. A short sleep waited on, not
+# `wait -n` alone: a signal landing just before `wait -n` starts runs its trap first and would
+# leave `wait -n` blocked for good, with everything still running.
+while [ "$interrupted" = 0 ] && every_one_alive; do
+  sleep 1 &
+  wait $! 2>/dev/null || true
+done
 if [ "$interrupted" = 1 ]; then stop 0; fi
 echo "error: a component stopped on its own (see its output above); stopping the rest" >&2
 stop 1

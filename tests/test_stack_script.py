@@ -278,3 +278,30 @@ def test_term_to_the_script_or_to_make_stops_everything(redis_server, tmp_path):
         all_gone(group, port)
         text = log.read_text()
         assert text.rstrip().endswith("stopped"), text[-3000:]
+
+
+def test_a_component_that_dies_stops_the_rest(redis_server, tmp_path):
+    env, port = run_env(f"{redis_server.url}/9", f"{redis_server.url}/10", tmp_path)
+    log = tmp_path / "run.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            ["bash", "scripts/stack.sh"],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+    try:
+        group = started_by(proc, log)
+        [flower] = [p for p in group if "flower" in " ".join(cmdline(p))]
+        flower.kill()  # Flower dies on its own: the stack stops the worker too and says why
+        assert proc.wait(120) == 1
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(120)
+    all_gone(group, port)
+    text = log.read_text()
+    assert "a component stopped on its own" in text and text.rstrip().endswith("stopped"), text
