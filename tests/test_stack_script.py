@@ -201,6 +201,20 @@ def started_by(proc: subprocess.Popen[str], log: Path) -> list[psutil.Process]:
     return group
 
 
+def launch(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[str]:
+    """`command` in a session of its own (as a terminal's job), its output in `log`."""
+    with log.open("w") as out:
+        return subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+
+
 def all_gone(group: list[psutil.Process], port: int) -> None:
     def gone() -> bool:
         return not [p for p in group if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
@@ -260,16 +274,7 @@ def test_term_to_the_script_or_to_make_stops_everything(redis_server, tmp_path):
             f"{redis_server.url}/{5 + 2 * n}", f"{redis_server.url}/{6 + 2 * n}", tmp_path
         )
         log = tmp_path / f"run-{n}.log"
-        with log.open("w") as out:
-            proc = subprocess.Popen(
-                command,
-                cwd=ROOT,
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                text=True,
-                start_new_session=True,
-            )
+        proc = launch(command, env, log)
         try:
             group = started_by(proc, log)
         finally:
@@ -283,16 +288,7 @@ def test_term_to_the_script_or_to_make_stops_everything(redis_server, tmp_path):
 def test_a_component_that_dies_stops_the_rest(redis_server, tmp_path):
     env, port = run_env(f"{redis_server.url}/9", f"{redis_server.url}/10", tmp_path)
     log = tmp_path / "run.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            ["bash", "scripts/stack.sh"],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
+    proc = launch(["bash", "scripts/stack.sh"], env, log)
     try:
         group = started_by(proc, log)
         [flower] = [p for p in group if "flower" in " ".join(cmdline(p))]

@@ -129,31 +129,29 @@ return 1
 # Celery's read-then-write (a stored SUCCESS is never overwritten: a lost worker's late copy
 # must not undo a finished task) as one script. KEYS: the task's result key. ARGV: the encoded
 # meta (JSON), its expiry in seconds (0: none). Returns 1 when stored.
-_STORE = """
+# The write both state scripts end with: the value, its expiry (0: none), and the message
+# result consumers subscribed to the key wait for.
+_WRITE_STATE = """
+if tonumber(ARGV[2]) > 0 then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+else
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+redis.call('PUBLISH', KEYS[1], ARGV[1])
+return 1
+"""
+_STORE = (
+    """
 local cur = redis.call('GET', KEYS[1])
 if cur then
   local ok, meta = pcall(cjson.decode, cur)
   if ok and type(meta) == 'table' and meta['status'] == 'SUCCESS' then return 0 end
 end
-if tonumber(ARGV[2]) > 0 then
-  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-else
-  redis.call('SET', KEYS[1], ARGV[1])
-end
-redis.call('PUBLISH', KEYS[1], ARGV[1])
-return 1
 """
+    + _WRITE_STATE
+)
 # Same as _STORE, but only where no state exists yet (a refused message's FAILURE).
-_STORE_NEW = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-if tonumber(ARGV[2]) > 0 then
-  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-else
-  redis.call('SET', KEYS[1], ARGV[1])
-end
-redis.call('PUBLISH', KEYS[1], ARGV[1])
-return 1
-"""
+_STORE_NEW = "\nif redis.call('EXISTS', KEYS[1]) == 1 then return 0 end" + _WRITE_STATE
 
 # Budgets. KEYS: BudgetKeys.names. ARGV[1] the scope, ARGV[2] its capacity (0: none), ARGV[3]
 # the lease in ms; each script's own arguments follow. A lease is a member of `slots` scored by
