@@ -22,11 +22,16 @@ def test_without_root_the_missing_packages_are_named_in_one_line():
     # folder of its own that the unprivileged user can read (pytest's tmp_path is root's alone).
     bin_dir = Path(tempfile.mkdtemp(prefix="setup-path-"))
     bin_dir.chmod(0o755)
+    # A copy of the script there too: the checkout itself may be readable by its owner alone.
+    (bin_dir / "scripts").mkdir(mode=0o755)
+    script = bin_dir / "scripts" / "setup.sh"
+    shutil.copy(ROOT / "scripts" / "setup.sh", script)
+    script.chmod(0o755)
     for tool in ("bash", "dirname", "python3"):
         (bin_dir / tool).symlink_to(shutil.which(tool) or tool)
     nobody = [SETPRIV, "--reuid=65534", "--regid=65534", "--clear-groups"]
     done = subprocess.run(
-        [*nobody, str(bin_dir / "bash"), str(ROOT / "scripts" / "setup.sh")],
+        [*nobody, str(bin_dir / "bash"), str(script)],
         env={"PATH": str(bin_dir)},
         capture_output=True,
         text=True,
