@@ -1,21 +1,28 @@
 """Forty downloads from one origin with the default cap of 8 a origin, the origin holding its
-responses open (slow bodies) so the counts stand still: Flower's `/api/tasks`, `downloads status`,
-`downloads wait` and the metrics all show 8 running and 32 WAITING for a slot at the origin,
-none STARTED or RETRY among those that wait; then each ends SUCCESS and says so everywhere."""
+responses open (slow bodies) so the counts stand still: Flower's task list in a browser and its
+`/api/tasks`, `downloads status`, the live view, `downloads wait` and the metrics all show 8
+running and 32 WAITING for a slot at the origin, none STARTED or RETRY among those that wait;
+then each ends SUCCESS and says so everywhere."""
 
 from __future__ import annotations
 
 import json
 import re
+import struct
 import subprocess
 import sys
+import urllib.parse
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.browser import CHROMIUM, HEIGHT, WIDTH, chromium, listed_total
 from tests.conftest import submit
+from tests.flower_process import USER
 from tests.harness import ROOT, wait_for, worker_env
+from tests.terminal import Terminal
 
 N, CAP = 40, 8
 SIZE, RATE = 120_000, 5_000  # about 24 s a download: a wave stands still while it is looked at
@@ -29,6 +36,18 @@ def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
+def in_the_browser(flower: Any, worker: str, profile: Path) -> dict[str, int | None]:
+    """How many of the worker's tasks Flower's task list shows in each state, as drawn in a
+    headless chromium (the list narrowed with its own search: `?worker=...&state=...`)."""
+    page = f"http://{USER}:{flower.password}@127.0.0.1:{flower.port}/tasks"
+    counts = {}
+    for state in ("PROGRESS", "WAITING", "STARTED", "RETRY", "SUCCESS"):
+        query = urllib.parse.urlencode({"worker": worker, "state": state})
+        counts[state] = listed_total(chromium(f"{page}?{query}", profile, "--dump-dom"))
+    return counts
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
 @pytest.mark.timeout(600)  # five waves of about 24 s each, after the look at the first
 def test_forty_from_one_origin_show_8_running_and_32_waiting_everywhere(
     start_worker, client, origin, flower, redis_server, tmp_path, key
@@ -70,6 +89,22 @@ def test_forty_from_one_origin_show_8_running_and_32_waiting_everywhere(
     assert detail["state"] == "WAITING" and json.loads(detail["result"])["reason"] == "origin"
     page = flower.get(f"/task/{some['uuid']}")
     assert page.status_code == 200 and "WAITING" in page.text
+    standing = {"PROGRESS": CAP, "WAITING": N - CAP, "STARTED": 0, "RETRY": 0, "SUCCESS": 0}
+    wait_for(
+        lambda: in_the_browser(flower, w.hostname, tmp_path / "profile") == standing,
+        90,
+        "the task list in a browser to show 8 PROGRESS and 32 WAITING",
+    )
+    shot = tmp_path / "waiting.png"
+    listing = f"/tasks?{urllib.parse.urlencode({'worker': w.hostname})}"
+    at_page = f"http://{USER}:{flower.password}@127.0.0.1:{flower.port}{listing}"
+    chromium(at_page, tmp_path / "profile", f"--screenshot={shot}")
+    png = shot.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", png[16:24]) == (WIDTH, HEIGHT)
+    live = Terminal(env, "wait", *ids)
+    live.expect(
+        r"0/40 done \(0 succeeded, 0 failed\), 8 running, 32 waiting \(32 for an origin slot\)"
+    )
 
     def status() -> dict[str, Any] | None:
         done = cli(env, "status", "--queue", w.queue, "--json")
@@ -102,6 +137,9 @@ def test_forty_from_one_origin_show_8_running_and_32_waiting_everywhere(
 
     for r in results:
         assert r.get(timeout=400)["size"] == SIZE
+    assert live.finish(60) == 0
+    live.expect(r"40/40 done \(40 succeeded, 0 failed\), 0 running, 0 waiting")
+    assert not re.search(r"\b(STARTED|RETRY)\b", live.text), live.text[-3000:]
     rows = json.loads(cli(env, "wait", "--json", *ids).stdout)
     assert [r["state"] for r in rows] == ["SUCCESS"] * N
     assert sum(r["result"]["waited_s"] > 0 for r in rows) >= N - CAP
@@ -112,3 +150,9 @@ def test_forty_from_one_origin_show_8_running_and_32_waiting_everywhere(
         return [listed[i]["state"] for i in ids if i in listed] == ["SUCCESS"] * N
 
     wait_for(all_done_in_flower, 60, "Flower to show every download SUCCESS")
+    ended = {"PROGRESS": 0, "WAITING": 0, "STARTED": 0, "RETRY": 0, "SUCCESS": N}
+    wait_for(
+        lambda: in_the_browser(flower, w.hostname, tmp_path / "profile") == ended,
+        90,
+        "the task list in a browser to show every download SUCCESS",
+    )
