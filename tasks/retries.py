@@ -20,6 +20,22 @@ from celery import Task
 
 from download_client.settings import Settings
 
+# What RabbitMQ's dead-lettering adds to a message that went through the delayed-delivery queues.
+# Sent again with them, a message counts as a dead-letter cycle, and RabbitMQ before 4.0.1 holds
+# it in the delay queues for minutes. Celery leaves the same names out when it re-sends a task
+# itself (celery.app.task.Context.as_execution_options); a retry given its own headers must too.
+DEAD_LETTERING = frozenset(
+    {
+        "x-death",
+        "x-first-death-exchange",
+        "x-first-death-queue",
+        "x-first-death-reason",
+        "x-last-death-exchange",
+        "x-last-death-queue",
+        "x-last-death-reason",
+    }
+)
+
 WAIT_CAP_S = 10.0
 # A retry note outlives its due time by this much: the retry may wait in a busy queue.
 NOTE_MARGIN_S = 60
@@ -98,8 +114,9 @@ class Journey:
         )
 
     def headers(self, task: Task) -> dict[str, Any]:
+        kept = {k: v for k, v in (task.request.headers or {}).items() if k not in DEAD_LETTERING}
         return {
-            **(task.request.headers or {}),
+            **kept,
             "download_faults": self.faults,
             "download_waits": self.waits,
             "download_waited_s": round(self.waited_s, 3),

@@ -5,6 +5,7 @@ broker's delayed delivery, not by a worker."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -123,6 +124,20 @@ def test_a_countdown_waits_in_the_broker_while_the_only_child_works(rclient, sta
     assert waiting.get(timeout=30)["attempts"] == 2
     first, second = origin.stats.for_key(key)
     assert 1.9 <= second.at - first.at < 5
+
+
+def test_every_retry_goes_through_the_delay_queues_as_quick_as_the_first(
+    rclient, start, origin, key, dest
+):
+    """Three 503s with Retry-After: 3 (a delay that passes two of the delay queues), then the
+    body. A retry sent again with the dead-lettering headers of the one before would count as a
+    dead-letter cycle and be held by RabbitMQ for minutes."""
+    w = start("patient", DOWNLOAD_RETRY_BACKOFF_MAX="10")
+    url = f"{origin.url}/bytes/100?flaky=3&fail=503&retry_after=3&key={key}"
+    assert run(rclient, w, url=url, dest=dest, timeout=90)["attempts"] == 4
+    seen = [hit.at for hit in origin.stats.for_key(key)]
+    assert len(seen) == 4
+    assert all(2.9 <= later - sooner < 30 for sooner, later in itertools.pairwise(seen)), seen
 
 
 def test_a_flaky_server_succeeds_on_the_third_request(rclient, rworker, origin, key, dest):
