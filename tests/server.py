@@ -12,6 +12,8 @@ Last-Modified, Range/If-Range and If-None-Match support. Query parameters switch
   stall=<s>            sleep s seconds after the headers, before the body (stall_times=<n>:
                        only the first n requests)
   rate=<bytes/s>       send the body slowly
+  hold=<name>          send the first half of the body, then a byte every 0.25 s until the
+                       test calls `release(name)`, then the rest (at once once released)
   endless=1            an endless body without Content-Length
   gzip=1               Content-Encoding: gzip of n zero bytes (a small bomb), unasked
   redirect=<n>         a chain of n redirects before the body (to=<url> for the last hop)
@@ -207,7 +209,20 @@ class Handler(BaseHTTPRequestHandler):
             rate=float(q.get("rate", "0")),
             lengths=[q[k] for k in ("clen", "clen2") if k in q] or None,
             chunked="chunked" in q,
+            hold=self.server.gate(q["hold"]) if "hold" in q else None,
         )
+
+    def _held(self, data: bytes, hold: threading.Event) -> bytes:
+        """Send the first half, then a byte every 0.25 s (an origin that answers, slowly) until
+        `hold` is set; return what is left to send."""
+        sent = len(data) // 2
+        self.wfile.write(data[:sent])
+        self.wfile.flush()
+        while not (hold.wait(0.25) or self.server.stopping.is_set()) and sent < len(data) - 1:
+            self.wfile.write(data[sent : sent + 1])
+            self.wfile.flush()
+            sent += 1
+        return data[sent:]
 
     def _if_range_ok(self, etag: str) -> bool:
         cond = self.headers.get("If-Range")
@@ -245,6 +260,7 @@ class Handler(BaseHTTPRequestHandler):
         rate: float = 0,
         lengths: list[str] | None = None,
         chunked: bool = False,
+        hold: threading.Event | None = None,
     ) -> None:
         self.send_response(status)
         for k, v in (headers or {}).items():
@@ -264,6 +280,8 @@ class Handler(BaseHTTPRequestHandler):
             return self._write_chunked(data)
         if stall:
             self.server.stopping.wait(stall)
+        if hold is not None and not no_body:
+            data = self._held(data, hold)
         if short is not None:
             data, cut = data[:short], short
         if cut is not None:
@@ -305,6 +323,7 @@ class OriginServer(ThreadingHTTPServer):
         self.address_family = family
         self.stats = Stats()
         self.stopping = threading.Event()
+        self.gates: dict[str, threading.Event] = {}
         self.files_dir = files_dir
         super().__init__((host, port), Handler)
 
@@ -319,6 +338,14 @@ class OriginServer(ThreadingHTTPServer):
         with self.stats.lock:
             self.stats.connections += 1
         return conn
+
+    def gate(self, name: str) -> threading.Event:
+        """The event `hold=<name>` responses wait for (dict.setdefault is atomic under the GIL)."""
+        return self.gates.setdefault(name, threading.Event())
+
+    def release(self, name: str) -> None:
+        """Let every `hold=<name>` response, held or still to come, send the rest of its body."""
+        self.gate(name).set()
 
     @property
     def url(self) -> str:
