@@ -34,6 +34,9 @@ class Chaos:
     pause: tuple[float, float]
     stop_timeout: float
     redis_kills: int = 0  # when set: nothing but this many Redis crashes
+    # Redis is crashed at the latest this long after the last crash began (or the chaos did),
+    # whatever the draw says: with the other faults' time, a crash at least every 60 s.
+    redis_every: float = 35.0
     # A RabbitMQ node as the broker (SOAK_BROKER=rabbitmq): crashed in turn with Redis, which
     # then holds only the results.
     node: RabbitServer | None = None
@@ -46,13 +49,18 @@ class Chaos:
             actions.append(self.node_outage)
         if self.redis_kills:
             actions = [self.redis_outage]
+        last_crash = time.monotonic()
         while time.monotonic() < until and not self.stopping.is_set():
             if self.redis_kills and self._crashes() >= self.redis_kills:
                 break
             if self.stopping.wait(self.rng.uniform(*self.pause)):
                 break
             self.revive_the_dead()
-            self.rng.choice(actions)()
+            due = time.monotonic() - last_crash >= self.redis_every
+            action = self.redis_outage if due else self.rng.choice(actions)
+            if action == self.redis_outage:
+                last_crash = time.monotonic()
+            action()
         self.revive_the_dead()
 
     def _crashes(self) -> int:

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,7 @@ def judge(
         "partial_left": partial_left[:50],
         "faults": dict(Counter(e.kind for e in events)),
         "outages_s": [float(e.detail.split()[0]) for e in events if e.kind.startswith("Redis")],
+        "largest_redis_gap_s": _largest_gap([e.at for e in events if e.kind.startswith("Redis")]),
         "node_outages_s": [
             float(e.detail.split()[0]) for e in events if e.kind.startswith("RabbitMQ")
         ],
@@ -101,6 +103,10 @@ def _double_writers(transfers: list[Transfer]) -> list[str]:
             if a is not b and a.start < b.start < a.end and a.complete:
                 found.append(f"a transfer began {b.start - a.start:.2f} s into one that completed")
     return found
+
+
+def _largest_gap(times: list[float]) -> float:
+    return max((b - a for a, b in itertools.pairwise(sorted(times))), default=0.0)
 
 
 def _extra_transfers(d: Any, transfers: list[Transfer], events: list[Any]) -> list[str]:
@@ -157,6 +163,7 @@ def markdown(f: dict[str, Any]) -> str:
         f"- chaos ran {f['timings_s']['chaos_s']:.0f} s; the queue drained "
         f"{f['timings_s']['drain_s']:.0f} s later; submissions retried while the broker was away: "
         f"{f['submit_retries']}",
+        f"- longest time from one Redis crash to the next: {f['largest_redis_gap_s']:.0f} s",
         f"- workers that died on their own: {len(f['worker_deaths'])}",
         "",
         "## Faults injected by the driver",
