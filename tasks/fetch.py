@@ -13,6 +13,7 @@ from celery import Task
 from celery.exceptions import Ignore, Retry, SoftTimeLimitExceeded
 
 from download_client import arguments
+from download_client.arguments import utc_text
 from download_client.contract import TASK_NAME, DownloadResult
 from download_client.errors import (
     DestinationBusyError,
@@ -25,12 +26,20 @@ from download_client.settings import Settings
 from tasks import callback, runtime
 from tasks.core import callbacks
 from tasks.core.budgets import Busy
-from tasks.core.failures import gave_up
+from tasks.core.failures import gave_up, gave_up_at_deadline
 from tasks.core.ledger import Held
 from tasks.core.transfer import Outcome, download
 from tasks.deliveries import REDIS_ERRORS
 from tasks.progress import Progress
-from tasks.retries import Journey, fault_delay, note_ttl, publish_policy, retry_note, wait_delay
+from tasks.retries import (
+    Journey,
+    fault_delay,
+    note_ttl,
+    publish_policy,
+    retry_note,
+    until_deadline,
+    wait_delay,
+)
 from tasks.run import Run
 from tasks.runtime import Runtime
 
@@ -81,7 +90,7 @@ class FetchTask(Task):  # type: ignore[misc]
         """One try at the transfer; a failure becomes a wait, a park, a retry or the task's end."""
         s = rt.settings
         run.journey = run.journey.begun(time.time())
-        last = run.journey.faults >= s.max_retries
+        last = run.last_attempt(time.time())
         progress = Progress(self, s.progress_interval)
         if run.seat is None:  # no slot to wait for: the run begins here (else at its gate)
             run.running()
@@ -99,11 +108,11 @@ class FetchTask(Task):  # type: ignore[misc]
             # The claim stays while the task waits to retry: the destination is still its own.
             run.let_go(claim=last)
             if last:
-                spent = time.time() - (run.journey.first_at or time.time())
-                raise TransientError(gave_up(str(exc), attempts, spent)) from None
-            delay = fault_delay(s, run.journey.faults, exc.retry_after)
-            self.note_retry(s, exc, delay, attempts)
-            raise self.resend(s, run.journey.after_fault(), delay, exc) from None
+                raise TransientError(_last_word(run, str(exc), attempts)) from None
+            delay = until_deadline(fault_delay(s, run.journey.faults, exc.retry_after),
+                                   run.deadline, time.time())  # fmt: skip
+            self.note_retry(s, exc, delay, attempts, run.deadline)
+            raise self.again(run, run.journey.after_fault(delay), delay, exc) from None
         except PermanentError:
             run.let_go(claim=True)
             raise
@@ -135,16 +144,34 @@ class FetchTask(Task):  # type: ignore[misc]
         log.info("waiting %.1f s for a busy destination", delay)
         return Ignore()
 
-    def note_retry(self, s: Settings, why: DownloadError, delay: float, attempt: int) -> None:
-        """Why the download is in RETRY and when the next attempt is due, in the result
-        backend's Redis where clients read results (docs/contract.md)."""
-        note = retry_note(str(why), delay, attempt)
+    def note_retry(
+        self, s: Settings, why: DownloadError, delay: float, attempt: int, deadline: float | None
+    ) -> None:
+        """Why the download is in RETRY, when the next attempt is due and when its deadline
+        ends, in the result backend's Redis where clients read results (docs/contract.md)."""
+        note = retry_note(str(why), delay, attempt, deadline)
         try:
             self.backend.ledger.note_retry(self.request.id, note, note_ttl(delay, s.result_expires))
         except REDIS_ERRORS as exc:
             log.warning("retry note not written (%s)", exc)
 
-    def resend(self, s: Settings, journey: Journey, delay: float, why: DownloadError) -> Retry:
+    def again(self, run: Run, journey: Journey, delay: float, why: DownloadError) -> Retry:
+        """The next attempt after a fault. With a deadline, RETRY says when it is due and when
+        the deadline ends, and a wait over DOWNLOAD_PARK_AFTER is parked in Redis (this run's
+        message is acknowledged; the sweep publishes the next one when it is due) instead of a
+        countdown message that a worker holds in memory until then."""
+        s = run.settings
+        if run.deadline is not None:
+            due = time.time() + delay
+            why = TransientError(f"{why}; next attempt due {utc_text(due)}, deadline "
+                                 f"{utc_text(run.deadline)}")  # fmt: skip
+            if delay > s.park_after:
+                try:
+                    run.park_retry(journey, delay)
+                    log.info("next attempt parked for %.1f s", delay)
+                    return Retry(exc=why, when=delay)
+                except REDIS_ERRORS as exc:
+                    log.warning("next attempt not parked (%s); a countdown instead", exc)
         return self.retry(
             exc=why, countdown=delay, headers=journey.headers(self), retry_policy=publish_policy(s)
         )
@@ -190,7 +217,17 @@ def _result(
         worker=task.request.hostname,
         content_encoding=outcome.content_encoding,
         waited_s=round(run.journey.waited_s, 3),
+        retried_s=round(run.journey.retried_s, 3),
+        deadline=None if run.deadline is None else round(run.deadline, 3),
     )
+
+
+def _last_word(run: Run, cause: str, attempts: int) -> str:
+    """A transient failure's final message: at the deadline, or with the attempts spent."""
+    spent = time.time() - (run.journey.first_at or time.time())
+    if run.deadline is not None:
+        return gave_up_at_deadline(cause, attempts, spent)
+    return gave_up(cause, attempts, spent)
 
 
 def _since(started: float) -> float:

@@ -1,6 +1,7 @@
-"""A download parked while it waits for a slot at its origin (tasks/core/origins.py): its message
-goes to Redis and its worker process is freed; a released slot or the sweep publishes it again,
-with the time it waited added to its journey. Parking costs no fault retry and no attempt."""
+"""A download parked in Redis, its worker process freed: while it waits for a slot at its origin
+(tasks/core/origins.py; a released slot or the sweep publishes it again, with the time it waited
+added to its journey, and it costs no fault retry and no attempt), or, with a deadline, while it
+waits for its next attempt after a fault (the sweep publishes it when that is due)."""
 
 from __future__ import annotations
 
@@ -15,37 +16,47 @@ from tasks import runtime
 from tasks.retries import publish_policy
 
 
-def message(task: Task) -> str:
-    """What publishing the task again needs, as JSON."""
+def message(task: Task, headers: dict[str, Any] | None = None, retry: bool = False) -> str:
+    """What publishing the task again needs, as JSON: as it came (a wait for a slot), or as its
+    next attempt after a fault (`retry`: one more Celery retry, and these journey `headers`)."""
     req = task.request
     delivery = req.delivery_info or {}
+    seen = req.headers if headers is None else headers
     return json.dumps(
         {
             "id": req.id,
             "args": list(req.args or ()),
             "kwargs": dict(req.kwargs or {}),
             "queue": delivery.get("routing_key"),
-            "retries": req.retries or 0,
-            "headers": {k: v for k, v in (req.headers or {}).items() if k.startswith("download_")},
+            "retries": (req.retries or 0) + (1 if retry else 0),
+            "headers": {k: v for k, v in (seen or {}).items() if k.startswith("download_")},
             "parked_at": time.time(),
+            "retry": retry,
         }
     )
 
 
 def publish(app: Any, messages: list[str]) -> None:
-    """Publish woken messages again; each carries the seconds it waited."""
+    """Publish woken messages again; each waiting for a slot carries the seconds it waited."""
     for raw in messages:
-        m = json.loads(raw)
-        waited = float(m["headers"].get("download_waited_s", 0.0))
+        publish_one(app, raw)
+
+
+def publish_one(app: Any, raw: str) -> None:
+    m = json.loads(raw)
+    headers = m["headers"]
+    if not m.get("retry"):  # a retry's wait is its backoff, counted when it was chosen
+        waited = float(headers.get("download_waited_s", 0.0))
         waited += max(0.0, time.time() - float(m["parked_at"]))
-        app.send_task(
-            TASK_NAME,
-            args=m["args"],
-            kwargs=m["kwargs"],
-            task_id=m["id"],
-            queue=m["queue"],
-            retries=m["retries"],
-            headers={**m["headers"], "download_waited_s": round(waited, 3)},
-            retry=True,
-            retry_policy=publish_policy(runtime.configured()),
-        )
+        headers = {**headers, "download_waited_s": round(waited, 3)}
+    app.send_task(
+        TASK_NAME,
+        args=m["args"],
+        kwargs=m["kwargs"],
+        task_id=m["id"],
+        queue=m["queue"],
+        retries=m["retries"],
+        headers=headers,
+        retry=True,
+        retry_policy=publish_policy(runtime.configured()),
+    )

@@ -1,7 +1,8 @@
 """When a download runs again, and what it carries from run to run.
 
 Two kinds of "again": a transient fault (a 503, a cut connection) spends the fault budget,
-DOWNLOAD_MAX_RETRIES; a wait (the destination is busy) spends nothing. Both are Celery retries
+DOWNLOAD_MAX_RETRIES, or with a deadline is retried until the deadline, whatever the count; a wait
+(the destination is busy) spends nothing. Both are Celery retries
 with a countdown, so no worker process is held meanwhile. Celery's own `retries` counts every
 re-send, waits included, so the budget travels in the message headers (the kwargs are the public
 contract): see Journey.
@@ -50,6 +51,13 @@ def fault_delay(settings: Settings, faults: int, retry_after: float | None) -> f
     return random.uniform(0, min(cap, settings.retry_backoff * 2.0 ** min(faults, 32)))
 
 
+def until_deadline(delay: float, deadline: float | None, now: float) -> float:
+    """The wait, cut so that the next attempt runs no later than the deadline."""
+    if deadline is None:
+        return delay
+    return max(0.0, min(delay, deadline - now))
+
+
 def wait_delay(waits: int) -> float:
     """Seconds before a waiting task looks again: 0.5 s doubling to WAIT_CAP_S, so a holder of an
     hour costs a waiter a few hundred messages, not thousands."""
@@ -64,10 +72,15 @@ def publish_policy(settings: Settings) -> dict[str, float]:
     return {"max_retries": tries, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}
 
 
-def retry_note(reason: str, delay: float, attempt: int) -> str:
+def retry_note(reason: str, delay: float, attempt: int, deadline: float | None = None) -> str:
     """The note a client reads while the download waits for its retry: Celery's RETRY state
-    holds the exception but not when the next attempt is due."""
-    return json.dumps({"reason": reason, "due": round(time.time() + delay, 3), "attempt": attempt})
+    holds the exception but not when the next attempt is due (nor the deadline, when it has
+    one)."""
+    note: dict[str, Any] = {"reason": reason, "due": round(time.time() + delay, 3),
+                            "attempt": attempt}  # fmt: skip
+    if deadline is not None:
+        note["deadline"] = round(deadline, 3)
+    return json.dumps(note)
 
 
 def note_ttl(delay: float, result_expires: int) -> int:
@@ -78,14 +91,16 @@ def note_ttl(delay: float, result_expires: int) -> int:
 @dataclass(frozen=True)
 class Journey:
     """What a download carries in its message headers: transient faults so far, waits so far,
-    seconds spent waiting, the holder it waits for, and when its first attempt began (epoch
-    seconds; a final failure says how long the attempts took)."""
+    seconds spent waiting, the holder it waits for, when its first attempt began (epoch
+    seconds; a final failure says how long the attempts took) and seconds spent waiting for the
+    next attempt after faults."""
 
     faults: int = 0
     waits: int = 0
     waited_s: float = 0.0
     waiting_for: str | None = None
     first_at: float | None = None
+    retried_s: float = 0.0
 
     @classmethod
     def of(cls, task: Task) -> Journey:
@@ -97,6 +112,7 @@ class Journey:
                 float(seen.get("download_waited_s", 0.0)),
                 seen.get("download_waiting_for") or None,
                 float(seen["download_first_at"]) if seen.get("download_first_at") else None,
+                float(seen.get("download_retried_s", 0.0)),
             )
         except (TypeError, ValueError):
             return cls()
@@ -105,8 +121,8 @@ class Journey:
         """At an attempt: the first one's time is kept, a later one's ignored."""
         return self if self.first_at is not None else replace(self, first_at=now)
 
-    def after_fault(self) -> Journey:
-        return replace(self, faults=self.faults + 1)
+    def after_fault(self, delay: float = 0.0) -> Journey:
+        return replace(self, faults=self.faults + 1, retried_s=self.retried_s + delay)
 
     def after_wait(self, delay: float, holder: str | None) -> Journey:
         return replace(
@@ -122,4 +138,5 @@ class Journey:
             "download_waited_s": round(self.waited_s, 3),
             "download_waiting_for": self.waiting_for or "",
             "download_first_at": self.first_at or "",
+            "download_retried_s": round(self.retried_s, 3),
         }

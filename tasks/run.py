@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 from celery import Task, states
 
-from download_client.arguments import DownloadRequest
+from download_client.arguments import Deadline, DownloadRequest, utc_text
 from download_client.contract import WAITING
 from download_client.errors import PermanentError
 from download_client.settings import Settings
@@ -61,6 +62,9 @@ class Run:
         # The holder may run up to its hard time limit, then wait up to the longest countdown.
         ttl = s.time_limit + s.retry_backoff_max + 60
         self.claim = claims.claim(request, task.request.id, ttl, self.journey.waiting_for)
+        self.given_deadline = request.deadline or (Deadline(seconds=s.deadline) if s.deadline
+                                                   else None)  # fmt: skip
+        self.deadline: float | None = None  # epoch seconds, once admitted
         self.seat: Seat | None = None
         if s.host_concurrency or s.host_limits:
             message = lambda: parking.message(task)  # noqa: E731
@@ -76,22 +80,43 @@ class Run:
         scope = origins.origin_of(self.request.url)
         lease = self.seat.trying(scope) if self.seat is not None else None
         stored = None if self.after_wait else started
+        now = time.time()
+        end = self.given_deadline.end(now) if self.given_deadline is not None else None
         ask = Admit(req.id, req.retries, self.settings.result_expires, started.key, self.claim,
-                    stored, lease)  # fmt: skip
+                    stored, lease, end)  # fmt: skip
         try:
             admitted = self.ledger.admit(ask)
         except REDIS_ERRORS as exc:
             # Redis away: the destination's flock alone keeps writers apart on this file system.
             log.warning("destination claim and delivery count not taken (%s)", exc)
-            return Admitted(None, 0, req.retries + 1, False)
+            self.deadline = end
+            return Admitted(None, 0, req.retries + 1, False, end)
+        self.deadline = admitted.deadline
         if admitted.granted and self.seat is not None and lease is not None:
             self.seat.granted(lease)
         try:
             deliveries.check(admitted.delivered, self.settings.max_deliveries)
-        except PermanentError:  # a poison message: its waiters must not wait for it any longer
+            if admitted.deadline_fixed_now and end is not None and end <= now:
+                raise PermanentError(f"deadline: {utc_text(end)} had passed when a worker "
+                                     "took the download")  # fmt: skip
+        except PermanentError:  # a poison message, or too late: its waiters must not wait for it
             self.let_go(claim=True)
             raise
         return admitted
+
+    def last_attempt(self, now: float) -> bool:
+        """This attempt is the last one: the deadline has come, or (without one) the transient
+        faults so far have spent DOWNLOAD_MAX_RETRIES."""
+        if self.deadline is not None:
+            return now >= self.deadline
+        return self.journey.faults >= self.settings.max_retries
+
+    def park_retry(self, journey: Journey, delay: float) -> None:
+        """The next attempt waits in Redis until it is due (the budget's due set, woken by the
+        sweep), holding no worker process and no worker memory; raises a Redis error if it
+        cannot be parked."""
+        message = parking.message(self.task, journey.headers(self.task), retry=True)
+        origins.budget(self.settings.host_limit).park_until(self.ledger, message, delay)
 
     def gate(self) -> Callable[[str], None] | None:
         """What each hop passes before its request: a slot at the hop's origin (or Busy), and

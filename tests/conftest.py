@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from celery import Celery
 from celery.result import AsyncResult
 
@@ -29,6 +30,23 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def redis_db(redis_server: RedisServer) -> Iterator[Callable[[int], redis.Redis]]:
+    """A database of the private Redis for an in-process test, flushed before and after it."""
+    opened: list[redis.Redis] = []
+
+    def db(number: int) -> redis.Redis:
+        c = redis.Redis.from_url(f"{redis_server.url}/{number}")
+        c.flushdb()
+        opened.append(c)
+        return c
+
+    yield db
+    for c in opened:
+        c.flushdb()
+        c.close()
 
 
 @pytest.fixture(scope="session")
@@ -147,6 +165,22 @@ def active_pid(client: Celery, worker: Worker, task_id: str, timeout: float = 30
         return None
 
     return int(wait_for(find, timeout, f"task {task_id} to be active"))
+
+
+def kill_each_delivery(
+    client: Celery, worker: Worker, origin: OriginServer, key: str, task_id: str, times: int
+) -> None:
+    """SIGKILL the child running `task_id` at each of its next `times` deliveries (each one
+    seen at the origin as a request with ?key=`key`), and wait for each child to be gone."""
+    import os
+
+    killed: set[int] = set()
+    for _ in range(times):
+        wait_for(lambda: len(origin.stats.for_key(key)) > len(killed), 30, "a new delivery")
+        pid = active_pid(client, worker, task_id)
+        os.kill(pid, signal.SIGKILL)
+        killed.add(pid)
+        wait_for(lambda p=pid: p not in worker.children(), 30, "the child to be gone")
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import active_pid, failure, partial_of, run, submit
+from tests.conftest import active_pid, failure, kill_each_delivery, partial_of, run, submit
 from tests.harness import wait_for
 from tests.server import OriginServer, body, body_sha256
 
@@ -141,13 +141,7 @@ def test_a_message_that_kills_its_child_every_time_is_failed(client, start_worke
     w = start_worker(DOWNLOAD_MAX_DELIVERIES="2")
     url = f"{origin.url}/bytes/3000000?rate=300000&key={key}&noetag=1&nolm=1"
     res = submit(client, w, url=url, dest="poison.bin")
-    killed: set[int] = set()
-    for _ in range(2):
-        wait_for(lambda: len(origin.stats.for_key(key)) > len(killed), 30, "a new delivery")
-        pid = active_pid(client, w, res.id)
-        os.kill(pid, signal.SIGKILL)
-        killed.add(pid)
-        wait_for(lambda p=pid: p not in w.children(), 30, "the child to be gone")
+    kill_each_delivery(client, w, origin, key, res.id, 2)
     with pytest.raises(Exception, match="died each time"):
         res.get(timeout=60)
     assert len(origin.stats.for_key(key)) == 2

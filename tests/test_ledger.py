@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
 
 import pytest
 import redis
@@ -29,12 +28,8 @@ DB = 7
 
 
 @pytest.fixture
-def client(redis_server) -> Iterator[redis.Redis]:
-    c = redis.Redis.from_url(f"{redis_server.url}/{DB}")
-    c.flushdb()
-    yield c
-    c.flushdb()
-    c.close()
+def client(redis_db) -> redis.Redis:
+    return redis_db(DB)
 
 
 @pytest.fixture

@@ -84,6 +84,8 @@ def test_the_public_task_name_and_result_keys_are_pinned():
         "worker",
         "content_encoding",
         "waited_s",
+        "retried_s",
+        "deadline",
     )
 
 

@@ -60,12 +60,15 @@ def sweep_once(settings: Settings) -> None:
 
 def wake_until(app: Celery, settings: Settings, stop: threading.Event) -> None:
     """Every second: publish the parked downloads a pause's end or a dead holder's lease freed
-    a slot for (a released slot wakes its successor at once; this is for what nobody released)."""
-    if not settings.host_concurrency and not settings.host_limits:
-        return
+    a slot for (a released slot wakes its successor at once; this is for what nobody released),
+    and those whose next attempt after a fault is due."""
+    limited = bool(settings.host_concurrency or settings.host_limits)
     slots = origins.budget(settings.host_limit)
     while not stop.wait(ORIGIN_SWEEP_S):
         try:
-            parking.publish(app, slots.sweep(ledger_of(app)))
+            ledger = ledger_of(app)
+            if limited:
+                parking.publish(app, slots.sweep(ledger))
+            slots.due(ledger, lambda message: parking.publish_one(app, message))
         except Exception as exc:  # Redis away: next second
             log.debug("origin sweep skipped (%s)", exc)

@@ -4,17 +4,19 @@ whose message names the argument and the reason."""
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import PurePosixPath
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from download_client.errors import PermanentError
 
-ARGUMENTS = ("url", "dest", "sha256", "headers", "max_bytes", "callback_url")
+ARGUMENTS = ("url", "dest", "sha256", "headers", "max_bytes", "callback_url", "deadline")
 MAX_URL_LENGTH = 8192
 MAX_NAME_BYTES = 255
 MAX_DEST_BYTES = 1024
@@ -53,6 +55,19 @@ OWNED_HEADERS = frozenset(
 
 
 @dataclass(frozen=True)
+class Deadline:
+    """Until when transient faults are retried: `seconds` after the download is first admitted
+    by a worker, or `at` a point in time (epoch seconds)."""
+
+    seconds: float | None = None
+    at: float | None = None
+
+    def end(self, now: float) -> float:
+        """The deadline as epoch seconds, for a download first admitted at `now`."""
+        return self.at if self.at is not None else now + (self.seconds or 0.0)
+
+
+@dataclass(frozen=True)
 class DownloadRequest:
     url: str
     dest: str
@@ -60,10 +75,14 @@ class DownloadRequest:
     headers: dict[str, str] = field(default_factory=dict)
     max_bytes: int | None = None
     callback_url: str | None = None
+    deadline: Deadline | None = None
 
 
-def parse(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> DownloadRequest:
-    """Turn a message's args/kwargs into a DownloadRequest, or raise PermanentError."""
+def parse(
+    args: tuple[Any, ...], kwargs: Mapping[str, Any], now: float | None = None
+) -> DownloadRequest:
+    """Turn a message's args/kwargs into a DownloadRequest, or raise PermanentError. With `now`
+    (a producer checking before it submits), a deadline that has passed is refused too."""
     if len(args) > len(ARGUMENTS):
         raise PermanentError(
             f"at most {len(ARGUMENTS)} positional arguments: {', '.join(ARGUMENTS)}"
@@ -93,7 +112,48 @@ def parse(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> DownloadRequest:
         headers=_check_headers(values.get("headers")),
         max_bytes=_check_max_bytes(values.get("max_bytes")),
         callback_url=_check_callback_url(values.get("callback_url")),
+        deadline=_check_deadline(values.get("deadline"), now),
     )
+
+
+def _check_deadline(value: Any, now: float | None) -> Deadline | None:
+    """Seconds (a positive number) or an ISO 8601 time with a time zone."""
+    if value is None:
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if not math.isfinite(value) or value <= 0:
+            raise PermanentError("deadline: expected a positive number of seconds")
+        return Deadline(seconds=float(value))
+    if not isinstance(value, str):
+        raise PermanentError(
+            "deadline: expected seconds (a number) or an ISO 8601 time (2026-12-08T18:00:00Z), "
+            f"got {type(value).__name__}"
+        )
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        raise PermanentError(
+            f"deadline: {value[:40]!r} is not an ISO 8601 time (2026-12-08T18:00:00Z)"
+        ) from None
+    if when.tzinfo is None:
+        raise PermanentError(
+            f"deadline: {value[:40]!r} has no time zone (add Z for UTC, or an offset: +02:00)"
+        )
+    deadline = Deadline(at=when.timestamp())
+    if now is not None:
+        check_ahead(deadline, now)
+    return deadline
+
+
+def check_ahead(deadline: Deadline, now: float) -> None:
+    """PermanentError when a deadline given as a time has already passed at `now`."""
+    if deadline.at is not None and deadline.at <= now:
+        raise PermanentError(f"deadline: {utc_text(deadline.at)} has already passed")
+
+
+def utc_text(epoch: float) -> str:
+    """Epoch seconds as people and ISO 8601 read them: 2026-12-08T18:00:00Z."""
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _check_callback_url(value: Any) -> str | None:

@@ -100,7 +100,7 @@ def _downloads(args: argparse.Namespace) -> list[dict[str, Any]]:
     ]
     for kwargs in downloads:
         try:
-            arguments.parse((), kwargs)
+            arguments.parse((), kwargs, now=time.time())
         except PermanentError as exc:
             raise UsageError(str(exc)) from None
     return downloads

@@ -32,6 +32,8 @@ class DownloadResult(TypedDict):
     worker: str | None
     content_encoding: str | None
     waited_s: float
+    retried_s: float
+    deadline: float | None
 
 
 RESULT_KEYS = tuple(DownloadResult.__annotations__)

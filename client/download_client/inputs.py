@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -44,7 +45,7 @@ def read_downloads(
         try:
             given = _json_line(text) if text.startswith("{") else _plain_line(text)
             kwargs = _with_defaults(given, defaults)
-            arguments.parse((), kwargs)
+            arguments.parse((), kwargs, now=time.time())
         except (PermanentError, ValueError) as exc:
             raise InputError(source, number, str(exc)) from None
         yield number, kwargs

@@ -22,11 +22,13 @@ _READ_CHUNK = 1000  # keys a pipeline reads at once: bounded replies for any num
 
 @dataclass(frozen=True)
 class RetryNote:
-    """Why a download is waiting for another attempt, and when that attempt is due."""
+    """Why a download is waiting for another attempt, when that attempt is due, and when its
+    deadline ends (None: it has none, and its attempts are counted)."""
 
     reason: str
     due: float | None  # epoch seconds; None: not known
     attempt: int | None
+    deadline: float | None = None  # epoch seconds
 
     def due_in(self, now: float | None = None) -> float | None:
         """Seconds until the next attempt (0 when it is already due), or None."""
@@ -84,7 +86,8 @@ def parked(client: Any) -> dict[str, int]:
 
 
 def parse_note(value: Any) -> RetryNote | None:
-    """A note as the workers write it (`{"reason", "due", "attempt"}` as JSON); None when there
+    """A note as the workers write it (`{"reason", "due", "attempt"}` as JSON, and `deadline`
+    for a download that has one); None when there
     is none or it cannot be read (a note is a courtesy: never fail a view over one)."""
     if value is None:
         return None
@@ -94,12 +97,17 @@ def parse_note(value: Any) -> RetryNote | None:
         return None
     if not isinstance(body, dict) or not isinstance(body.get("reason"), str):
         return None
-    due, attempt = body.get("due"), body.get("attempt")
+    attempt = body.get("attempt")
     return RetryNote(
         reason=body["reason"],
-        due=float(due) if isinstance(due, int | float) and not isinstance(due, bool) else None,
+        due=_seconds(body.get("due")),
         attempt=attempt if isinstance(attempt, int) and not isinstance(attempt, bool) else None,
+        deadline=_seconds(body.get("deadline")),
     )
+
+
+def _seconds(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 def _read(client: Any, prefix: str, ids: Iterable[str]) -> Iterator[tuple[list[str], list[Any]]]:

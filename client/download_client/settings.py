@@ -38,6 +38,13 @@ def _positive(kind: Callable[[str], T]) -> Callable[[str], T]:
     return parse
 
 
+def _non_negative_float(raw: str) -> float:
+    value = float(raw)
+    if not value >= 0 or value == float("inf"):
+        raise ValueError("must be a number of seconds, 0 or more")
+    return value
+
+
 def _non_negative_int(raw: str) -> int:
     value = int(raw)
     if value < 0:
@@ -168,6 +175,11 @@ class Settings:
     callback_allow: tuple[str, ...] = _env("DOWNLOAD_CALLBACK_ALLOW", _hosts, "")
     callback_give_up: float = _env("DOWNLOAD_CALLBACK_GIVE_UP", _positive(float), "86400")
     callback_backoff_max: float = _env("DOWNLOAD_CALLBACK_BACKOFF_MAX", _positive(float), "600")
+    # Deadlines: a download without a `deadline` argument gets this many seconds (0: none, the
+    # attempt budget DOWNLOAD_MAX_RETRIES ends it); a wait of a download with a deadline longer
+    # than DOWNLOAD_PARK_AFTER is parked in Redis instead of held as a countdown by a worker.
+    deadline: float = _env("DOWNLOAD_DEADLINE", _non_negative_float, "0")
+    park_after: float = _env("DOWNLOAD_PARK_AFTER", _non_negative_float, "30")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:

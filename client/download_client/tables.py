@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from download_client.arguments import utc_text
 from download_client.contract import WAITING, WAITING_ORIGIN
 from download_client.records import RetryNote
 
@@ -62,20 +63,27 @@ def message(state: str, info: Any) -> str:
 
 
 def retry_of(info: Any, note: RetryNote | None) -> dict[str, Any]:
-    """Why it retries and when: the worker's note when there is one, else the exception Celery
-    keeps with the RETRY state (the reason alone)."""
+    """Why it retries and when (and the deadline, for a download that has one): the worker's
+    note when there is one, else the exception Celery keeps with the RETRY state (the reason
+    alone)."""
     if note is not None:
-        return {"reason": note.reason, "due": note.due, "attempt": note.attempt}
+        seen = {"reason": note.reason, "due": note.due, "attempt": note.attempt}
+        return seen if note.deadline is None else {**seen, "deadline": note.deadline}
     return {"reason": message("RETRY", info), "due": None, "attempt": None}
 
 
 def retry_text(retry: Mapping[str, Any], now: float) -> str:
-    """`next attempt in 4 s (attempt 2): connection refused by ...`, or the reason alone."""
-    parts = []
+    """`next attempt in 4 s (attempt 2, deadline 2026-12-08T18:00:00Z): connection refused by
+    ...`, or the reason alone."""
+    parts, within = [], []
     if retry.get("due") is not None:
         parts.append(f"next attempt in {max(0.0, retry['due'] - now):.0f} s")
     if retry.get("attempt") is not None:
-        parts.append(f"(attempt {retry['attempt']})")
+        within.append(f"attempt {retry['attempt']}")
+    if retry.get("deadline") is not None:
+        within.append(f"deadline {utc_text(retry['deadline'])}")
+    if within:
+        parts.append(f"({', '.join(within)})")
     head = " ".join(parts)
     return f"{head}: {retry['reason']}" if head else retry["reason"]
 

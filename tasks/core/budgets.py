@@ -7,7 +7,9 @@ back when the lease ends (LEASE_MS). A run that finds no slot parks its task mes
 and leaves its worker process: releasing a slot (or the sweep, once a pause or a lease ends)
 reserves the slot for the head of the parked list and hands its message back to be published
 again, first come first served. A scope can be paused (Retry-After): nothing is granted there
-until the pause ends. The keys and the scripts are the ledger's (tasks/core/ledger.py).
+until the pause ends. A budget also parks messages until a time (a retry's wait after a fault):
+they sit in its due set, scored by when they are due, and the sweep hands each back to be
+published when its time comes. The keys and the scripts are the ledger's (tasks/core/ledger.py).
 
 A lease belongs to one run, not to one task id: a redelivered copy of a message that runs
 beside its original (Redis put the message back while the original still ran) is another
@@ -31,6 +33,8 @@ LEASE_MS = 10_000
 RENEW_S = 3.0
 # A woken message not started this long after it was woken (its publisher died) is woken again.
 WAKING_STALE_MS = 30_000
+# A sweep hands back at most this many due messages at a time (the rest on its next pass).
+DUE_BATCH = 200
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +70,22 @@ class Budget:
 
     def stats(self, ledger: Ledger) -> dict[str, Any]:
         return ledger.budget_stats(self.kind)
+
+    def park_until(self, ledger: Ledger, message: str, seconds: float) -> None:
+        """Park `message` for `seconds`; it holds nothing meanwhile, in this budget or any."""
+        ledger.park_until(self.kind, message, max(0, round(seconds * 1000)))
+
+    def due(self, ledger: Ledger, publish: Callable[[str], None]) -> int:
+        """Publish the parked messages whose time has come, one by one: a message whose
+        publishing fails (or whose publisher dies) is due again WAKING_STALE_MS later."""
+        sent: list[str] = []
+        try:
+            for message in ledger.due(self.kind, WAKING_STALE_MS, DUE_BATCH):
+                publish(message)
+                sent.append(message)
+        finally:
+            ledger.published(self.kind, sent)
+        return len(sent)
 
 
 def holder_token(task_id: str) -> str:

@@ -147,6 +147,12 @@ def gave_up(message: str, attempts: int, seconds: float) -> str:
     return f"{message}, {attempts} attempts over {duration(seconds)}"
 
 
+def gave_up_at_deadline(message: str, attempts: int, seconds: float) -> str:
+    """The final word on a download whose deadline came: its last cause and what was tried."""
+    tried = "1 attempt" if attempts == 1 else f"{attempts} attempts"
+    return f"{message}, gave up at the deadline after {tried} over {duration(seconds)}"
+
+
 def where(url: str) -> str:
     """host:port of a URL, the part that names who answered (never a path, a query or a user)."""
     parts = urlsplit(url)

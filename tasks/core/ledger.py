@@ -8,12 +8,14 @@ The keys live in the result backend's Redis, beside Celery's results:
     downloads:deliveries:<id>:<retries>   deliveries of one message (the poison guard)
     downloads:attempts:<id>               runs of one download (its result's `attempts`)
     downloads:retry:<id>                  why a download is in RETRY, and when it is due
+    downloads:deadline:<id>               a download's deadline, fixed when it is first admitted
     downloads:callback-given-up:<id>      a callback the workers gave up on
     downloads:metrics:bytes, :recycled    the fleet's running totals (worker/metrics.py)
     downloads:<kind>:<scope>:...          a fleet-wide budget (tasks/core/budgets.py): `slots`
                                           (leases), `paused`, `parked`, `waking`, `cap`; for
                                           the origin slots, downloads:origin:<origin>:slots
     downloads:<kind>s:parked              the scopes of a budget with parked messages
+    downloads:<kind>s:due                 messages parked until a time (a sorted set by it)
     downloads:<kind>s:stats               deferrals and pauses per scope
 
 A download's round trips are typed calls: `admit` (claim, delivery count, STARTED, a budget
@@ -26,6 +28,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,6 +66,10 @@ def retry_note_key(task_id: str) -> str:
     return f"{PREFIX}retry:{task_id}"
 
 
+def deadline_key(task_id: str) -> str:
+    return f"{PREFIX}deadline:{task_id}"
+
+
 def given_up_key(task_id: str) -> str:
     return f"{PREFIX}callback-given-up:{task_id}"
 
@@ -80,6 +88,10 @@ class BudgetKeys:
     @property
     def stats(self) -> str:
         return f"{PREFIX}{self.kind}s:stats"
+
+    @property
+    def due(self) -> str:
+        return f"{PREFIX}{self.kind}s:due"
 
     @property
     def names(self) -> list[str]:
@@ -259,6 +271,23 @@ end
 return 1
 """
 
+# Parking until a time. KEYS: the due set. ARGV: the wait in ms (from Redis's clock), the message.
+_PARK_UNTIL = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[2])
+return 1
+"""
+# The messages whose time has come, at most ARGV[2]: each is taken by moving its time ARGV[1] ms
+# ahead, so a sweep that dies before it has published them leaves them to the next one.
+_DUE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
+for _, msg in ipairs(due) do redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), msg) end
+return due
+"""
+
 
 # --- what a round trip takes and returns ---------------------------------------------------
 
@@ -321,6 +350,7 @@ class Admit:
     claim: Claim | None = None
     started: State | None = None
     lease: Lease | None = None
+    deadline: float | None = None  # the deadline (epoch s) this run sets unless one is fixed
 
 
 @dataclass(frozen=True)
@@ -329,6 +359,8 @@ class Admitted:
     delivered: int  # deliveries of this message, this one included
     attempts: int  # runs of the download so far, this one included
     granted: bool  # the slot tried for is this run's
+    deadline: float | None = None  # the download's deadline, as fixed at its first admission
+    deadline_fixed_now: bool = False  # this admission fixed it (the download's first)
 
 
 @dataclass(frozen=True)
@@ -404,11 +436,19 @@ class Ledger:
             r.add("started", lambda p: _store(p, started))
         if lease is not None:
             r.add("slot", lambda p: _budget(p, _ACQUIRE, lease, lease.holder, a.task_id, ""))
+        end = a.deadline
+        if end is not None:
+            # Kept until the deadline, and as long as results after it.
+            ttl, key = max(1, math.ceil(end - time.time())) + a.expires, deadline_key(a.task_id)
+            r.add("fixed", lambda p: p.set(key, repr(end), nx=True, ex=ttl))
+            r.add("deadline", lambda p: p.get(key))
         got = r.run()
         raw_held = got.get("claim")
         held = None if raw_held is None else _held(raw_held)
         granted = "slot" in got and int(got["slot"][0]) == 1
-        return Admitted(held, int(got["delivered"]), int(got["attempts"]), granted)
+        fixed = float(got["deadline"]) if got.get("deadline") is not None else end
+        return Admitted(held, int(got["delivered"]), int(got["attempts"]), granted, fixed,
+                        bool(got.get("fixed")))  # fmt: skip
 
     def settle(self, s: Settle) -> Settled:
         r = _Round(self.client)
@@ -494,6 +534,19 @@ class Ledger:
             out += _texts(_eval(self.client, _SWEEP, keys, scope, cap_for(scope), lease_ms,
                                 stale_ms))  # fmt: skip
         return out
+
+    def park_until(self, kind: str, message: str, wait_ms: int) -> None:
+        """Park `message` in a budget's due set until `wait_ms` from now (Redis's clock)."""
+        _eval(self.client, _PARK_UNTIL, [BudgetKeys(kind, "").due], wait_ms, message)
+
+    def due(self, kind: str, taken_ms: int, limit: int) -> list[str]:
+        """Parked messages whose time has come, taken for `taken_ms` (then due again unless
+        `published` says they went out)."""
+        return _texts(_eval(self.client, _DUE, [BudgetKeys(kind, "").due], taken_ms, limit))
+
+    def published(self, kind: str, messages: list[str]) -> None:
+        if messages:
+            self.client.zrem(BudgetKeys(kind, "").due, *messages)
 
     def budget_stats(self, kind: str) -> dict[str, Any]:
         """In flight per scope (live leases), deferrals and pauses so far."""
