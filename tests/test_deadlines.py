@@ -5,21 +5,26 @@ each test). The end-to-end behaviour is in tests/test_deadlines_e2e.py."""
 
 from __future__ import annotations
 
+import base64
 import json
 import time
+import uuid
 
 import pytest
 import redis
+from celery import Celery
 
 from download_client import inputs, records, tables
 from download_client.arguments import Deadline, parse
+from download_client.client import submit
 from download_client.errors import PermanentError
 from download_client.settings import Settings, SettingsError
 from tasks.core import budgets, origins
 from tasks.core.failures import gave_up_at_deadline
 from tasks.core.ledger import Admit, BudgetKeys, Ledger, deadline_key
 from tasks.retries import Journey, retry_note, until_deadline
-from tests.harness import wait_for
+from tests.harness import wait_for, worker_env
+from tests.test_cli_e2e import cli
 
 DB = 9
 URL = "http://127.0.0.1:9/x"
@@ -192,3 +197,44 @@ def test_a_due_message_whose_publishing_failed_is_due_again_later(ledger, client
 def _due_member(client: redis.Redis) -> str:
     [member] = client.zrange(BudgetKeys("origin", "").due, 0, -1)
     return member.decode()
+
+
+def _queued_kwargs(broker: redis.Redis, queue: str) -> list[dict[str, object]]:
+    """The keyword arguments of each message waiting in `queue` (Celery's protocol 2 body)."""
+    bodies = [json.loads(raw)["body"] for raw in broker.lrange(queue, 0, -1)]
+    return [json.loads(base64.b64decode(body))[1] for body in bodies]
+
+
+def test_the_client_sends_seconds_as_the_time_they_end_counted_from_submission(
+    redis_server, redis_db
+):
+    broker = redis_db(DB)
+    app = Celery(broker=f"{redis_server.url}/{DB}", backend=f"{redis_server.url}/{DB}")
+    before = time.time()
+    submit(app, URL, deadline=60, queue="deadlines")
+    submit(app, URL, deadline="2030-01-01T00:00:00Z", queue="deadlines")
+    after = time.time()
+    sent, given = _queued_kwargs(broker, "deadlines")[::-1]  # LPUSH: the newest first
+    assert isinstance(sent["deadline"], str)
+    end = _deadline(sent["deadline"])
+    assert end is not None and end.at is not None
+    assert before + 60 <= end.at <= after + 61  # whole seconds, rounded up
+    assert given["deadline"] == "2030-01-01T00:00:00Z"
+
+
+def test_downloads_submit_takes_a_deadline_in_seconds_or_as_a_time(redis_server, tmp_path):
+    env = worker_env(redis_server.url, tmp_path)
+    broker = redis.Redis.from_url(env["CELERY_BROKER_URL"])
+    queue = f"deadlines-{uuid.uuid4().hex[:6]}"
+    before = time.time()
+    for given in ("90", "2030-01-01T00:00:00+01:00"):
+        done = cli(env, "submit", "--ids", "--queue", queue, "--deadline", given, URL)
+        assert done.returncode == 0, done.stderr
+    in_seconds, as_time = _queued_kwargs(broker, queue)[::-1]
+    end = _deadline(in_seconds["deadline"])
+    assert end is not None and end.at is not None and before + 90 <= end.at <= time.time() + 91
+    assert as_time["deadline"] == "2030-01-01T00:00:00+01:00"
+    refused = cli(env, "submit", "--queue", queue, "--deadline", "tonight", URL)
+    assert refused.returncode == 2
+    assert "deadline: 'tonight' is not an ISO 8601 time" in refused.stderr
+    assert broker.llen(queue) == 2

@@ -151,6 +151,16 @@ def check_ahead(deadline: Deadline, now: float) -> None:
         raise PermanentError(f"deadline: {utc_text(deadline.at)} has already passed")
 
 
+def deadline_from(kwargs: Mapping[str, Any], now: float) -> dict[str, Any]:
+    """The arguments with a deadline in seconds turned into the time it ends, counted from `now`
+    (a producer submitting): a worker counts seconds from when it first takes the download,
+    and the time spent queued would not count."""
+    seconds = kwargs.get("deadline")
+    if not isinstance(seconds, int | float) or isinstance(seconds, bool):
+        return dict(kwargs)
+    return {**kwargs, "deadline": utc_text(math.ceil(now + seconds))}
+
+
 def utc_text(epoch: float) -> str:
     """Epoch seconds as people and ISO 8601 read them: 2026-12-08T18:00:00Z."""
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

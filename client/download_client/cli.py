@@ -111,6 +111,12 @@ def _submit_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     s.add_argument("--sha256", help="expected sha256 (one URL only)")
     s.add_argument("--max-bytes", type=int, help="size cap for each download")
     s.add_argument(
+        "--deadline",
+        metavar="SECONDS|TIME",
+        help="retry transient faults until then: seconds from now, or an ISO 8601 time with a "
+        "zone (2026-12-08T18:00:00Z)",
+    )
+    s.add_argument(
         "--header",
         action="append",
         default=[],

@@ -14,6 +14,7 @@ from celery import Celery
 from celery.result import AsyncResult
 
 from download_client import records
+from download_client.arguments import deadline_from
 from download_client.brokers import rabbitmq_config
 from download_client.contract import TASK_NAME, WAITING
 from download_client.redact import add_secret_params, redact_kwargs
@@ -54,10 +55,13 @@ def submit(
     headers: Mapping[str, str] | None = None,
     max_bytes: int | None = None,
     queue: str | None = None,
+    deadline: float | str | None = None,
 ) -> AsyncResult:
-    """Queue one download; the returned AsyncResult's id is the download's id."""
+    """Queue one download; the returned AsyncResult's id is the download's id. `deadline`:
+    seconds from now, or an ISO 8601 time with a time zone (docs/contract.md)."""
     kwargs: dict[str, Any] = {"url": url}
-    for name, value in (("dest", dest), ("sha256", sha256), ("max_bytes", max_bytes)):
+    given = (("dest", dest), ("sha256", sha256), ("max_bytes", max_bytes), ("deadline", deadline))
+    for name, value in given:
         if value is not None:
             kwargs[name] = value
     if headers:
@@ -110,6 +114,8 @@ def _publish_chunk(
     queue: str | None,
     announce: bool,
 ) -> list[tuple[str, str]]:
+    now = time.time()
+    chunk = [deadline_from(k, now) for k in chunk]  # seconds count from now, not from a worker
     shown = [redact_kwargs(dict(k)) for k in chunk]  # what events (Flower) and the caller see
     sent = [(str(uuid.uuid4()), s["url"]) for s in shown]
     _record(app, sent)  # first: every queued id has its record, never the other way round

@@ -110,7 +110,17 @@ def _defaults(args: argparse.Namespace) -> dict[str, Any]:
     defaults: dict[str, Any] = {"headers": _headers(args.header)}
     if args.max_bytes is not None:
         defaults["max_bytes"] = args.max_bytes
+    if args.deadline is not None:
+        defaults["deadline"] = _deadline(args.deadline)
     return defaults
+
+
+def _deadline(given: str) -> float | str:
+    """--deadline's text: seconds when it is a number, else the time as given."""
+    try:
+        return float(given)
+    except ValueError:
+        return given
 
 
 def _headers(pairs: list[str]) -> dict[str, str]:
