@@ -175,7 +175,10 @@ def test_exit_codes(env, worker, origin, client):
     slow = f"{origin.url}/bytes/1000000?rate=500000&seed={uuid.uuid4().hex}"
     timed_out = cli(env, "submit", slow, "--wait", "--timeout", "0.5", "--json")
     assert timed_out.returncode == 4, timed_out.stderr
-    assert json.loads(timed_out.stdout)[0]["state"] not in ("SUCCESS", "FAILURE")
+    [row] = json.loads(timed_out.stdout)
+    assert row["state"] not in ("SUCCESS", "FAILURE")
+    assert "timed out after 0.5 s: 1 download not finished go on" in timed_out.stderr
+    assert f"follow them with: downloads wait {row['id']}" in timed_out.stderr
 
     good = client.send_task(TASK, kwargs={"url": url})
     bad = client.send_task(TASK, kwargs={"url": f"{origin.url}/missing"})

@@ -113,7 +113,11 @@ def watch(
         tables.write_rich(rows, console, time.time())
     else:
         tables.write_plain(rows, out, time.time())
-    return exit_code(rows)
+    code = exit_code(rows)
+    if code == EXIT_TIMEOUT and timeout is not None:
+        pending = [r["id"] for r in rows if r["state"] not in tables.FINAL_STATES]
+        follow_hint(pending, sys.stderr, f"timed out after {timeout:g} s")
+    return code
 
 
 def current_rows(
@@ -133,11 +137,11 @@ def exit_code(rows: list[dict[str, Any]]) -> int:
     return EXIT_OK if all(r["state"] == "SUCCESS" for r in rows) else EXIT_FAILED
 
 
-def follow_hint(pending: list[str], err: TextIO) -> None:
-    """What Ctrl-C prints: the downloads go on, and the command that waits for them again
-    (the ids in a file when there are many)."""
+def follow_hint(pending: list[str], err: TextIO, why: str = "interrupted") -> None:
+    """What Ctrl-C or the end of --timeout prints: the downloads go on, and the command that
+    waits for them again (the ids in a file when there are many)."""
     some = f"{len(pending)} download{'s' if len(pending) != 1 else ''}"
-    err.write(f"\ninterrupted: {some} not finished go on without this command.\n")
+    err.write(f"\n{why}: {some} not finished go on without this command.\n")
     if not pending:
         return
     if len(pending) <= HINT_IDS:
