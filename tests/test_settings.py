@@ -30,7 +30,10 @@ def test_every_setting_is_in_the_settings_table_with_its_default():
 @pytest.mark.parametrize(
     ("env", "message"),
     [
-        ({"DOWNLOAD_READ_TIMEOUT": "soon"}, "DOWNLOAD_READ_TIMEOUT='soon'"),
+        ({"DOWNLOAD_READ_TIMEOUT": "soon"}, "DOWNLOAD_READ_TIMEOUT='soon': expected a number"),
+        ({"DOWNLOAD_READ_TIMEOUT": "nan"}, "DOWNLOAD_READ_TIMEOUT='nan': expected a number"),
+        ({"WORKER_CONCURRENCY": "2.5"}, "WORKER_CONCURRENCY='2.5': expected a whole number"),
+        ({"DOWNLOAD_MAX_RETRIES": "six"}, "DOWNLOAD_MAX_RETRIES='six': expected a whole number"),
         ({"DOWNLOAD_MAX_BYTES": "0"}, "must be greater than 0"),
         ({"DOWNLOAD_MAX_RETRIES": "-1"}, "must be 0 or more"),
         ({"DOWNLOAD_ALLOW_PRIVATE": "maybe"}, "expected true/false"),

@@ -28,6 +28,23 @@ def _bool(raw: str) -> bool:
     raise ValueError("expected true/false")
 
 
+def _int(raw: str) -> int:
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError("expected a whole number") from None
+
+
+def _float(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError("expected a number") from None
+    if value != value:  # NaN compares false with everything: no bound would refuse it
+        raise ValueError("expected a number")
+    return value
+
+
 def _positive(kind: Callable[[str], T]) -> Callable[[str], T]:
     def parse(raw: str) -> T:
         value = kind(raw)
@@ -39,14 +56,14 @@ def _positive(kind: Callable[[str], T]) -> Callable[[str], T]:
 
 
 def _non_negative_float(raw: str) -> float:
-    value = float(raw)
+    value = _float(raw)
     if not value >= 0 or value == float("inf"):
         raise ValueError("must be a number of seconds, 0 or more")
     return value
 
 
 def _non_negative_int(raw: str) -> int:
-    value = int(raw)
+    value = _int(raw)
     if value < 0:
         raise ValueError("must be 0 or more")
     return value
@@ -133,27 +150,27 @@ class Settings:
     result_backend: str = _env("CELERY_RESULT_BACKEND", str, "")
     download_dir: Path = _env("DOWNLOAD_DIR", Path, "./downloads")
     allow_private: bool = _env("DOWNLOAD_ALLOW_PRIVATE", _bool, "false")
-    connect_timeout: float = _env("DOWNLOAD_CONNECT_TIMEOUT", _positive(float), "10")
-    read_timeout: float = _env("DOWNLOAD_READ_TIMEOUT", _positive(float), "30")
+    connect_timeout: float = _env("DOWNLOAD_CONNECT_TIMEOUT", _positive(_float), "10")
+    read_timeout: float = _env("DOWNLOAD_READ_TIMEOUT", _positive(_float), "30")
     max_retries: int = _env("DOWNLOAD_MAX_RETRIES", _non_negative_int, "5")
-    retry_backoff: float = _env("DOWNLOAD_RETRY_BACKOFF", _positive(float), "2")
-    retry_backoff_max: float = _env("DOWNLOAD_RETRY_BACKOFF_MAX", _positive(float), "600")
-    max_bytes: int = _env("DOWNLOAD_MAX_BYTES", _positive(int), str(10 * 1024**3))
-    chunk_size: int = _env("DOWNLOAD_CHUNK_SIZE", _positive(int), str(128 * 1024))
-    progress_interval: float = _env("DOWNLOAD_PROGRESS_INTERVAL", _positive(float), "0.5")
-    soft_time_limit: float = _env("DOWNLOAD_SOFT_TIME_LIMIT", _positive(float), "3000")
-    time_limit: float = _env("DOWNLOAD_TIME_LIMIT", _positive(float), "3300")
-    visibility_timeout: int = _env("DOWNLOAD_VISIBILITY_TIMEOUT", _positive(int), "7200")
-    max_deliveries: int = _env("DOWNLOAD_MAX_DELIVERIES", _positive(int), "3")
-    partial_max_age: int = _env("DOWNLOAD_PARTIAL_MAX_AGE", _positive(int), str(7 * 24 * 3600))
+    retry_backoff: float = _env("DOWNLOAD_RETRY_BACKOFF", _positive(_float), "2")
+    retry_backoff_max: float = _env("DOWNLOAD_RETRY_BACKOFF_MAX", _positive(_float), "600")
+    max_bytes: int = _env("DOWNLOAD_MAX_BYTES", _positive(_int), str(10 * 1024**3))
+    chunk_size: int = _env("DOWNLOAD_CHUNK_SIZE", _positive(_int), str(128 * 1024))
+    progress_interval: float = _env("DOWNLOAD_PROGRESS_INTERVAL", _positive(_float), "0.5")
+    soft_time_limit: float = _env("DOWNLOAD_SOFT_TIME_LIMIT", _positive(_float), "3000")
+    time_limit: float = _env("DOWNLOAD_TIME_LIMIT", _positive(_float), "3300")
+    visibility_timeout: int = _env("DOWNLOAD_VISIBILITY_TIMEOUT", _positive(_int), "7200")
+    max_deliveries: int = _env("DOWNLOAD_MAX_DELIVERIES", _positive(_int), "3")
+    partial_max_age: int = _env("DOWNLOAD_PARTIAL_MAX_AGE", _positive(_int), str(7 * 24 * 3600))
     partial_sweep_interval: float = _env(
-        "DOWNLOAD_PARTIAL_SWEEP_INTERVAL", _positive(float), "3600"
+        "DOWNLOAD_PARTIAL_SWEEP_INTERVAL", _positive(_float), "3600"
     )
-    result_expires: int = _env("DOWNLOAD_RESULT_EXPIRES", _positive(int), str(7 * 24 * 3600))
-    result_outage: float = _env("DOWNLOAD_RESULT_OUTAGE", _positive(float), "300")
-    shutdown_grace: float = _env("DOWNLOAD_SHUTDOWN_GRACE", _positive(float), "90")
+    result_expires: int = _env("DOWNLOAD_RESULT_EXPIRES", _positive(_int), str(7 * 24 * 3600))
+    result_outage: float = _env("DOWNLOAD_RESULT_OUTAGE", _positive(_float), "300")
+    shutdown_grace: float = _env("DOWNLOAD_SHUTDOWN_GRACE", _positive(_float), "90")
     # Downloads wait on the network, not the CPU: slots are sized for waiting, not for cores.
-    concurrency: int = _env("WORKER_CONCURRENCY", _positive(int), "16")
+    concurrency: int = _env("WORKER_CONCURRENCY", _positive(_int), "16")
     max_tasks_per_child: int = _env("WORKER_MAX_TASKS_PER_CHILD", _non_negative_int, "1000")
     max_memory_per_child: int = _env("WORKER_MAX_MEMORY_PER_CHILD", _non_negative_int, "262144")
     redact_params: tuple[str, ...] = _env("DOWNLOAD_REDACT_PARAMS", _names, "")
@@ -173,8 +190,8 @@ class Settings:
     # with backoff (doubling from 1 s, capped at 10 min) for DOWNLOAD_CALLBACK_GIVE_UP seconds.
     callback_secret: str = _env("DOWNLOAD_CALLBACK_SECRET", str, "")
     callback_allow: tuple[str, ...] = _env("DOWNLOAD_CALLBACK_ALLOW", _hosts, "")
-    callback_give_up: float = _env("DOWNLOAD_CALLBACK_GIVE_UP", _positive(float), "86400")
-    callback_backoff_max: float = _env("DOWNLOAD_CALLBACK_BACKOFF_MAX", _positive(float), "600")
+    callback_give_up: float = _env("DOWNLOAD_CALLBACK_GIVE_UP", _positive(_float), "86400")
+    callback_backoff_max: float = _env("DOWNLOAD_CALLBACK_BACKOFF_MAX", _positive(_float), "600")
     # Deadlines: a download without a `deadline` argument gets this many seconds (0: none, the
     # attempt budget DOWNLOAD_MAX_RETRIES ends it); a wait of a download with a deadline longer
     # than DOWNLOAD_PARK_AFTER is parked in Redis instead of held as a countdown by a worker.
