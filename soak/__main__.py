@@ -7,19 +7,37 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Mapping
 
-from soak.report import ROOT, markdown
+from soak.report import ROOT, markdown, runs_table
 from soak.run import main
+
+
+def report_stem(env: Mapping[str, str], broker: str) -> str:
+    """Where a run's report goes in docs/: the committed one is a default run's on Redis; a
+    resized run writes one of its own (listed in docs/soak.md), a quick one soak-last."""
+    if env.get("SOAK_REDIS_KILLS") == "1":
+        return "soak-redis-kills"
+    if env.get("SOAK_QUICK"):
+        return "soak-last"
+    if env.get("SOAK_DOWNLOADS"):
+        return f"soak-{int(env['SOAK_DOWNLOADS'])}-{broker}"
+    return "soak" if broker == "redis" else f"soak-{broker}"
+
 
 if __name__ == "__main__":
     figures = main()
     report = markdown(figures)
     print(report)
     print(json.dumps(figures, indent=1, default=str)[:4000])
-    # The committed report is a default run's; a quick or resized run writes beside it.
-    kills = os.environ.get("SOAK_REDIS_KILLS") == "1"
-    default = not (os.environ.get("SOAK_QUICK") or os.environ.get("SOAK_DOWNLOADS") or kills)
-    stem = ROOT / "docs" / ("soak" if default else "soak-redis-kills" if kills else "soak-last")
-    stem.with_suffix(".md").write_text(report + "\n")
-    stem.with_suffix(".json").write_text(json.dumps(figures, indent=1, default=str) + "\n")
+    stem = report_stem(os.environ, figures["broker"])
+    docs = ROOT / "docs"
+    (docs / f"{stem}.json").write_text(json.dumps(figures, indent=1, default=str) + "\n")
+    if stem != "soak":
+        (docs / f"{stem}.md").write_text(report + "\n")
+    # The default report lists the resized runs: written again with the table as it now stands.
+    main_json = docs / "soak.json"
+    if main_json.exists():
+        default_figures = json.loads(main_json.read_text())
+        (docs / "soak.md").write_text(markdown(default_figures, runs_table(docs)) + "\n")
     sys.exit(0 if figures["ok"] else 1)

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -145,7 +146,39 @@ def _why_whole(d: Any, t: Transfer, prev: Transfer) -> str:
     return "the partial was not resumed"
 
 
-def markdown(f: dict[str, Any]) -> str:
+def runs_table(docs: Path) -> list[str]:
+    """The resized runs reported beside the default one (docs/soak-<N>-<broker>.json): one row
+    each, largest first."""
+    runs = []
+    for path in docs.glob("soak-*-*.json"):
+        if path.stem.split("-")[1].isdigit():
+            runs.append((path, json.loads(path.read_text())))
+    if not runs:
+        return []
+    lines = [
+        "## The largest runs",
+        "",
+        "| report | broker | accepted | accounted | double writers | needless | left in "
+        "`.partial/` | Redis crashes | node crashes | child kills | worker restarts | longest "
+        "time between Redis crashes | chaos + drain | child RSS growth, median / largest |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for path, f in sorted(runs, key=lambda run: -run[1]["accepted"]):
+        faults, t = f["faults"], f["timings_s"]
+        lines.append(
+            f"| [{path.stem}]({path.stem}.md) | {f.get('broker', 'redis')} | {f['accepted']} | "
+            f"{100 * f['accounted'] / max(1, f['accepted']):.2f} % | {len(f['double_writers'])} | "
+            f"{f['needless']} | {len(f['partial_left'])} | {faults.get('Redis SIGKILLed', 0)} | "
+            f"{faults.get('RabbitMQ node SIGKILLed', 0)} | {faults.get('child SIGKILLed', 0)} | "
+            f"{faults.get('worker restarted (SIGTERM)', 0)} | "
+            f"{f.get('largest_redis_gap_s', 0):.0f} s | "
+            f"{(t['chaos_s'] + t['drain_s']) / 60:.0f} min | "
+            f"{f['rss_growth_mib_median']:+.1f} / {f['rss_growth_mib_max']:+.1f} MiB |"
+        )
+    return [*lines, ""]
+
+
+def markdown(f: dict[str, Any], runs: list[str] | None = None) -> str:
     lines = [
         "# Chaos soak report",
         "",
@@ -163,7 +196,11 @@ def markdown(f: dict[str, Any]) -> str:
         f"- chaos ran {f['timings_s']['chaos_s']:.0f} s; the queue drained "
         f"{f['timings_s']['drain_s']:.0f} s later; submissions retried while the broker was away: "
         f"{f['submit_retries']}",
-        f"- longest time from one Redis crash to the next: {f['largest_redis_gap_s']:.0f} s",
+        *(
+            [f"- longest time from one Redis crash to the next: {f['largest_redis_gap_s']:.0f} s"]
+            if "largest_redis_gap_s" in f  # reports from before it was measured lack it
+            else []
+        ),
         f"- workers that died on their own: {len(f['worker_deaths'])}",
         "",
         "## Faults injected by the driver",
@@ -197,4 +234,4 @@ def markdown(f: dict[str, Any]) -> str:
         for name in ("unaccounted", "double_writers", "partial_left", "worker_deaths"):
             lines += [f"- {name}: {x}" for x in f[name]]
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join([*lines, *(runs or [])])

@@ -4,11 +4,13 @@ seconds (real workers, a crashable Redis, the chaos driver) accounts for every d
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
+from soak.__main__ import report_stem
 from soak.origin import Ledger, Transfer
 from soak.plan import CASES, Download
-from soak.report import judge
+from soak.report import judge, markdown, runs_table
 from soak.run import MiB, Outcome, Size, main
 
 PLAIN = CASES[0]
@@ -50,6 +52,27 @@ def test_the_judge_names_the_cause_of_a_transfer_after_a_cut():
     ok = Outcome("SUCCESS", {}, file_ok=True)
     figures = _judge({"t0": ok}, [_transfer(0, 1, 300), _transfer(2, 3, 1000)])
     assert figures["ok"] and figures["extra_full_transfers"]
+
+
+def test_a_resized_run_has_a_report_of_its_own_listed_in_the_default_one(tmp_path):
+    assert report_stem({}, "redis") == "soak"
+    assert report_stem({"SOAK_DOWNLOADS": "10000"}, "rabbitmq") == "soak-10000-rabbitmq"
+    assert report_stem({"SOAK_QUICK": "1", "SOAK_DOWNLOADS": "10000"}, "redis") == "soak-last"
+    assert report_stem({"SOAK_REDIS_KILLS": "1"}, "redis") == "soak-redis-kills"
+    ok = Outcome("SUCCESS", {}, file_ok=True)
+    figures = _judge({"t0": ok}, [_transfer(0, 1, 1000)])
+    for n, broker in ((2, "redis"), (5, "rabbitmq")):
+        run = {**figures, "accepted": n, "accounted": n, "broker": broker}
+        (tmp_path / f"soak-{n}-{broker}.json").write_text(json.dumps(run, default=str))
+    (tmp_path / "soak-redis-kills.json").write_text(json.dumps(figures, default=str))
+    table = runs_table(tmp_path)
+    rows = [line for line in table if line.startswith("| [")]
+    assert [r.split("|")[1].strip() for r in rows] == [
+        "[soak-5-rabbitmq](soak-5-rabbitmq.md)",
+        "[soak-2-redis](soak-2-redis.md)",
+    ]
+    assert "| rabbitmq | 5 | 100.00 % | 0 | 0 | 0 |" in rows[0]
+    assert markdown(figures, table).endswith("\n".join(table))
 
 
 def test_a_short_soak_accounts_for_every_download():
