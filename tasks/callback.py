@@ -24,7 +24,7 @@ from download_client.redact import redact_url
 from tasks import runtime
 from tasks.core import callbacks
 from tasks.core.http import new_session
-from tasks.retries import publish_policy
+from tasks.retries import publish_policy, send_again
 from tasks.run import backend_of
 
 CALLBACK_TASK = "downloads.callback"
@@ -47,7 +47,9 @@ class CallbackTask(Task):  # type: ignore[misc]
             tries, elapsed = self.request.retries + 1, time.time() - first_at
             delay = min(s.callback_backoff_max, 2.0**self.request.retries)
             if elapsed + delay <= s.callback_give_up:
-                raise self.retry(exc=exc, countdown=delay, retry_policy=publish_policy(s)) from None
+                raise send_again(
+                    self, exc=exc, countdown=delay, retry_policy=publish_policy(s)
+                ) from None
             why = f"gave up after {tries} attempts over {elapsed:.0f} s: {exc}"
             self._record_give_up(url, task_id, why)
             raise PermanentError(f"callback for {task_id} to {redact_url(url)} {why}") from None

@@ -37,6 +37,7 @@ from tasks.retries import (
     note_ttl,
     publish_policy,
     retry_note,
+    send_again,
     until_deadline,
     wait_delay,
 )
@@ -138,7 +139,7 @@ class FetchTask(Task):  # type: ignore[misc]
         RETRY nor a `task-retried` event: a wait is not a fault."""
         delay = wait_delay(run.journey.waits)
         journey = run.journey.after_wait(delay, holder)
-        self.retry(exc=why, countdown=delay, headers=journey.headers(self),
+        send_again(self, exc=why, countdown=delay, headers=journey.headers(self),
                    retry_policy=publish_policy(run.settings), throw=False)  # fmt: skip
         run.wait(run.request.dest)
         log.info("waiting %.1f s for a busy destination", delay)
@@ -172,9 +173,10 @@ class FetchTask(Task):  # type: ignore[misc]
                     return Retry(exc=why, when=delay)
                 except REDIS_ERRORS as exc:
                     log.warning("next attempt not parked (%s); a countdown instead", exc)
-        return self.retry(
-            exc=why, countdown=delay, headers=journey.headers(self), retry_policy=publish_policy(s)
-        )
+        return send_again(
+            self, exc=why, countdown=delay, headers=journey.headers(self),
+            retry_policy=publish_policy(s),
+        )  # fmt: skip
 
     def _call_back_again(self) -> None:
         if callback.callback_url_of(self.request) is not None:

@@ -11,6 +11,7 @@ contract): see Journey.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import time
@@ -18,8 +19,12 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from celery import Task
+from celery.exceptions import Reject, Retry
 
 from download_client.settings import Settings
+from tasks.deliveries import REDIS_ERRORS
+
+log = logging.getLogger(__name__)
 
 # What RabbitMQ's dead-lettering adds to a message that went through the delayed-delivery queues.
 # Sent again with them, a message counts as a dead-letter cycle, and RabbitMQ before 4.0.1 holds
@@ -70,6 +75,21 @@ def publish_policy(settings: Settings) -> dict[str, float]:
     the re-send fails."""
     tries = int(settings.result_outage) + 1
     return {"max_retries": tries, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}
+
+
+def send_again(task: Task, **options: Any) -> Retry:
+    """`task.retry(**options)`, except when the broker did not take the re-send (it stayed away
+    longer than the publish policy waits): Celery then rejects the message without requeueing
+    and records FAILURE (celery.app.task.Task.retry), and the download is lost. Here the message
+    is put back instead; with Redis away that fails too, and its lease lapses, which puts it
+    back once Redis answers."""
+    try:
+        return task.retry(**options)
+    except Reject as exc:
+        if exc.requeue or not isinstance(exc.reason, REDIS_ERRORS):
+            raise
+        log.warning("the next run was not sent (%s); this message is put back instead", exc.reason)
+        raise Reject(exc.reason, requeue=True) from None
 
 
 def retry_note(reason: str, delay: float, attempt: int, deadline: float | None = None) -> str:

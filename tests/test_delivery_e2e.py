@@ -172,3 +172,24 @@ def test_a_warm_shutdown_requeues_what_outlives_its_grace(crashable_redis, origi
         assert len(origin.stats.for_key(key)) == 4  # one request per deploy, each a resume
     finally:
         w.stop()
+
+
+def test_a_retry_due_while_redis_is_away_is_not_lost(crashable_redis, origin, tmp_path):
+    """The origin stalls past the read timeout, and Redis dies meanwhile: the retry is due while
+    the broker is away. Its re-send waits for Redis to answer, or the message comes back; the
+    download is never dropped as failed."""
+    server, client = crashable_redis
+    w = _worker(server, client, tmp_path, "resend", DOWNLOAD_READ_TIMEOUT="2",
+                DOWNLOAD_RESULT_OUTAGE="3")  # fmt: skip
+    url = f"{origin.url}/bytes/5000?seed=rs&key=rs&stall=4&stall_times=1"
+    try:
+        res = submit(client, w, url=url, dest="resend.bin")
+        wait_for(lambda: _get(origin, "rs") == 1, 30, "the first request")
+        server.kill()
+        time.sleep(12)  # the outage itself, not a synchronisation
+        server.start()
+        assert res.get(timeout=120)["sha256"] == body_sha256(5000, "rs")
+        assert res.state == "SUCCESS"
+        assert "the next run was not sent" in w.log()  # the re-send did fail meanwhile
+    finally:
+        assert w.stop(timeout=60) == 0
