@@ -28,7 +28,7 @@ from tasks.core import callbacks
 from tasks.core.budgets import Busy
 from tasks.core.failures import gave_up, gave_up_at_deadline
 from tasks.core.ledger import Held
-from tasks.core.transfer import Outcome, download
+from tasks.core.transfer import Outcome, download, drop_mismatch
 from tasks.deliveries import REDIS_ERRORS
 from tasks.progress import Progress
 from tasks.retries import (
@@ -73,6 +73,16 @@ class FetchTask(Task):  # type: ignore[misc]
         run.succeed(result)
         return result
 
+    def on_failure(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        """Called once FAILURE is stored: what a permanent failure kept for the runs before it
+        was stored goes (a body that is not the one asked for, tasks/core/transfer.py)."""
+        if not isinstance(exc, PermanentError):
+            return
+        try:
+            drop_mismatch(runtime.current().root, arguments.parse(args, kwargs))
+        except (DownloadError, OSError) as err:  # the sweep removes it later
+            log.warning("kept body not removed (%s)", err)
+
     def not_mine(self, run: Run, held: Held, started: float) -> DownloadResult:
         """Another run has the destination: take its result, or wait for it."""
         run.step_aside()
@@ -97,7 +107,7 @@ class FetchTask(Task):  # type: ignore[misc]
             run.running()
         try:
             return download(self.session(rt), run.request, rt.root, rt.limits, progress, last,
-                            run.gate())  # fmt: skip
+                            run.gate(), self.request.id)  # fmt: skip
         except DestinationBusyError as exc:
             run.let_go(claim=False)
             raise self.wait(run, run.journey.waiting_for, exc) from None

@@ -20,7 +20,7 @@ from download_client.errors import DestinationBusyError, PermanentError, Transie
 from tasks.core.http import new_session
 from tasks.core.records import RECORD_XATTR, Record
 from tasks.core.storage import Target
-from tasks.core.transfer import Limits, download
+from tasks.core.transfer import Limits, download, drop_mismatch
 from tests.harness import wait_for
 from tests.server import OriginServer, body, body_sha256
 
@@ -105,6 +105,24 @@ def test_checksum_mismatch_fails_and_leaves_nothing(session, tmp_path, origin):
     with pytest.raises(PermanentError, match="sha256 mismatch"):
         fetch(session, tmp_path, f"{origin.url}/bytes/1000", sha256="0" * 64)
     assert not (tmp_path / "f.bin").exists() and partials(tmp_path) == []
+
+
+def test_a_mismatch_is_kept_for_its_download_until_its_failure_is_stored(session, tmp_path, origin):
+    """A run killed before its FAILURE is stored is run again: it reads the verdict off the kept
+    body instead of fetching it again; another download of the same URL fetches to see."""
+    url = f"{origin.url}/bytes/3000?seed=m&key=kept-mismatch"
+    said = f"sha256 mismatch: expected {'0' * 64}, got {body_sha256(3000, 'm')}"
+    request = DownloadRequest(url=url, dest="m.bin", sha256="0" * 64)
+    for run in ("first", "again"):
+        with pytest.raises(PermanentError, match=f"^{said}$"):
+            download(session, request, tmp_path, LIMITS, download_id="d1")
+        assert len(origin.stats.for_key("kept-mismatch")) == 1, run
+        assert len(partials(tmp_path)) == 1 and not (tmp_path / "m.bin").exists()
+    with pytest.raises(PermanentError, match=f"^{said}$"):
+        download(session, request, tmp_path, LIMITS, download_id="d2")
+    assert len(origin.stats.for_key("kept-mismatch")) == 2
+    drop_mismatch(tmp_path, request)
+    assert in_progress_area(tmp_path) == []
 
 
 def test_matching_checksum_on_disk_skips_without_a_request(session, tmp_path, origin):

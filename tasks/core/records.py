@@ -29,6 +29,9 @@ class Record:
     # body an earlier, killed run had whole reports in the result.
     final_url: str | None = None
     status: int | None = None
+    # On a body kept because it is not the one asked for: the download that kept it, the only
+    # one that trusts the verdict (another may find the origin serving a fixed body).
+    kept_for: str | None = None
 
     @property
     def validator(self) -> str | None:

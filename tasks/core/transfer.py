@@ -14,7 +14,7 @@ from download_client.arguments import DownloadRequest
 from download_client.errors import PermanentError, TransientError
 from tasks.core import redirects, responses
 from tasks.core.hashing import StreamHasher
-from tasks.core.records import Record
+from tasks.core.records import Record, attach
 from tasks.core.storage import Target, disk_error
 
 Progress = Callable[[int, int | None], None]
@@ -55,6 +55,7 @@ def download(
     on_progress: Progress = lambda done, total: None,
     last_attempt: bool = False,
     gate: Gate | None = None,
+    download_id: str | None = None,
 ) -> Outcome:
     """Download `request.url` to `root / request.dest`, resuming what an earlier attempt left.
     On the last attempt a transient failure also drops the partial: no retry will resume it."""
@@ -76,7 +77,10 @@ def download(
                     skipped=True,
                 )
         try:
-            return _transfer(session, request, target, limits, on_progress, gate)
+            return _transfer(session, request, target, limits, on_progress, gate, download_id)
+        except _Mismatch as exc:
+            # Kept with its own sha256 attached until the failure is stored (drop_mismatch).
+            raise PermanentError(str(exc)) from None
         except PermanentError:
             target.discard()  # a retry cannot help, so nothing will resume it
             raise
@@ -93,12 +97,15 @@ def _transfer(
     limits: Limits,
     on_progress: Progress,
     gate: Gate | None,
+    download_id: str | None,
 ) -> Outcome:
     arrived = target.arrived_record()
     if arrived is not None and _meets(arrived, request, limits):
         published = _publish_arrived(target, request, arrived)
         if published is not None:
             return published
+    elif arrived is not None and request.sha256:
+        _known_mismatch(target, request, arrived, download_id)
     validators = target.load_sidecar()
     offset = target.partial_size() if validators.validator else 0
     if not offset:
@@ -129,7 +136,8 @@ def _transfer(
                 target.discard()
             raise
 
-    record.sha256 = _verify(f, target, request, hasher.hexdigest(), done, total)
+    record.sha256 = _verify(f, target, request, record, hasher.hexdigest(), done, total,
+                            download_id)  # fmt: skip
     target.publish(f, record)
     return Outcome(
         final_url=response.url,
@@ -244,19 +252,67 @@ def _admit(
 
 
 def _verify(
-    f: Any, target: Target, request: DownloadRequest, digest: str, done: int, total: int | None
+    f: Any,
+    target: Target,
+    request: DownloadRequest,
+    record: Record,
+    digest: str,
+    done: int,
+    total: int | None,
+    download_id: str | None,
 ) -> str:
-    """The finished body is whole and, when a sha256 was given, the right one; else nothing of
-    it is kept."""
+    """The finished body is whole and, when a sha256 was given, the right one. A short body is
+    not kept; a whole one that is not the one asked for is kept for its download, its own sha256
+    attached, until the failure is stored (see _Mismatch)."""
     if total is not None and done != total:
         f.close()
         target.discard()
         raise TransientError(f"the body ended after {done} of {total} bytes")
     if request.sha256 and digest != request.sha256:
+        mismatch = f"sha256 mismatch: expected {request.sha256}, got {digest}"
+        if download_id is None:  # no download to keep it for
+            f.close()
+            target.discard()
+            raise PermanentError(mismatch)
+        record.sha256, record.kept_for = digest, download_id
+        attach(f.fileno(), record)
         f.close()
-        target.discard()
-        raise PermanentError(f"sha256 mismatch: expected {request.sha256}, got {digest}")
+        raise _Mismatch(mismatch)
     return digest
+
+
+class _Mismatch(PermanentError):
+    """A whole body that is not the one asked for. Its partial stays, its sha256 attached, until
+    the task's FAILURE is stored (drop_mismatch): a run killed before that reads the verdict off
+    the partial instead of fetching the body again to learn the same."""
+
+
+def _known_mismatch(
+    target: Target, request: DownloadRequest, arrived: Record, download_id: str | None
+) -> None:
+    """Raise the mismatch an earlier run of this download found, once the kept bytes still hash
+    to what it recorded; else drop them (they are fetched again)."""
+    if download_id is None or arrived.kept_for != download_id:
+        target.discard()
+        return
+    f, hasher = target.open_partial(arrived.size or 0)
+    f.close()
+    if hasher.hexdigest() != arrived.sha256:
+        target.discard()
+        return
+    raise _Mismatch(f"sha256 mismatch: expected {request.sha256}, got {arrived.sha256}")
+
+
+def drop_mismatch(root: Path, request: DownloadRequest) -> None:
+    """Once a download's FAILURE is stored, the body a mismatch kept goes (nothing else is
+    touched: a partial without a record, or one whose record matches, is not a mismatch's)."""
+    if not request.sha256:
+        return
+    target = Target(root, request.dest, request.url)
+    with target.locked():
+        arrived = target.arrived_record()
+        if arrived is not None and arrived.sha256 != request.sha256:
+            target.discard()
 
 
 def _stream(
