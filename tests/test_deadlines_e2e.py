@@ -12,10 +12,11 @@ from typing import Any
 
 import pytest
 import redis
+from celery import Celery
 from celery.result import AsyncResult
 
 from tests.conftest import failure, kill_each_delivery, submit
-from tests.harness import Worker, free_port, wait_for
+from tests.harness import RedisServer, Worker, free_port, wait_for, worker_env
 from tests.server import OriginServer, body_sha256
 
 CAP_S = 5.0
@@ -191,3 +192,40 @@ def test_the_poison_guard_stops_a_download_with_a_deadline(client, start_worker,
     with pytest.raises(Exception, match="died each time"):
         res.get(timeout=60)
     assert len(origin.stats.for_key(key)) == 2
+
+
+def test_redis_restarted_during_the_outage_loses_nothing_and_transfers_once(tmp_path, key):
+    """Redis (its own, persistent as compose runs it: AOF fsynced per write) is killed and
+    started again while the next attempt is parked in it."""
+    (tmp_path / "redis").mkdir()
+    server = RedisServer(tmp_path / "redis", persistent=True)
+    server.start()
+    own = Celery(broker=f"{server.url}/0", backend=f"{server.url}/1")
+    own.conf.update(accept_content=["json"], broker_connection_retry_on_startup=True)
+    ddir = tmp_path / "dl"
+    env = worker_env(server.url, ddir, **SETTINGS)
+    w = Worker(env, "redis-restart", "redis-restart", tmp_path / "worker.log", ddir, ["-c", "2"])
+    w.start(own)
+    port, url = _refused_url(key)
+    try:
+        res = submit(own, w, url=url, dest=f"restart/{key}.bin", deadline=120)
+        wait_for(lambda: _parked(own, res.id), 90, "the next attempt to be parked")
+        failed = _failed_attempts(own, res.id)
+        server.kill()
+        server.start()
+        # Parked in the AOF, the attempt is woken by the reconnected sweep and fails again.
+        wait_for(lambda: _failed_attempts(own, res.id) > failed, 60, "an attempt after Redis")
+        origin = OriginServer(port=port).start()
+        try:
+            result = res.get(timeout=90)
+        finally:
+            origin.stop()
+        assert res.state == "SUCCESS" and result["sha256"] == body_sha256(5000, key)
+        assert result["resumed_from"] == 0
+        assert len(origin.stats.for_key(key)) == 1  # one whole transfer
+        assert [p.name for p in (ddir / "restart").iterdir()] == [f"{key}.bin"]
+        assert not list((ddir / ".partial").glob("*.part"))
+        assert not _parked(own, res.id)
+    finally:
+        w.stop()
+        server.stop()
