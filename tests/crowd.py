@@ -20,10 +20,9 @@ from tests.server import OriginServer
 DUE = "downloads:origins:due"
 DAY_S = 86_400
 MIB = 1024 * 1024
-# Each wait is parked (none is a countdown a worker would hold), and an hour's backoff from the
-# first fault on is where a long outage's backoff ends up: few are due during the test.
+# An hour's backoff from the first fault on, where a long outage's backoff ends up: few are due
+# during the test. DOWNLOAD_PARK_AFTER is the default: each wait is parked, none a countdown.
 SETTINGS = {
-    "DOWNLOAD_PARK_AFTER": "0",
     "DOWNLOAD_RETRY_BACKOFF": "3600",
     "DOWNLOAD_RETRY_BACKOFF_MAX": "3600",
 }

@@ -267,8 +267,11 @@ def test_a_crowd_waiting_a_day_on_a_dead_origin_holds_no_slot_and_no_worker_memo
         ids = crowd.submit_crowd(own, w, CROWD, key)
 
         def all_parked() -> bool:
+            """All in the due set and in RETRY at once, none queued or held by the worker (one
+            whose time came is briefly neither: it runs, fails and is parked again)."""
             held = crowd.held_by_redis(broker, w.queue, ids)
-            return crowd.parked(backend, ids) == CROWD and not held
+            parked = crowd.parked(backend, ids) == CROWD and not held
+            return parked and crowd.states(backend, ids) == {"RETRY": CROWD}
 
         wait_for(all_parked, 120 * CROWD / 1000, f"all {CROWD} parked, none held")
         assert crowd.every_slot_busy(own, w, origin, SLOTS, key) == SLOTS
@@ -276,12 +279,10 @@ def test_a_crowd_waiting_a_day_on_a_dead_origin_holds_no_slot_and_no_worker_memo
         print(
             f"\n{CROWD} waiting: worker RSS {before / MIB:.1f} MiB before, {after / MIB:.1f} after"
         )
-        assert crowd.states(backend, ids) == {"RETRY": CROWD}
 
         assert w.stop(signal.SIGTERM) == 0
         w.start(own)
-        wait_for(all_parked, 60, f"all {CROWD} parked after the restart")
-        assert crowd.states(backend, ids) == {"RETRY": CROWD}  # none FAILED, none lost
+        wait_for(all_parked, 60, f"all {CROWD} parked after the restart")  # none FAILED or lost
         assert after - before < RSS_GROWTH_BOUND, (before, after)
     finally:
         w.stop()
