@@ -47,6 +47,14 @@ def parked(backend: redis.Redis, ids: Iterable[str]) -> int:
     return sum(json.loads(m)["id"] in wanted for m in backend.zrange(DUE, 0, -1))
 
 
+def unpark(backend: redis.Redis, ids: Iterable[str]) -> None:
+    """Take `ids` out of the due set (a test's leftovers, on a Redis other tests share)."""
+    wanted = set(ids)
+    mine = [m for m in backend.zrange(DUE, 0, -1) if json.loads(m)["id"] in wanted]
+    if mine:
+        backend.zrem(DUE, *mine)
+
+
 def states(backend: redis.Redis, ids: list[str]) -> dict[str, int]:
     """How many of `ids` are in each state, as the result backend holds them."""
     counts: dict[str, int] = {}
