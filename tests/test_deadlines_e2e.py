@@ -289,3 +289,18 @@ def test_a_crowd_waiting_a_day_on_a_dead_origin_holds_no_slot_and_no_worker_memo
         broker.close()
         backend.close()
         server.stop()
+
+
+def test_flower_shows_when_the_next_attempt_is_due_and_when_the_deadline_ends(
+    client, start_worker, flower, key
+):
+    w = start_worker(**crowd.SETTINGS)  # an hour's backoff: it stays in RETRY
+    port, url = _refused_url(key)
+    res = submit(client, w, url=url, dest=f"flower/{key}.bin", deadline=crowd.DAY_S)
+    try:
+        info = flower.wait_state(res.id, "RETRY")
+        reason = rf"connection refused by 127\.0\.0\.1:{port}"
+        shown = rf"{reason}; next attempt due {DUE_TIME}, deadline {DUE_TIME}"
+        assert re.fullmatch(shown, info["exception"]), info["exception"]
+    finally:
+        crowd.unpark(client.backend.client, [res.id])  # the session's workers share the due set
