@@ -7,7 +7,10 @@
 - no needless transfer: full bodies (200 with body bytes) per download beyond the first, each
   with the cause read off the transfer before it; a full body after a complete one is needless.
 - nothing left: no file under .partial/ once the fleet is idle.
-- memory flat: each worker child's RSS at its last sample against its first."""
+- memory flat: each worker child's RSS at its last sample against its first.
+- an origin down for minutes: each download of the case with a deadline (`down=1`, down longer
+  than the retry budget lasts, the deadline longer than an outage) ends SUCCESS, as every case
+  built to succeed must; the report gives the most attempts one took."""
 
 from __future__ import annotations
 
@@ -77,6 +80,7 @@ def judge(
         "rss_growth_mib_max": max(growth.values(), default=0.0),
         "rss_growth_mib_median": sorted(growth.values())[len(growth) // 2] if growth else 0.0,
         "rss_mib_by_child": {pid: [round(x / MiB, 1) for x in s] for pid, s in rss.items()},
+        "down_origin": _down_origin(books, size),
         "timings_s": timings,
         "size": {"downloads": size.downloads, "big_mib": size.big / MiB},
     }
@@ -93,6 +97,20 @@ def _verdict(d: Any, end: Any) -> str:
         return "SUCCESS where the case is built to fail"
     message = str((end.result or {}).get("exc_message", end.result))
     return "as built" if d.case.expect in message else f"FAILURE of another kind: {message[:160]}"
+
+
+def _down_origin(books: Any, size: Any) -> dict[str, Any]:
+    """The downloads of the origin that is down for minutes, with a deadline."""
+    ends = [books.ended.get(tid) for tid, d in books.accepted.items() if d.case.deadline]
+    done = [e.result for e in ends if e is not None and e.state == "SUCCESS"]
+    down_s, up_s = getattr(size, "origin_down", (0, 0))
+    return {
+        "down_s": down_s,
+        "up_s": up_s,
+        "downloads": len(ends),
+        "success": len(done),
+        "attempts_max": max((int(r.get("attempts", 0)) for r in done), default=0),
+    }
 
 
 def _double_writers(transfers: list[Transfer]) -> list[str]:
@@ -145,6 +163,15 @@ def _why_whole(d: Any, t: Transfer, prev: Transfer) -> str:
     return "the partial was not resumed"
 
 
+def _down_line(d: dict[str, Any]) -> str:
+    return (
+        f"- an origin down {d['down_s']:.0f} s of every {d['down_s'] + d['up_s']:.0f} s (503): "
+        f"**{d['success']}** of {d['downloads']} downloads with a deadline ended SUCCESS, one "
+        f"after {d['attempts_max']} attempts (the retry budget alone: "
+        f"{d.get('attempt_budget', '?')})"
+    )
+
+
 def markdown(f: dict[str, Any]) -> str:
     lines = [
         "# Chaos soak report",
@@ -164,6 +191,7 @@ def markdown(f: dict[str, Any]) -> str:
         f"{f['timings_s']['drain_s']:.0f} s later; submissions retried while the broker was away: "
         f"{f['submit_retries']}",
         f"- longest time from one Redis crash to the next: {f['largest_redis_gap_s']:.0f} s",
+        _down_line(f["down_origin"]),
         f"- workers that died on their own: {len(f['worker_deaths'])}",
         "",
         "## Faults injected by the driver",

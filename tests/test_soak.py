@@ -6,16 +6,16 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from soak.origin import Ledger, Transfer
-from soak.plan import CASES, Download
+from soak.origin import Ledger, Outages, Transfer
+from soak.plan import CASES, Download, plan
 from soak.report import judge
 from soak.run import MiB, Outcome, Size, main
 
 PLAIN = CASES[0]
 
 
-def _judge(ended: dict[str, Outcome], transfers: list[Transfer]) -> dict:
-    d = Download(0, PLAIN, 1000)
+def _judge(ended: dict[str, Outcome], transfers: list[Transfer], d: Download | None = None) -> dict:
+    d = d or Download(0, PLAIN, 1000)
     ledger = Ledger()
     for t in transfers:
         ledger.add(t)
@@ -50,6 +50,30 @@ def test_the_judge_names_the_cause_of_a_transfer_after_a_cut():
     ok = Outcome("SUCCESS", {}, file_ok=True)
     figures = _judge({"t0": ok}, [_transfer(0, 1, 300), _transfer(2, 3, 1000)])
     assert figures["ok"] and figures["extra_full_transfers"]
+
+
+def test_the_down_origin_is_down_then_up_in_a_cycle_and_its_deadline_outlasts_an_outage(
+    monkeypatch,
+):
+    for var in ("SOAK_QUICK", "SOAK_DOWNLOADS", "SOAK_REDIS_KILLS"):
+        monkeypatch.delenv(var, raising=False)
+    outages = Outages(*Size.from_env().origin_down)
+    assert [outages.down(t) for t in (0, 89.9, 90, 134.9, 135, 224.9, 225)] == [
+        True, True, False, False, True, True, False,
+    ]  # fmt: skip
+    assert outages.deadline_s == 225
+    monkeypatch.setenv("SOAK_QUICK", "1")
+    quick = Outages(*Size.from_env().origin_down)
+    assert (quick.down_s, quick.up_s, quick.deadline_s) == (20, 10, 50)
+
+
+def test_the_down_origins_downloads_have_the_deadline_and_must_succeed():
+    down = [d for d in plan(400, seed=1, big=8 * MiB, deadline=225) if d.case.deadline]
+    assert down and all(d.kwargs("http://o")["deadline"] == 225 for d in down)
+    failed = Outcome("FAILURE", {"exc_message": "HTTP 503, gave up at the deadline"})
+    figures = _judge({"t0": failed}, [], down[0])
+    assert not figures["ok"] and figures["unaccounted"]
+    assert figures["down_origin"]["downloads"] == 1 and figures["down_origin"]["success"] == 0
 
 
 def test_a_short_soak_accounts_for_every_download():
