@@ -191,7 +191,7 @@ def markdown(f: dict[str, Any]) -> str:
         f"{f['timings_s']['drain_s']:.0f} s later; submissions retried while the broker was away: "
         f"{f['submit_retries']}",
         f"- longest time from one Redis crash to the next: {f['largest_redis_gap_s']:.0f} s",
-        _down_line(f["down_origin"]),
+        *([_down_line(f["down_origin"])] if "down_origin" in f else []),
         f"- workers that died on their own: {len(f['worker_deaths'])}",
         "",
         "## Faults injected by the driver",

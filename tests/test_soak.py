@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 from soak.origin import Ledger, Outages, Transfer
 from soak.plan import CASES, Download, plan
-from soak.report import judge
+from soak.report import judge, markdown
 from soak.run import MiB, Outcome, Size, main
 
 PLAIN = CASES[0]
@@ -74,6 +74,9 @@ def test_the_down_origins_downloads_have_the_deadline_and_must_succeed():
     figures = _judge({"t0": failed}, [], down[0])
     assert not figures["ok"] and figures["unaccounted"]
     assert figures["down_origin"]["downloads"] == 1 and figures["down_origin"]["success"] == 0
+    assert "**0** of 1 downloads with a deadline ended SUCCESS" in markdown(figures)
+    del figures["down_origin"]  # a report without the figure is drawn without its line
+    assert "downloads with a deadline" not in markdown(figures)
 
 
 def test_a_short_soak_accounts_for_every_download():
