@@ -1,5 +1,6 @@
 """The test origin, recording each request as an interval with what it sent: the soak judges
-double writers and needless transfers from what the origin saw, not from what the worker says."""
+double writers and needless transfers from what the origin saw, not from what the worker says.
+Requests with `down=1` meet an origin that is down for minutes at a time (`Outages`)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,24 @@ class Transfer:
     def full_body(self) -> bool:
         """A body sent from its first byte: what a needless transfer costs."""
         return self.status == 200 and self.body_bytes > 0
+
+
+@dataclass(frozen=True)
+class Outages:
+    """The cycle of the origin's `down=1` paths from its start: 503 to every request for
+    `down_s`, then served for `up_s`, and again."""
+
+    down_s: float
+    up_s: float
+
+    def down(self, since_start: float) -> bool:
+        return since_start % (self.down_s + self.up_s) < self.down_s
+
+    @property
+    def deadline_s(self) -> float:
+        """The deadline of the downloads of those paths: longer than an outage by a whole
+        up phase and an outage more, for the chaos' own faults (a Redis crash, a restart)."""
+        return 2 * self.down_s + self.up_s
 
 
 @dataclass
@@ -100,6 +119,11 @@ class RecordingHandler(Handler):
             transfer.end = time.monotonic()
             self.wfile = self.wfile.raw  # type: ignore[attr-defined]
 
+    def _route(self, path: str, q: dict[str, str], hit: int) -> None:
+        if "down" in q and self.server.outages.down(time.monotonic() - self.server.began):
+            return self._send(503, b"down for maintenance\n")
+        return super()._route(path, q, hit)
+
     def send_response(self, code: int, message: str | None = None) -> None:
         self._transfer.status = code
         super().send_response(code, message)
@@ -115,7 +139,9 @@ class RecordingHandler(Handler):
 
 
 class RecordingOrigin(OriginServer):
-    def __init__(self) -> None:
+    def __init__(self, outages: Outages) -> None:
         super().__init__()
         self.RequestHandlerClass = RecordingHandler
         self.ledger = Ledger()
+        self.outages = outages
+        self.began = time.monotonic()

@@ -19,6 +19,7 @@ class Case:
     expect: str  # SUCCESS, or the start of the FAILURE message the case is built to cause
     weight: int
     wrong_sha: bool = False
+    deadline: bool = False  # submitted with the run's deadline (soak.origin.Outages.deadline_s)
 
 
 # Transient faults stay within the soak's retry budget (DOWNLOAD_MAX_RETRIES=6 in soak.run).
@@ -35,6 +36,8 @@ CASES = [
     # Without validators: a short body with an ETag is resumed until it is whole, and succeeds.
     Case("short body forever", "short={cut}&noetag=1&nolm=1", "attempts over", 2),
     Case("sha256 mismatch", "", "sha256 mismatch", 2, wrong_sha=True),
+    # Down for longer than the retry budget lasts, and for less than the deadline.
+    Case("origin down for minutes, deadline", "down=1", "SUCCESS", 4, deadline=True),
 ]
 
 
@@ -43,6 +46,7 @@ class Download:
     n: int
     case: Case
     size: int
+    deadline: float | None = None  # seconds
 
     @property
     def key(self) -> str:
@@ -65,6 +69,8 @@ class Download:
         kwargs: dict[str, object] = {"url": self.url(origin), "dest": self.dest}
         if self.case.wrong_sha:
             kwargs["sha256"] = "0" * 64
+        if self.deadline is not None:
+            kwargs["deadline"] = self.deadline
         return kwargs
 
 
@@ -78,10 +84,17 @@ def size(rng: random.Random, big: int) -> int:
     return rng.randint(4 * MiB, big)
 
 
-def plan(count: int, seed: int, big: int, plain: bool = False) -> list[Download]:
-    """`count` downloads; with `plain`, all of the plain case and no larger than `big`."""
+def plan(
+    count: int, seed: int, big: int, plain: bool = False, deadline: float = 0
+) -> list[Download]:
+    """`count` downloads; with `plain`, all of the plain case and no larger than `big`. Those of
+    a case with a deadline get `deadline` seconds."""
     rng = random.Random(seed)
     if plain:
         return [Download(n, CASES[0], rng.randint(1, big)) for n in range(count)]
     weights = [c.weight for c in CASES]
-    return [Download(n, rng.choices(CASES, weights)[0], size(rng, big)) for n in range(count)]
+    downloads = []
+    for n in range(count):
+        case = rng.choices(CASES, weights)[0]
+        downloads.append(Download(n, case, size(rng, big), deadline if case.deadline else None))
+    return downloads

@@ -7,7 +7,10 @@
 - no needless transfer: full bodies (200 with body bytes) per download beyond the first, each
   with the cause read off the transfer before it; a full body after a complete one is needless.
 - nothing left: no file under .partial/ once the fleet is idle.
-- memory flat: each worker child's RSS at its last sample against its first."""
+- memory flat: each worker child's RSS at its last sample against its first.
+- an origin down for minutes: each download of the case with a deadline (`down=1`, down longer
+  than the retry budget lasts, the deadline longer than an outage) ends SUCCESS, as every case
+  built to succeed must; the report gives the most attempts one took."""
 
 from __future__ import annotations
 
@@ -78,6 +81,7 @@ def judge(
         "rss_growth_mib_max": max(growth.values(), default=0.0),
         "rss_growth_mib_median": sorted(growth.values())[len(growth) // 2] if growth else 0.0,
         "rss_mib_by_child": {pid: [round(x / MiB, 1) for x in s] for pid, s in rss.items()},
+        "down_origin": _down_origin(books, size),
         "timings_s": timings,
         "size": {"downloads": size.downloads, "big_mib": size.big / MiB},
     }
@@ -94,6 +98,20 @@ def _verdict(d: Any, end: Any) -> str:
         return "SUCCESS where the case is built to fail"
     message = str((end.result or {}).get("exc_message", end.result))
     return "as built" if d.case.expect in message else f"FAILURE of another kind: {message[:160]}"
+
+
+def _down_origin(books: Any, size: Any) -> dict[str, Any]:
+    """The downloads of the origin that is down for minutes, with a deadline."""
+    ends = [books.ended.get(tid) for tid, d in books.accepted.items() if d.case.deadline]
+    done = [e.result for e in ends if e is not None and e.state == "SUCCESS"]
+    down_s, up_s = getattr(size, "origin_down", (0, 0))
+    return {
+        "down_s": down_s,
+        "up_s": up_s,
+        "downloads": len(ends),
+        "success": len(done),
+        "attempts_max": max((int(r.get("attempts", 0)) for r in done), default=0),
+    }
 
 
 def _double_writers(transfers: list[Transfer]) -> list[str]:
@@ -178,6 +196,15 @@ def runs_table(docs: Path) -> list[str]:
     return [*lines, ""]
 
 
+def _down_line(d: dict[str, Any]) -> str:
+    return (
+        f"- an origin down {d['down_s']:.0f} s of every {d['down_s'] + d['up_s']:.0f} s (503): "
+        f"**{d['success']}** of {d['downloads']} downloads with a deadline ended SUCCESS, one "
+        f"after {d['attempts_max']} attempts (the retry budget alone: "
+        f"{d.get('attempt_budget', '?')})"
+    )
+
+
 def markdown(f: dict[str, Any], runs: list[str] | None = None) -> str:
     lines = [
         "# Chaos soak report",
@@ -201,6 +228,7 @@ def markdown(f: dict[str, Any], runs: list[str] | None = None) -> str:
             if "largest_redis_gap_s" in f  # reports from before it was measured lack it
             else []
         ),
+        *([_down_line(f["down_origin"])] if "down_origin" in f else []),
         f"- workers that died on their own: {len(f['worker_deaths'])}",
         "",
         "## Faults injected by the driver",

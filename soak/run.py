@@ -25,7 +25,7 @@ from kombu.entity import Exchange, Queue
 from download_client.brokers import rabbitmq_config
 from download_client.settings import Settings
 from soak.chaos import Chaos
-from soak.origin import RecordingOrigin
+from soak.origin import Outages, RecordingOrigin
 from soak.plan import Download, MiB, plan
 from soak.report import judge
 from tests.harness import RedisServer, Worker, wait_for, worker_env
@@ -48,6 +48,8 @@ class Size:
     # SOAK_REDIS_KILLS=1: only Redis crashes (SIGKILL, AOF always), this many, under small plain
     # downloads: the scenario of the fetch's guarantee (2,400 downloads, 40 crashes).
     redis_kills: int = 0
+    # The origin's `down=1` paths (soak.origin.Outages): down this long, then up this long.
+    origin_down: tuple[float, float] = (5, 5)
 
     @classmethod
     def from_env(cls) -> Size:
@@ -55,9 +57,9 @@ class Size:
         if os.environ.get("SOAK_REDIS_KILLS") == "1":
             return cls(2400, 240, 330, (0.5, 3), (3, 5), 64 * 1024, redis_kills=40)
         size = (
-            cls(300, 60, 90, (1, 5), (2, 5), 8 * MiB)
+            cls(300, 60, 90, (1, 5), (2, 5), 8 * MiB, origin_down=(20, 10))
             if quick
-            else cls(3000, 360, 420, (1, 30), (3, 10), 24 * MiB)
+            else cls(3000, 360, 420, (1, 30), (3, 10), 24 * MiB, origin_down=(90, 45))
         )
         if "SOAK_DOWNLOADS" in os.environ:
             n = int(os.environ["SOAK_DOWNLOADS"])
@@ -181,7 +183,7 @@ class Stack:
     node: RabbitServer | None = None  # the broker when it is RabbitMQ
 
     @classmethod
-    def start(cls, work: Path, broker: str = "redis") -> Stack:
+    def start(cls, work: Path, outages: Outages, broker: str = "redis") -> Stack:
         (work / "redis").mkdir(parents=True)
         server = RedisServer(work / "redis", persistent=True)
         server.start()
@@ -199,7 +201,7 @@ class Stack:
         client.conf.update(rabbitmq_config(settings))
         if node is not None:
             _declare_default_queue(client)
-        origin = RecordingOrigin()
+        origin = RecordingOrigin(outages)
         origin.start()
         env = worker_env(server.url, work / "dl", CELERY_BROKER_URL=broker_url, **SOAK_SETTINGS)
         workers = [
@@ -242,7 +244,8 @@ def main(size: Size | None = None, seed: int | None = None) -> dict[str, Any]:
     broker = os.environ.get("SOAK_BROKER", "redis")
     if broker not in ("redis", "rabbitmq"):
         raise SystemExit(f"SOAK_BROKER={broker!r}: expected redis or rabbitmq")
-    stack = Stack.start(Path(tempfile.mkdtemp(prefix="soak-")), broker)
+    outages = Outages(*size.origin_down)
+    stack = Stack.start(Path(tempfile.mkdtemp(prefix="soak-")), outages, broker)
     books, stop = Books(), threading.Event()
     rss: dict[int, list[int]] = {}
     chaos = Chaos(stack.redis, stack.client, stack.workers, random.Random(seed), size.outage,
@@ -251,7 +254,8 @@ def main(size: Size | None = None, seed: int | None = None) -> dict[str, Any]:
     backend = f"{stack.redis.url}/1"
     _background(account, books, backend, stack.work / "dl", stop)
     _background(sample_rss, stack.workers, rss, stop)
-    downloads = plan(size.downloads, seed, size.big, plain=bool(size.redis_kills))
+    downloads = plan(size.downloads, seed, size.big, plain=bool(size.redis_kills),
+                     deadline=outages.deadline_s)  # fmt: skip
     submitter = _background(
         submit_all, stack.client, books, downloads, stack.origin.url, size.submit_s
     )
@@ -267,6 +271,7 @@ def main(size: Size | None = None, seed: int | None = None) -> dict[str, Any]:
     stack.stop()
     figures = judge(books=books, ledger=stack.origin.ledger, events=chaos.events, rss=rss,
                     partial_left=partial_left, timings=timings, size=size, seed=seed)  # fmt: skip
+    figures["down_origin"]["attempt_budget"] = 1 + int(SOAK_SETTINGS["DOWNLOAD_MAX_RETRIES"])
     figures["work"] = str(stack.work)
     figures["broker"] = broker
     if figures["ok"]:

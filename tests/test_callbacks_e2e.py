@@ -164,3 +164,19 @@ def test_the_readmes_verification_snippets_accept_a_real_delivery(
     args = ["node", str(script), SECRET, delivery.signature]
     assert subprocess.run([*args, delivery.raw.decode()]).returncode == 0
     assert subprocess.run([*args, delivery.raw.decode() + " "]).returncode == 1
+
+
+def test_a_download_that_gave_up_at_its_deadline_is_called_back_saying_so(
+    client, hooked, receiver, key
+):
+    port = free_port()  # nothing listens there: every attempt is refused
+    url = f"http://127.0.0.1:{port}/bytes/10?key={key}"
+    res = submit(client, hooked, url=url, dest=f"{key}.bin", callback_url=receiver.url, deadline=3)
+    with pytest.raises(Exception, match="gave up at the deadline"):
+        res.get(timeout=60)
+    body = _one(receiver, res.id)
+    said = (
+        rf"connection refused by 127\.0\.0\.1:{port}, gave up at the deadline after \d+ "
+        r"attempts over [0-9.]+ s"
+    )
+    assert body["state"] == "FAILURE" and re.fullmatch(said, body["error"]), body

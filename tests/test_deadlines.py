@@ -98,9 +98,9 @@ def test_downloads_submit_refuses_a_line_whose_deadline_has_passed():
 
 def test_the_default_deadline_and_the_park_threshold_are_settings():
     s = Settings.from_env({})
-    assert (s.deadline, s.park_after) == (0.0, 30.0)
-    s = Settings.from_env({"DOWNLOAD_DEADLINE": "86400", "DOWNLOAD_PARK_AFTER": "0"})
-    assert (s.deadline, s.park_after) == (86400.0, 0.0)
+    assert (s.deadline, s.park_after) == (0.0, 0.0)
+    s = Settings.from_env({"DOWNLOAD_DEADLINE": "86400", "DOWNLOAD_PARK_AFTER": "30"})
+    assert (s.deadline, s.park_after) == (86400.0, 30.0)
     for var in ("DOWNLOAD_DEADLINE", "DOWNLOAD_PARK_AFTER"):
         for bad in ("-1", "soon", "nan"):
             with pytest.raises(SettingsError, match=f"^{var}="):

@@ -16,12 +16,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import redis
 from celery import Celery
 from kombu import Exchange, Queue
 
 from download_client.brokers import rabbitmq_config
 from download_client.settings import Settings
+from tests import crowd
 from tests.conftest import active_pid, run, submit
+from tests.crowd import MIB
 from tests.harness import ROOT, RedisServer, Worker, wait_for, worker_env
 from tests.rabbitmq import RabbitServer, installed
 from tests.server import body_sha256
@@ -238,3 +241,38 @@ def test_status_reports_the_rabbitmq_queue_depth(rabbit, redis_server, rworker, 
     assert done.returncode == 0, done.stderr
     status = json.loads(done.stdout)
     assert status["queue_depth"] == 0 and rworker.hostname in status["workers"]
+
+
+def test_a_crowd_waiting_a_day_on_a_dead_origin_holds_no_slot_and_no_worker_memory(
+    rabbit, rclient, start, redis_server, origin, key
+):
+    """tests/test_deadlines_e2e.py's crowd on RabbitMQ, 300 strong: parked in the result
+    backend's Redis, none in the worker's queue or unacknowledged by it, every slot free for
+    ordinary downloads, the worker's memory flat, all still waiting after a restart."""
+    n, slots = 300, 4
+    w = start("crowd", children=slots, **crowd.SETTINGS)
+    backend = redis.Redis(port=redis_server.port, db=1)
+    ids: list[str] = []
+    try:
+        crowd.every_slot_busy(rclient, w, origin, slots, f"{key}-warm")
+        before = crowd.rss(w)
+        ids = crowd.submit_crowd(rclient, w, n, key)
+
+        def all_parked() -> bool:
+            listed = rabbit.ctl("list_queues", "name", "messages", "-q", "--formatter", "json")
+            held = sum(q["messages"] for q in json.loads(listed) if q["name"] == w.queue)
+            parked = crowd.parked(backend, ids) == n and not held
+            return parked and crowd.states(backend, ids) == {"RETRY": n}
+
+        wait_for(all_parked, 90, f"all {n} parked, none in the queue")
+        assert crowd.every_slot_busy(rclient, w, origin, slots, key) == slots
+        after = crowd.rss(w)
+        print(f"\n{n} waiting: worker RSS {before / MIB:.1f} MiB before, {after / MIB:.1f} after")
+        assert w.stop(signal.SIGTERM) == 0
+        w.start(rclient)
+        wait_for(all_parked, 60, f"all {n} parked after the restart")  # none FAILED or lost
+        assert after - before < 20 * MIB, (before, after)
+    finally:
+        w.stop()
+        crowd.unpark(backend, ids)  # the session's other workers sweep the same due set
+        backend.close()

@@ -8,16 +8,16 @@ import json
 from types import SimpleNamespace
 
 from soak.__main__ import report_stem
-from soak.origin import Ledger, Transfer
-from soak.plan import CASES, Download
+from soak.origin import Ledger, Outages, Transfer
+from soak.plan import CASES, Download, plan
 from soak.report import judge, markdown, runs_table
 from soak.run import MiB, Outcome, Size, main
 
 PLAIN = CASES[0]
 
 
-def _judge(ended: dict[str, Outcome], transfers: list[Transfer]) -> dict:
-    d = Download(0, PLAIN, 1000)
+def _judge(ended: dict[str, Outcome], transfers: list[Transfer], d: Download | None = None) -> dict:
+    d = d or Download(0, PLAIN, 1000)
     ledger = Ledger()
     for t in transfers:
         ledger.add(t)
@@ -73,6 +73,33 @@ def test_a_resized_run_has_a_report_of_its_own_listed_in_the_default_one(tmp_pat
     ]
     assert "| rabbitmq | 5 | 100.00 % | 0 | 0 | 0 |" in rows[0]
     assert markdown(figures, table).endswith("\n".join(table))
+
+
+def test_the_down_origin_is_down_then_up_in_a_cycle_and_its_deadline_outlasts_an_outage(
+    monkeypatch,
+):
+    for var in ("SOAK_QUICK", "SOAK_DOWNLOADS", "SOAK_REDIS_KILLS"):
+        monkeypatch.delenv(var, raising=False)
+    outages = Outages(*Size.from_env().origin_down)
+    assert [outages.down(t) for t in (0, 89.9, 90, 134.9, 135, 224.9, 225)] == [
+        True, True, False, False, True, True, False,
+    ]  # fmt: skip
+    assert outages.deadline_s == 225
+    monkeypatch.setenv("SOAK_QUICK", "1")
+    quick = Outages(*Size.from_env().origin_down)
+    assert (quick.down_s, quick.up_s, quick.deadline_s) == (20, 10, 50)
+
+
+def test_the_down_origins_downloads_have_the_deadline_and_must_succeed():
+    down = [d for d in plan(400, seed=1, big=8 * MiB, deadline=225) if d.case.deadline]
+    assert down and all(d.kwargs("http://o")["deadline"] == 225 for d in down)
+    failed = Outcome("FAILURE", {"exc_message": "HTTP 503, gave up at the deadline"})
+    figures = _judge({"t0": failed}, [], down[0])
+    assert not figures["ok"] and figures["unaccounted"]
+    assert figures["down_origin"]["downloads"] == 1 and figures["down_origin"]["success"] == 0
+    assert "**0** of 1 downloads with a deadline ended SUCCESS" in markdown(figures)
+    del figures["down_origin"]  # a report without the figure is drawn without its line
+    assert "downloads with a deadline" not in markdown(figures)
 
 
 def test_a_short_soak_accounts_for_every_download():
