@@ -125,8 +125,8 @@ def submit_all(
 
 
 def account(books: Books, backend_url: str, dl: Path, stop: threading.Event) -> None:
-    """Read final states as they appear; check each file against the origin's body and remove it
-    (the disk stays small however long the soak runs)."""
+    """Read final states as they appear; check each file against the origin's body, then drop its
+    bytes but keep the file (the disk stays small however long the soak runs)."""
     r = redis.Redis.from_url(backend_url)
     while not stop.is_set():
         with books.lock:
@@ -146,9 +146,23 @@ def account(books: Books, backend_url: str, dl: Path, stop: threading.Event) -> 
             if outcome.state == "SUCCESS":
                 path = dl / d.dest
                 outcome.file_ok = path.is_file() and _sha256(path) == d.sha256
-                path.unlink(missing_ok=True)
+                _hollow(path)
             books.ended[tid] = outcome
         stop.wait(1)
+
+
+def _hollow(path: Path) -> None:
+    """Free a checked file's blocks and leave it as it was to a run that looks at it: its size,
+    its mtime and its record (an xattr of the inode), so that a copy of the download delivered
+    again finds the file and asks the origin whether it changed (a 304), as it would in
+    production. Removing it would make that copy fetch the whole body."""
+    try:
+        st = path.stat()
+        os.truncate(path, 0)
+        os.truncate(path, st.st_size)  # a hole: no blocks
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    except FileNotFoundError:
+        pass
 
 
 def _sha256(path: Path) -> str:
