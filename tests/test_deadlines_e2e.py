@@ -234,7 +234,7 @@ def test_redis_restarted_during_the_outage_loses_nothing_and_transfers_once(tmp_
         server.stop()
 
 
-# The suite's crowd. The 5,000 is a hand run (DEADLINE_CROWD=5000, with -s for the
+# The suite's crowd. 5,000 is a hand run (DEADLINE_CROWD=5000, with -s for the
 # figures): it takes about two minutes on two cores.
 CROWD = int(os.environ.get("DEADLINE_CROWD", "1000"))
 SLOTS = 4
