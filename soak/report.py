@@ -219,7 +219,8 @@ def markdown(f: dict[str, Any], runs: list[str] | None = None) -> str:
         f"**{f['needless']}**; files left in `.partial/`: **{len(f['partial_left'])}**",
         f"- body bytes served / bytes of the successful files: {f['bytes_served_over_stored']:.3f}",
         f"- child RSS, last sample against first, over {f['children_sampled']} children: median "
-        f"{f['rss_growth_mib_median']:+.1f} MiB, largest {f['rss_growth_mib_max']:+.1f} MiB",
+        f"{f['rss_growth_mib_median']:+.1f} MiB, largest {f['rss_growth_mib_max']:+.1f} MiB "
+        "(where the largest steps came from: [reliability.md](reliability.md), The chaos soak)",
         f"- chaos ran {f['timings_s']['chaos_s']:.0f} s; the queue drained "
         f"{f['timings_s']['drain_s']:.0f} s later; submissions retried while the broker was away: "
         f"{f['submit_retries']}",
