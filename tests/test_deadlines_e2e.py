@@ -197,6 +197,7 @@ def test_the_poison_guard_stops_a_download_with_a_deadline(client, start_worker,
     assert len(origin.stats.for_key(key)) == 2
 
 
+@pytest.mark.timeout(600)  # generous waits: a loaded machine parks slowly
 def test_redis_restarted_during_the_outage_loses_nothing_and_transfers_once(tmp_path, key):
     """Redis (its own, persistent as compose runs it: AOF fsynced per write) is killed and
     started again while the next attempt is parked in it."""
@@ -228,7 +229,9 @@ def test_redis_restarted_during_the_outage_loses_nothing_and_transfers_once(tmp_
         assert len(origin.stats.for_key(key)) == 1  # one whole transfer
         assert [p.name for p in (ddir / "restart").iterdir()] == [f"{key}.bin"]
         assert not list((ddir / ".partial").glob("*.part"))
-        assert not _parked(own, res.id)
+        # A copy parked again around the crash is published when due, finds the SUCCESS and
+        # leaves: nothing stays parked for a download that ended.
+        wait_for(lambda: not _parked(own, res.id), 60, "nothing left parked")
     finally:
         w.stop()
         server.stop()
@@ -244,6 +247,7 @@ SLOTS = 4
 RSS_GROWTH_BOUND = 20 * MIB
 
 
+@pytest.mark.timeout(600)  # generous waits: a loaded machine parks slowly
 def test_a_crowd_waiting_a_day_on_a_dead_origin_holds_no_slot_and_no_worker_memory(
     tmp_path, origin, key
 ):
@@ -273,7 +277,7 @@ def test_a_crowd_waiting_a_day_on_a_dead_origin_holds_no_slot_and_no_worker_memo
             parked = crowd.parked(backend, ids) == CROWD and not held
             return parked and crowd.states(backend, ids) == {"RETRY": CROWD}
 
-        wait_for(all_parked, 120 * CROWD / 1000, f"all {CROWD} parked, none held")
+        wait_for(all_parked, 240 * CROWD / 1000, f"all {CROWD} parked, none held")
         assert crowd.every_slot_busy(own, w, origin, SLOTS, key) == SLOTS
         after = crowd.rss(w)
         print(
@@ -282,7 +286,7 @@ def test_a_crowd_waiting_a_day_on_a_dead_origin_holds_no_slot_and_no_worker_memo
 
         assert w.stop(signal.SIGTERM) == 0
         w.start(own)
-        wait_for(all_parked, 60, f"all {CROWD} parked after the restart")  # none FAILED or lost
+        wait_for(all_parked, 120, f"all {CROWD} parked after the restart")  # none FAILED or lost
         assert after - before < RSS_GROWTH_BOUND, (before, after)
     finally:
         w.stop()
