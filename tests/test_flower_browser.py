@@ -35,7 +35,13 @@ def test_task_list_shows_a_running_downloads_progress(
 ):
     # A worker of its own, so that the list can be narrowed to this test's two downloads
     # (`?worker=`): other tests' tasks would push them off the list's first page.
-    worker = start_worker(queue=f"browser-{uuid.uuid4().hex[:6]}")
+    # Wide timeouts: on a loaded machine the first byte can be late, and a retry is not what
+    # this test looks at.
+    worker = start_worker(
+        queue=f"browser-{uuid.uuid4().hex[:6]}",
+        DOWNLOAD_CONNECT_TIMEOUT="30",
+        DOWNLOAD_READ_TIMEOUT="30",
+    )
     secret = f"tok-{uuid.uuid4().hex}"
     url = f"{origin.url}/bytes/{SIZE}?rate=1000000&token={secret}"
     running = client.send_task(
