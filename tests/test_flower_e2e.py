@@ -336,11 +336,17 @@ def test_readme_curl_examples_work(flower, worker, origin):
         "/api/task/revoke",
     ]
     slow = f"{origin.url}/bytes/5000000?rate=100000&seed=readme"
+    # The worker is shared: other tests run the README's own example into img/a.png.
+    dest = f"img/{uuid.uuid4().hex[:8]}.png"
     env = {"PATH": os.environ["PATH"], "FLOWER": flower.url, "AUTH": ":".join(flower.auth)}
 
     def sh(command: str) -> Any:
         done = subprocess.run(
-            ["bash", "-c", command.replace("https://example.com/a.png", slow)],
+            [
+                "bash",
+                "-c",
+                command.replace("https://example.com/a.png", slow).replace("img/a.png", dest),
+            ],
             env=env,
             capture_output=True,
             text=True,
@@ -349,10 +355,11 @@ def test_readme_curl_examples_work(flower, worker, origin):
         assert done.returncode == 0, done.stderr
         return json.loads(done.stdout)
 
+    assert '"dest": "img/a.png"' in commands[0]
     env["ID"] = sh(commands[0])["task-id"]
     flower.wait_state(env["ID"], "PROGRESS")
     assert sh(commands[1])["state"] == "PROGRESS"
     assert " of 4.8 MiB (" in sh(commands[2])["result"]
     assert "message" in sh(commands[3])
     assert flower.wait_result(env["ID"])["state"] == "REVOKED"
-    assert not (worker.download_dir / "img/a.png").exists()
+    assert not (worker.download_dir / dest).exists()
