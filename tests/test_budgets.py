@@ -193,5 +193,27 @@ def test_a_waking_entry_from_before_the_json_entries_is_still_woken_again(ledger
     """Written as '<ms>|<message>' by workers that ran before an upgrade."""
     keys = BudgetKeys("disk", "/data")
     ledger.client.hset(keys.names[3], "old", f"1000|{_message('old')}")
-    assert _ids(_disk().sweep(ledger)) == ["old"]
-    assert _ids(_disk().sweep(ledger)) == []  # re-dated: not again before it goes stale
+    assert _disk().sweep(ledger) == []  # outside the index: only a scan finds it
+    assert _ids(_disk().sweep(ledger, scan=True)) == ["old"]
+    assert _ids(_disk().sweep(ledger, scan=True)) == []  # re-dated: not again before stale
+
+
+def test_the_sweep_reads_its_index_and_never_scans_the_keyspace(ledger, monkeypatch):
+    """Every worker sweeps every second: a SCAN would cost it (and Redis) time in proportion to
+    all the keys there are, results included."""
+    monkeypatch.setattr(budgets, "WAKING_STALE_MS", 200)
+    ledger.client.mset({f"celery-task-meta-{i}": "{}" for i in range(5000)})
+    disk, keys = _disk(cap=1), BudgetKeys("disk", "/data")
+    holder = _seat(disk, ledger, "h")
+    holder.enter("/data")
+    with pytest.raises(Busy):
+        _seat(disk, ledger, "p").enter("/data")
+    holder.leave()  # wakes p, whose publisher then dies
+    assert ledger.client.smembers(keys.waking_scopes) == {b"/data"}
+    scans: list[object] = []
+    monkeypatch.setattr(ledger.client, "scan", lambda *a, **kw: scans.append(a) or (0, []))
+    again = wait_for(lambda: disk.sweep(ledger), 10, "the woken entry to go stale")
+    assert _ids(again) == ["p"] and scans == []
+    _seat(disk, ledger, "p").enter("/data")  # p runs at last: the scope leaves the index
+    assert ledger.client.smembers(keys.waking_scopes) == set()
+    assert disk.sweep(ledger) == []

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 from celery import Celery
@@ -19,6 +20,7 @@ from tasks.core.sweep import sweep_partials
 from worker.backend import ledger_of
 
 ORIGIN_SWEEP_S = 1.0
+UNINDEXED_SCAN_S = 600.0
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +66,17 @@ def wake_until(app: Celery, settings: Settings, stop: threading.Event) -> None:
     and those whose next attempt after a fault is due."""
     limited = bool(settings.host_concurrency or settings.host_limits)
     slots = origins.budget(settings.host_limit)
+    scan_at = 0.0
     while not stop.wait(ORIGIN_SWEEP_S):
         try:
             ledger = ledger_of(app)
             if limited:
-                parking.publish(app, slots.sweep(ledger))
+                # The sweep reads an index; a scan of the whole keyspace, now and then, finds
+                # what workers from before the index left (a fleet mid-upgrade).
+                scan = time.monotonic() >= scan_at
+                parking.publish(app, slots.sweep(ledger, scan))
+                if scan:
+                    scan_at = time.monotonic() + UNINDEXED_SCAN_S
             slots.due(ledger, lambda message: parking.publish_one(app, message))
         except Exception as exc:  # Redis away: next second
             log.debug("origin sweep skipped (%s)", exc)

@@ -64,9 +64,10 @@ class Budget:
             return None
         return Lease(self.kind, scope, holder, task_id, cap, self.lease_ms)
 
-    def sweep(self, ledger: Ledger) -> list[str]:
-        """Messages to publish again: woken by a pause or a lease that ended, or stuck waking."""
-        return ledger.sweep(self.kind, self.cap_for, WAKING_STALE_MS, self.lease_ms)
+    def sweep(self, ledger: Ledger, scan: bool = False) -> list[str]:
+        """Messages to publish again: woken by a pause or a lease that ended, or stuck waking
+        (`scan`: also where only a keyspace scan finds them, see Ledger.sweep)."""
+        return ledger.sweep(self.kind, self.cap_for, WAKING_STALE_MS, self.lease_ms, scan)
 
     def stats(self, ledger: Ledger) -> dict[str, Any]:
         return ledger.budget_stats(self.kind)

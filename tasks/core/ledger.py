@@ -15,6 +15,8 @@ The keys live in the result backend's Redis, beside Celery's results:
                                           (leases), `paused`, `parked`, `waking`, `cap`; for
                                           the origin slots, downloads:origin:<origin>:slots
     downloads:<kind>s:parked              the scopes of a budget with parked messages
+    downloads:<kind>s:waking              the scopes of a budget with woken messages not yet
+                                          taken up (so the sweep never scans the keyspace)
     downloads:<kind>s:due                 messages parked until a time (a sorted set by it)
     downloads:<kind>s:stats               deferrals and pauses per scope
 
@@ -86,6 +88,10 @@ class BudgetKeys:
         return f"{PREFIX}{self.kind}s:parked"
 
     @property
+    def waking_scopes(self) -> str:
+        return f"{PREFIX}{self.kind}s:waking"
+
+    @property
     def stats(self) -> str:
         return f"{PREFIX}{self.kind}s:stats"
 
@@ -98,11 +104,12 @@ class BudgetKeys:
         """The scripts' KEYS, in their order."""
         base = f"{PREFIX}{self.kind}:{self.scope}"
         scope = [f"{base}:{part}" for part in ("slots", "paused", "parked", "waking", "cap")]
-        return [*scope, self.parked_scopes, self.stats]
+        return [*scope, self.parked_scopes, self.stats, self.waking_scopes]
 
 
 def _scopes(client: Any, kind: str, suffix: str) -> dict[str, str]:
-    """Scope -> key, for the keys of one budget that end in `suffix`."""
+    """Scope -> key, for the keys of one budget that end in `suffix` (a SCAN of the keyspace:
+    only for entries written by workers older than the `waking` index)."""
     head, tail = f"{PREFIX}{kind}:", f":{suffix}"
     found = {}
     for raw in client.scan_iter(match=f"{head}*{tail}", count=100):
@@ -186,6 +193,7 @@ local function wake()
     local id = cjson.decode(msg).id
     redis.call('ZADD', KEYS[1], now + lease, 'woken:' .. id)
     redis.call('HSET', KEYS[4], id, cjson.encode({at=now, msg=msg}))
+    redis.call('SADD', KEYS[8], scope)
     woken[#woken + 1] = msg
   end
   if redis.call('LLEN', KEYS[3]) == 0 then redis.call('SREM', KEYS[6], scope) end
@@ -200,7 +208,9 @@ _ACQUIRE = (
 local holder, id = ARGV[4], ARGV[5]
 cap = tonumber(ARGV[2])
 redis.call('SET', KEYS[5], cap)
-redis.call('HDEL', KEYS[4], id)
+if redis.call('HDEL', KEYS[4], id) == 1 and redis.call('HLEN', KEYS[4]) == 0 then
+  redis.call('SREM', KEYS[8], scope)
+end
 if redis.call('ZREM', KEYS[1], 'woken:' .. id) == 1 or redis.call('ZSCORE', KEYS[1], holder) then
   redis.call('ZADD', KEYS[1], now + lease, holder)
   return {1, 0}
@@ -258,6 +268,7 @@ for i = 1, #all, 2 do
     out[#out + 1] = entry.msg
   end
 end
+if #all == 0 then redis.call('SREM', KEYS[8], scope) end
 return out
 """
 )
@@ -522,12 +533,23 @@ class Ledger:
         _budget(self.client, _PAUSE, lease, ms)
 
     def sweep(
-        self, kind: str, cap_for: Callable[[str], int], stale_ms: int, lease_ms: int
+        self,
+        kind: str,
+        cap_for: Callable[[str], int],
+        stale_ms: int,
+        lease_ms: int,
+        scan: bool = False,
     ) -> list[str]:
         """Messages of one budget to publish again: woken by a pause or a lease that ended, or
-        left in `waking` by a publisher that died."""
-        parked = set(_texts(self.client.smembers(BudgetKeys(kind, "").parked_scopes)))
-        scopes = parked | set(_scopes(self.client, kind, "waking"))
+        left in `waking` by a publisher that died. `scan` also looks for `waking` entries
+        outside the index, as workers before it wrote them."""
+        r, keys = _Round(self.client), BudgetKeys(kind, "")
+        r.add("parked", lambda p: p.smembers(keys.parked_scopes))
+        r.add("waking", lambda p: p.smembers(keys.waking_scopes))
+        got = r.run()
+        scopes = set(_texts(got["parked"])) | set(_texts(got["waking"]))
+        if scan:
+            scopes |= set(_scopes(self.client, kind, "waking"))
         out: list[str] = []
         for scope in sorted(scopes):
             keys = BudgetKeys(kind, scope).names
