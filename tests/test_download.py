@@ -7,6 +7,8 @@ import hashlib
 import json
 import os
 import stat
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,9 +21,9 @@ from download_client.arguments import DownloadRequest
 from download_client.errors import DestinationBusyError, PermanentError, TransientError
 from tasks.core.http import new_session
 from tasks.core.records import RECORD_XATTR, Record
-from tasks.core.storage import Target
+from tasks.core.storage import LOCKS, Target
 from tasks.core.transfer import Limits, download, drop_mismatch
-from tests.harness import wait_for
+from tests.harness import ROOT
 from tests.server import OriginServer, body, body_sha256
 
 LIMITS = Limits(connect_timeout=2, read_timeout=2, max_bytes=10 * 1024 * 1024, chunk_size=65536)
@@ -43,8 +45,8 @@ def partials(root: Path) -> list[Path]:
 
 
 def in_progress_area(root: Path) -> list[str]:
-    """Every file in .partial/: once nothing runs, there should be none."""
-    return sorted(p.name for p in (root / ".partial").iterdir())
+    """Every file in .partial/ but `locks` (it stays): once nothing runs, there should be none."""
+    return sorted(p.name for p in (root / ".partial").iterdir() if p.name != LOCKS)
 
 
 def test_streams_the_body_to_its_destination(session, tmp_path, origin: OriginServer):
@@ -344,44 +346,73 @@ def test_a_failed_download_leaves_no_lock(session, tmp_path, origin, query):
     assert in_progress_area(tmp_path) == []
 
 
-def _open_fds_on(path: Path) -> int:
-    """How many descriptors of this process are open on `path` (or on it once it is unlinked)."""
-    names = {str(path), f"{path} (deleted)"}
-    fds = Path("/proc/self/fd")
-    return sum(1 for fd in fds.iterdir() if _readlink(fd) in names)
-
-
-def _readlink(p: Path) -> str:
-    try:
-        return os.readlink(p)
-    except OSError:
-        return ""
-
-
-def test_a_waiter_on_a_released_lock_file_takes_the_new_one(tmp_path):
-    """The waiter opened the lock file before its holder unlinked it on release: it must not end
-    up holding the old, unlinked file while someone else locks the new one at the same path."""
+def test_a_destination_lock_excludes_threads_and_processes_and_dies_with_its_holder(tmp_path):
+    """One destination, one writer: another thread of this process and another process are
+    refused while it is held, another destination is not, a waiter gets it once it is released,
+    and a holder killed with SIGKILL leaves it free. No file is made or removed per lock."""
     target = Target(tmp_path, "f.bin", "u")
     got, release = threading.Event(), threading.Event()
 
-    def waiter() -> None:
-        with target.locked(wait=10):
+    def holder() -> None:
+        with target.locked():
             got.set()
             release.wait(10)
 
-    thread = threading.Thread(target=waiter)
-    with target.locked():
-        thread.start()
-        wait_for(lambda: _open_fds_on(target.lock_path) == 2, 10, "the waiter to open the lock")
+    thread = threading.Thread(target=holder)
+    thread.start()
     got.wait(10)
     try:
-        with pytest.raises(DestinationBusyError), target.locked():
+        with pytest.raises(DestinationBusyError), Target(tmp_path, "f.bin", "other").locked():
             pass
-        assert target.lock_path.exists()
+        assert _lock_in_child(tmp_path, "f.bin", hold=False) == "busy"
+        with Target(tmp_path, "g.bin", "u").locked():  # another destination
+            pass
     finally:
         release.set()
+    with target.locked(wait=10):  # the waiter gets it once the holder lets go
         thread.join(10)
-    assert not target.lock_path.exists()
+    killed = subprocess.Popen(
+        [sys.executable, "-c", _LOCKER, str(tmp_path), "f.bin", "hold"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        assert killed.stdout is not None and killed.stdout.readline().strip() == "locked"
+        with pytest.raises(DestinationBusyError), target.locked():
+            pass
+    finally:
+        killed.kill()
+        killed.communicate(timeout=10)
+    with target.locked(wait=10):
+        pass
+    assert in_progress_area(tmp_path) == [] and os.listdir(tmp_path / ".partial") == ["locks"]
+
+
+_LOCKER = """
+import sys, time
+from pathlib import Path
+from download_client.errors import DestinationBusyError
+from tasks.core.storage import LOCKS, Target
+try:
+    with Target(Path(sys.argv[1]), sys.argv[2], "u").locked():
+        print("locked", flush=True)
+        if sys.argv[3] == "hold":
+            time.sleep(60)
+except DestinationBusyError:
+    print("busy", flush=True)
+"""
+
+
+def _lock_in_child(root: Path, dest: str, hold: bool) -> str:
+    done = subprocess.run(
+        [sys.executable, "-c", _LOCKER, str(root), dest, "hold" if hold else "try"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    return done.stdout.strip()
 
 
 class Killed(BaseException):

@@ -543,9 +543,9 @@ class Ledger:
         """Messages of one budget to publish again: woken by a pause or a lease that ended, or
         left in `waking` by a publisher that died. `scan` also looks for `waking` entries
         outside the index, as workers before it wrote them."""
-        r, keys = _Round(self.client), BudgetKeys(kind, "")
-        r.add("parked", lambda p: p.smembers(keys.parked_scopes))
-        r.add("waking", lambda p: p.smembers(keys.waking_scopes))
+        r, index = _Round(self.client), BudgetKeys(kind, "")
+        r.add("parked", lambda p: p.smembers(index.parked_scopes))
+        r.add("waking", lambda p: p.smembers(index.waking_scopes))
         got = r.run()
         scopes = set(_texts(got["parked"])) | set(_texts(got["waking"]))
         if scan:

@@ -1,12 +1,24 @@
-"""flock on files that come and go: a lock file is unlinked by the holder that releases it, so
-whoever gets the lock checks that the path still names the file it locked."""
+"""Locks between processes and threads on one machine.
+
+- flock on files that come and go (a partial): such a file is unlinked by a holder of its lock,
+  so whoever gets the lock checks that the path still names the file it locked.
+- A byte of one file that stays (`range_lock`), for a lock per name without a file per name:
+  creating and unlinking a file for every download costs an inode each time, and where ext4
+  runs without a journal each new inode is searched for past every one freed in the last
+  minutes (find_inode_bit / recently_deleted), the largest kernel cost of a small download."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import struct
 import time
 from pathlib import Path
+
+# struct flock on Linux: l_type, l_whence, l_start, l_len, l_pid (0 for open file description
+# locks), padded as the kernel lays it out on 64-bit machines.
+_FLOCK = "hhqqi4x"
 
 
 def lock_current(path: Path, flags: int, deadline: float, mode: int = 0o600) -> int | None:
@@ -47,3 +59,36 @@ def names(path: Path, fd: int) -> bool:
         return False
     there = os.fstat(fd)
     return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+def range_lock(path: Path, offset: int, deadline: float) -> int | None:
+    """Open `path` (made if missing) and take the byte at `offset` with an open file description
+    lock (F_OFD_SETLK, Linux 3.15+): owned by this open file, so threads exclude each other as
+    processes do, and released by the kernel when the file is closed or its process dies. Returns
+    the file descriptor holding it (close it to release), None if still held by `deadline`."""
+    want = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        current = False
+        try:
+            if not _set_lock(fd, want, deadline):
+                return None
+            current = names(path, fd)  # the file replaced meanwhile: lock the one there now
+        finally:
+            if not current:
+                os.close(fd)
+        if current:
+            return fd
+
+
+def _set_lock(fd: int, want: bytes, deadline: float) -> bool:
+    while True:
+        try:
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, want)
+            return True
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)

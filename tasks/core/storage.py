@@ -5,9 +5,10 @@ Layout under DOWNLOAD_DIR:
                              validators, digest) in the extended attribute user.downloads.record
     .partial/<key>.part      bytes received so far for one (url, dest) pair; flocked while in use
     .partial/<key>.json      the validators (ETag / Last-Modified) to resume that partial with
-    .partial/<dlock>.lock    held (flock) by the one task writing a destination
-`.partial/` holds only what is in progress: a partial and its validators go when it is published
-or discarded, a lock file when it is released, and the sweep removes what a killed process left.
+    .partial/locks           one byte of it per destination (at an offset from its hash), locked
+                             by the one task writing that destination; the file stays
+`.partial/` holds only what is in progress, and `locks`: a partial and its validators go when it
+is published or discarded, and the sweep removes what a killed process left.
 Directories on the way to <dest> are opened one at a time with O_NOFOLLOW, so a symlink planted
 anywhere in the path cannot lead a write outside DOWNLOAD_DIR, even if it appears mid-download.
 """
@@ -26,10 +27,11 @@ from typing import Any
 
 from download_client.arguments import PARTIAL_DIR, check_dest
 from download_client.errors import DestinationBusyError, PermanentError
-from tasks.core.locks import lock_current
+from tasks.core.locks import lock_current, range_lock
 from tasks.core.records import RECORD_XATTR, Record, attach
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+LOCKS = "locks"
 
 
 def _key(*parts: str) -> str:
@@ -53,7 +55,8 @@ class Target:
         key = _key(url, dest)
         self.part_path = self.partial_dir / f"{key}.part"
         self.sidecar_path = self.partial_dir / f"{key}.json"
-        self.lock_path = self.partial_dir / f"{_key(dest)}.lock"
+        self.locks_path = self.partial_dir / LOCKS
+        self.lock_offset = int(_key(dest)[:15], 16)  # 60 bits: distinct names, distinct bytes
         # What this run saw missing from .partial/ while it held the destination's lock, so that
         # a small download does not unlink files it already knows are not there.
         self._no_partial = self._no_sidecar = False
@@ -62,20 +65,18 @@ class Target:
     # -- locking ---------------------------------------------------------------------------
     @contextlib.contextmanager
     def locked(self, wait: float = 0) -> Iterator[None]:
-        """Exclusive use of the destination across processes, waiting up to `wait` seconds;
-        busy means retry later. The kernel releases the lock of a process that dies (its file
-        stays for the sweep); a released lock's file is removed."""
+        """Exclusive use of the destination across processes and threads, waiting up to `wait`
+        seconds; busy means retry later. The kernel releases the lock of a process that dies."""
         self._ensure_partial_dir()
-        fd = lock_current(self.lock_path, os.O_RDWR | os.O_CREAT, time.monotonic() + wait)
+        try:
+            fd = range_lock(self.locks_path, self.lock_offset, time.monotonic() + wait)
+        except OSError as exc:
+            raise disk_error(exc, "locking the destination") from exc
         if fd is None:
             raise DestinationBusyError(f"another task is downloading to {self.dest} right now")
         try:
             yield
         finally:
-            # Unlinked while still held, so no one can take this file in between; a task that
-            # opened it meanwhile finds it gone once it gets the lock, and makes a new one.
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.lock_path)
             os.close(fd)
 
     def _ensure_partial_dir(self) -> None:

@@ -19,8 +19,9 @@ ORPHAN_GRACE = 60.0
 
 def sweep_partials(root: Path, max_age: float, now: float | None = None) -> int:
     """Remove from .partial/ what nobody will use: partial files (with their validators) untouched
-    for `max_age` seconds, validators whose partial is gone, and lock files nobody holds. Return
-    how many files went. A partial or lock in use is flocked by its task and left alone."""
+    for `max_age` seconds, validators whose partial is gone, and `<hash>.lock` files nobody holds
+    (workers before `.partial/locks` made one per destination). Return how many files went. A
+    partial or lock in use is flocked by its task and left alone."""
     partial_dir = root / PARTIAL_DIR
     now = time.time() if now is None else now
     removed = 0
