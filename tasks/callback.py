@@ -96,13 +96,19 @@ def enqueue(app: Any, task_id: str, state: str, result: Any, request: Any) -> No
     )
 
 
+_CALLBACK_AT = arguments.ARGUMENTS.index("callback_url")
+
+
 def callback_url_of(request: Any) -> str | None:
     """The download's callback_url, from a task context or a worker's request."""
     name = getattr(request, "task_name", None) or getattr(request, "task", None)
     if name != TASK_NAME:
         return None
+    args, kwargs = tuple(request.args or ()), request.kwargs or {}
+    if len(args) <= _CALLBACK_AT and "callback_url" not in kwargs:
+        return None  # the common case, without checking every argument again
     try:
-        parsed = arguments.parse(tuple(request.args or ()), request.kwargs or {})
+        parsed = arguments.parse(args, kwargs)
     except (PermanentError, TypeError, AttributeError):
         return None
     return parsed.callback_url

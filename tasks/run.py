@@ -8,7 +8,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, cast
 
 from celery import Task, states
 
@@ -26,7 +26,6 @@ from tasks.retries import Journey
 log = logging.getLogger(__name__)
 
 
-@runtime_checkable
 class LedgerBackend(Protocol):
     """What the task needs of its result backend (worker/backend.py is the one there is): the
     ledger on its Redis, a state encoded as the backend stores it, and writes that ride with the
@@ -41,9 +40,17 @@ class LedgerBackend(Protocol):
 
 def backend_of(task: Task) -> LedgerBackend:
     backend = task.backend
-    if not isinstance(backend, LedgerBackend):
-        raise TypeError(f"{type(backend).__name__} is not a ledger backend (a Redis is needed)")
-    return backend
+    kind = type(backend)
+    # The protocol's members, looked up once per backend class: an isinstance() against a
+    # runtime-checkable Protocol walks them again on every call, for every download.
+    if kind not in _LEDGER_BACKENDS:
+        if not all(hasattr(backend, name) for name in ("ledger", "state", "ride")):
+            raise TypeError(f"{kind.__name__} is not a ledger backend (a Redis is needed)")
+        _LEDGER_BACKENDS.add(kind)
+    return cast(LedgerBackend, backend)
+
+
+_LEDGER_BACKENDS: set[type] = set()
 
 
 class Run:
