@@ -351,8 +351,9 @@ def _small_cpu(s: Mapping[str, Any]) -> list[str]:
     """CPU a task where it is spent, for the download and the no-op on the same worker."""
     cpu = s["cpu_ms_per_task"]
     lines = [
-        "CPU a task (ms), in the worker's children (live and reaped), its main process and "
-        "Redis, read before and after each run; worker / no-op per run, then the median.",
+        "CPU a task (ms), in the worker's children (live and reaped; the kernel's share of it, "
+        "system time, on its own row), its main process and Redis, read before and after each "
+        "run; worker / no-op per run, then the median.",
         "",
         "| where | download task | no-op task | download / no-op |",
         "|---|---|---|---|",

@@ -61,6 +61,7 @@ def run(stack: Stack, cfg: Config, nginx: Nginx) -> dict[str, Any]:
     main, redis = w.proc.pid, stack.redis.proc.pid
     parts: dict[str, Callable[[], float]] = {
         "child": lambda: children_cpu_seconds(main),
+        "child, of it in the kernel": lambda: children_cpu_seconds(main, kernel_only=True),
         "main": lambda: cpu_seconds([main]),  # its own threads, not its children
         "redis": lambda: cpu_seconds([redis]),
     }

@@ -242,16 +242,17 @@ def cpu_seconds(pids: Iterable[int]) -> float:
     return total
 
 
-def children_cpu_seconds(main: int) -> float:
+def children_cpu_seconds(main: int, kernel_only: bool = False) -> float:
     """CPU of all of `main`'s children, live and reaped: a child recycled between two readings
-    moves from the one to the other, so a difference of two readings counts it whole."""
+    moves from the one to the other, so a difference of two readings counts it whole.
+    `kernel_only`: their system time alone (file system, sockets, pipes)."""
     proc = psutil.Process(main)
     t = proc.cpu_times()
-    total = float(t.children_user + t.children_system)
+    total = float(t.children_system + (0 if kernel_only else t.children_user))
     for child in proc.children():
         with contextlib.suppress(psutil.NoSuchProcess):
             c = child.cpu_times()
-            total += c.user + c.system
+            total += c.system + (0 if kernel_only else c.user)
     return total
 
 
