@@ -350,10 +350,12 @@ def _small(s: Mapping[str, Any], plotted: bool) -> str:
 def _small_cpu(s: Mapping[str, Any]) -> list[str]:
     """CPU a task where it is spent, for the download and the no-op on the same worker."""
     cpu = s["cpu_ms_per_task"]
+    kernel = (
+        "; the kernel's share of it, system time, on its own row" if len(cpu["worker"]) > 3 else ""
+    )
     lines = [
-        "CPU a task (ms), in the worker's children (live and reaped; the kernel's share of it, "
-        "system time, on its own row), its main process and Redis, read before and after each "
-        "run; worker / no-op per run, then the median.",
+        f"CPU a task (ms), in the worker's children (live and reaped{kernel}), its main process "
+        "and Redis, read before and after each run; worker / no-op per run, then the median.",
         "",
         "| where | download task | no-op task | download / no-op |",
         "|---|---|---|---|",

@@ -24,7 +24,6 @@ from download_client.brokers import rabbitmq_config
 from download_client.settings import Settings
 from tests import crowd
 from tests.conftest import active_pid, run, submit
-from tests.crowd import MIB
 from tests.harness import ROOT, RedisServer, Worker, wait_for, worker_env
 from tests.rabbitmq import RabbitServer, installed
 from tests.server import body_sha256
@@ -260,25 +259,27 @@ def test_a_crowd_waiting_a_day_on_a_dead_origin_holds_no_slot_and_no_worker_memo
     w = start("crowd", children=slots, **crowd.SETTINGS)
     backend = redis.Redis(port=redis_server.port, db=1)
     ids: list[str] = []
+
+    def all_parked() -> bool:
+        listed = rabbit.ctl("list_queues", "name", "messages", "-q", "--formatter", "json")
+        held = sum(q["messages"] for q in json.loads(listed) if q["name"] == w.queue)
+        parked = crowd.parked(backend, ids) == len(ids) and not held
+        return parked and crowd.states(backend, ids) == {"RETRY": len(ids)}
+
     try:
         crowd.every_slot_busy(rclient, w, origin, slots, f"{key}-warm")
-        before = crowd.rss(w)
-        ids = crowd.submit_crowd(rclient, w, n, key)
-
-        def all_parked() -> bool:
-            listed = rabbit.ctl("list_queues", "name", "messages", "-q", "--formatter", "json")
-            held = sum(q["messages"] for q in json.loads(listed) if q["name"] == w.queue)
-            parked = crowd.parked(backend, ids) == n and not held
-            return parked and crowd.states(backend, ids) == {"RETRY": n}
-
+        ids += crowd.submit_crowd(rclient, w, n // 5, f"{key}-a")
+        wait_for(all_parked, 60 + n / 20, f"the first {len(ids)} parked, none in the queue")
+        first = crowd.memory(w)
+        ids += crowd.submit_crowd(rclient, w, n - len(ids), f"{key}-b")
         wait_for(all_parked, 180 + n / 10, f"all {n} parked, none in the queue")
         assert crowd.every_slot_busy(rclient, w, origin, slots, key) == slots
-        after = crowd.rss(w)
-        print(f"\n{n} waiting: worker RSS {before / MIB:.1f} MiB before, {after / MIB:.1f} after")
+        then = crowd.memory(w)
+        print(f"\nthe worker with {n // 5} parked: {first}; with {n}: {then}")
         assert w.stop(signal.SIGTERM) == 0
         w.start(rclient)
         wait_for(all_parked, 120 + n / 10, f"all {n} parked after the restart")  # none lost
-        assert after - before < 20 * MIB, (before, after)
+        crowd.assert_flat(first, then)
     finally:
         w.stop()
         crowd.unpark(backend, ids)  # the session's other workers sweep the same due set
