@@ -10,6 +10,8 @@ import stat
 import subprocess
 import sys
 import threading
+import types
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ from typing import Any
 import pytest
 import requests
 
-from download_client.arguments import DownloadRequest
+from download_client.arguments import PARTIAL_DIR, DownloadRequest
 from download_client.errors import DestinationBusyError, PermanentError, TransientError
 from tasks.core.http import new_session
 from tasks.core.records import RECORD_XATTR, Record
@@ -235,6 +237,34 @@ def test_a_stall_after_the_headers_times_out(session, tmp_path, origin):
     with pytest.raises(TransientError, match=said):
         download(session, request, tmp_path, limits)
     assert partials(tmp_path) == []
+
+
+def test_a_download_interns_none_of_its_names(session, tmp_path, origin, monkeypatch):
+    """pathlib interns every component it parses (sys.intern), and each download brings new
+    names (its destination, its partial's hash): in a worker child the table of interned strings
+    then grows until it is rebuilt, in pages of the child's own. A download parses none."""
+    import pathlib
+
+    interned: list[str] = []
+
+    class Sys(types.ModuleType):
+        def __getattr__(self, name: str) -> Any:
+            return getattr(sys, name)
+
+        @staticmethod
+        def intern(text: str) -> str:
+            interned.append(text)
+            return text
+
+    monkeypatch.setattr(pathlib, "sys", Sys("sys"))
+    fetch(session, tmp_path, f"{origin.url}/bytes/1000", dest="a/first.bin")
+    interned.clear()
+    for i in range(3):  # cut once, then resumed: the partial, its validators, the publish
+        url = f"{origin.url}/bytes/300000?cut=100000&cut_times=1&seed=i{i}&key={uuid.uuid4()}"
+        with pytest.raises(TransientError):
+            fetch(session, tmp_path, url, dest=f"a/{i}.bin")
+        assert fetch(session, tmp_path, url, dest=f"a/{i}.bin").resumed_from == 100000
+    assert [name for name in interned if name not in ("a", PARTIAL_DIR, LOCKS)] == []
 
 
 def test_a_destination_busy_in_another_task_is_transient(session, tmp_path, origin):

@@ -104,7 +104,7 @@ def parse(
         dest = default_dest(url)
     elif not isinstance(dest, str):
         raise PermanentError(f"dest: expected a string, got {type(dest).__name__}")
-    check_dest(dest)
+    valid_dest(dest)
     return DownloadRequest(
         url=url,
         dest=dest,
@@ -259,6 +259,13 @@ def _check_headers(value: Any) -> dict[str, str]:
 
 def check_dest(dest: str) -> PurePosixPath:
     """A relative POSIX path naming a file inside DOWNLOAD_DIR, or PermanentError saying why not."""
+    return PurePosixPath(valid_dest(dest))
+
+
+def valid_dest(dest: str) -> str:
+    """`dest` itself if it is a relative POSIX path naming a file inside DOWNLOAD_DIR (the text
+    is its only spelling: no empty, `.` or `..` component), or PermanentError saying why not.
+    Kept a string: pathlib interns each component, and the workers see a new name a download."""
     if not dest:
         raise PermanentError("dest: must not be empty")
     if "\x00" in dest:
@@ -284,7 +291,7 @@ def check_dest(dest: str) -> PurePosixPath:
             raise PermanentError(f"dest: a path component is longer than {MAX_NAME_BYTES} bytes")
     if parts[0] == PARTIAL_DIR:
         raise PermanentError(f"dest: {PARTIAL_DIR}/ is the in-progress area and not writable")
-    return PurePosixPath(dest)
+    return dest
 
 
 def default_dest(url: str) -> str:

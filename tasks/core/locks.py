@@ -21,7 +21,7 @@ from pathlib import Path
 _FLOCK = "hhqqi4x"
 
 
-def lock_current(path: Path, flags: int, deadline: float, mode: int = 0o600) -> int | None:
+def lock_current(path: str | Path, flags: int, deadline: float, mode: int = 0o600) -> int | None:
     """Open `path` and flock it, trying until `deadline`; None if it is still held by then. The
     files locked here are only ever unlinked by a holder of their lock, so once the lock is ours
     the path must still name the file locked: if it names another (or nothing), the file was
@@ -51,7 +51,7 @@ def flock(fd: int, deadline: float) -> bool:
             time.sleep(0.05)
 
 
-def names(path: Path, fd: int) -> bool:
+def names(path: str | Path, fd: int) -> bool:
     """True if `path` names the file open at `fd`."""
     try:
         here = os.stat(path, follow_symlinks=False)
