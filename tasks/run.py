@@ -94,7 +94,7 @@ class Run:
         try:
             admitted = self.ledger.admit(ask)
         except REDIS_ERRORS as exc:
-            # Redis away: the destination's flock alone keeps writers apart on this file system.
+            # Redis away: the destination's lock alone keeps writers apart on this file system.
             log.warning("destination claim and delivery count not taken (%s)", exc)
             self.deadline = end
             return Admitted(None, 0, req.retries + 1, False, end)

@@ -8,8 +8,8 @@ task id) for a while, and a task that waited for that holder with the same key t
 of downloading again, whoever holds the destination by then. The ledger (tasks/core/ledger.py)
 takes and settles claims in a run's round trips.
 
-The flock in `tasks.core.storage` stays the guarantee that one process writes a file at a time; the
-claim is what lets everybody else wait without holding a worker process.
+The destination's lock in `tasks.core.storage` stays the guarantee that one process writes a file
+at a time; the claim is what lets everybody else wait without holding a worker process.
 """
 
 from __future__ import annotations
