@@ -419,6 +419,26 @@ def test_a_destination_lock_excludes_threads_and_processes_and_dies_with_its_hol
     assert in_progress_area(tmp_path) == [] and os.listdir(tmp_path / ".partial") == ["locks"]
 
 
+def test_a_fork_while_a_destination_is_held_leaves_no_copy_holding_it(tmp_path):
+    """The worker's main process may hold a destination (removing a revoked download's partial)
+    while it forks a child: once the holder lets go, the destination is free, child or not."""
+    target = Target(tmp_path, "f.bin", "u")
+    read, write = os.pipe()
+    with target.locked():
+        pid = os.fork()
+        if pid == 0:  # the child lives on, as a pool child would, until told to go
+            os.close(write)
+            os.read(read, 1)
+            os._exit(0)
+    os.close(read)
+    try:
+        assert _lock_in_child(tmp_path, "f.bin", hold=False) == "locked"
+    finally:
+        os.write(write, b"x")
+        os.close(write)
+        os.waitpid(pid, 0)
+
+
 _LOCKER = """
 import sys, time
 from pathlib import Path

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -79,6 +80,24 @@ def range_lock(path: Path, offset: int, deadline: float) -> int | None:
                 os.close(fd)
         if current:
             return fd
+
+
+def close_copies(suffix: str) -> None:
+    """Close every descriptor this process has open on a file whose path ends in `suffix`: in a
+    child just forked, the copies of its parent's. A lock is held for as long as any copy of its
+    open file is, so a child that kept one would hold its parent's lock for the child's life."""
+    try:
+        fds = os.listdir("/proc/self/fd")
+    except OSError:
+        return
+    for name in fds:
+        try:
+            path = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue
+        if path.endswith(suffix):
+            with contextlib.suppress(OSError):
+                os.close(int(name))
 
 
 def _set_lock(fd: int, want: bytes, deadline: float) -> bool:
