@@ -104,10 +104,10 @@ def callback_url_of(request: Any) -> str | None:
     name = getattr(request, "task_name", None) or getattr(request, "task", None)
     if name != TASK_NAME:
         return None
-    args, kwargs = tuple(request.args or ()), request.kwargs or {}
-    if len(args) <= _CALLBACK_AT and "callback_url" not in kwargs:
-        return None  # the common case, without checking every argument again
     try:
+        args, kwargs = tuple(request.args or ()), request.kwargs or {}
+        if len(args) <= _CALLBACK_AT and "callback_url" not in kwargs:
+            return None  # the common case, without checking every argument again
         parsed = arguments.parse(args, kwargs)
     except (PermanentError, TypeError, AttributeError):
         return None

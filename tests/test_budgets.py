@@ -195,7 +195,8 @@ def test_a_waking_entry_from_before_the_json_entries_is_still_woken_again(ledger
     ledger.client.hset(keys.names[3], "old", f"1000|{_message('old')}")
     assert _disk().sweep(ledger) == []  # outside the index: only a scan finds it
     assert _ids(_disk().sweep(ledger, scan=True)) == ["old"]
-    assert _ids(_disk().sweep(ledger, scan=True)) == []  # re-dated: not again before stale
+    assert ledger.client.smembers(keys.waking_scopes) == {b"/data"}  # indexed from then on
+    assert _ids(_disk().sweep(ledger)) == []  # re-dated: not again before it goes stale
 
 
 def test_the_sweep_reads_its_index_and_never_scans_the_keyspace(ledger, monkeypatch):

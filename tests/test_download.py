@@ -422,20 +422,33 @@ def test_a_destination_lock_excludes_threads_and_processes_and_dies_with_its_hol
 def test_a_fork_while_a_destination_is_held_leaves_no_copy_holding_it(tmp_path):
     """The worker's main process may hold a destination (removing a revoked download's partial)
     while it forks a child: once the holder lets go, the destination is free, child or not."""
+    from tasks.core import locks
+
     target = Target(tmp_path, "f.bin", "u")
     read, write = os.pipe()
+    said, told = os.pipe()
     with target.locked():
+        [held] = locks._held
         pid = os.fork()
         if pid == 0:  # the child lives on, as a pool child would, until told to go
             os.close(write)
+            os.close(said)
+            try:
+                os.fstat(held)
+                os.write(told, b"kept")
+            except OSError:
+                os.write(told, b"none")
             os.read(read, 1)
             os._exit(0)
     os.close(read)
+    os.close(told)
     try:
+        assert os.read(said, 4) == b"none"  # the child holds no copy of the lock's file
         assert _lock_in_child(tmp_path, "f.bin", hold=False) == "locked"
     finally:
         os.write(write, b"x")
         os.close(write)
+        os.close(said)
         os.waitpid(pid, 0)
 
 

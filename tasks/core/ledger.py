@@ -268,7 +268,8 @@ for i = 1, #all, 2 do
     out[#out + 1] = entry.msg
   end
 end
-if #all == 0 then redis.call('SREM', KEYS[8], scope) end
+-- Entries written before the index was kept are found by a scan: from then on, indexed.
+if #all == 0 then redis.call('SREM', KEYS[8], scope) else redis.call('SADD', KEYS[8], scope) end
 return out
 """
 )

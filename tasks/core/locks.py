@@ -65,8 +65,8 @@ def names(path: str | Path, fd: int) -> bool:
 def range_lock(path: Path, offset: int, deadline: float) -> int | None:
     """Open `path` (made if missing) and take the byte at `offset` with an open file description
     lock (F_OFD_SETLK, Linux 3.15+): owned by this open file, so threads exclude each other as
-    processes do, and released by the kernel when the file is closed or its process dies. Returns
-    the file descriptor holding it (close it to release), None if still held by `deadline`."""
+    processes do, and released by the kernel when its process dies. Returns the file descriptor
+    holding it (`release` it), None if still held by `deadline`."""
     want = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0)
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -79,25 +79,38 @@ def range_lock(path: Path, offset: int, deadline: float) -> int | None:
             if not current:
                 os.close(fd)
         if current:
+            _held[fd] = offset
             return fd
 
 
-def close_copies(suffix: str) -> None:
-    """Close every descriptor this process has open on a file whose path ends in `suffix`: in a
-    child just forked, the copies of its parent's. A lock is held for as long as any copy of its
-    open file is, so a child that kept one would hold its parent's lock for the child's life."""
+def release(fd: int) -> None:
+    """Let go of what `range_lock` took: unlocked first, so that a copy of the descriptor a
+    fork made meanwhile (a child forked before its hook has run) holds nothing, then closed."""
+    offset = _held.pop(fd, None)
     try:
-        fds = os.listdir("/proc/self/fd")
-    except OSError:
-        return
-    for name in fds:
-        try:
-            path = os.readlink(f"/proc/self/fd/{name}")
-        except OSError:
-            continue
-        if path.endswith(suffix):
+        if offset is not None:
+            unlock = struct.pack(_FLOCK, fcntl.F_UNLCK, os.SEEK_SET, offset, 1, 0)
             with contextlib.suppress(OSError):
-                os.close(int(name))
+                fcntl.fcntl(fd, fcntl.F_OFD_SETLK, unlock)
+    finally:
+        os.close(fd)
+
+
+# The descriptors `range_lock` holds in this process, and their bytes. A lock lasts as long as
+# any copy of its open file does: the worker's main process holds one for a moment (removing a
+# revoked download's partial, in a thread) while it forks children, and a child that kept its
+# copy would hold the destination if the main process died.
+_held: dict[int, int] = {}
+
+
+def _close_copies() -> None:
+    for fd in list(_held):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_close_copies)
 
 
 def _set_lock(fd: int, want: bytes, deadline: float) -> bool:

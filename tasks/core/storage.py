@@ -27,14 +27,11 @@ from typing import Any
 
 from download_client.arguments import PARTIAL_DIR, valid_dest
 from download_client.errors import DestinationBusyError, PermanentError
-from tasks.core.locks import close_copies, lock_current, range_lock
+from tasks.core.locks import lock_current, range_lock, release
 from tasks.core.records import RECORD_XATTR, Record, attach
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 LOCKS = "locks"
-# The worker's main process holds a destination's lock for a moment (removing a revoked
-# download's partial, in a thread) and forks children meanwhile: a child must not keep a copy.
-os.register_at_fork(after_in_child=lambda: close_copies(f"/{PARTIAL_DIR}/{LOCKS}"))
 
 
 def _key(*parts: str) -> str:
@@ -92,7 +89,7 @@ class Target:
         try:
             yield
         finally:
-            os.close(fd)
+            release(fd)
 
     def _ensure_partial_dir(self) -> None:
         try:
