@@ -15,6 +15,7 @@ import fcntl
 import os
 import struct
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 # struct flock on Linux: l_type, l_whence, l_start, l_len, l_pid (0 for open file description
@@ -23,15 +24,32 @@ _FLOCK = "hhqqi4x"
 
 
 def lock_current(path: str | Path, flags: int, deadline: float, mode: int = 0o600) -> int | None:
-    """Open `path` and flock it, trying until `deadline`; None if it is still held by then. The
-    files locked here are only ever unlinked by a holder of their lock, so once the lock is ours
-    the path must still name the file locked: if it names another (or nothing), the file was
-    removed while we waited, and the path is opened again."""
+    """Open `path` and flock it, trying until `deadline`; None if it is still held by then."""
+    return _open_locked(path, flags, mode, lambda fd: flock(fd, deadline))
+
+
+def flock(fd: int, deadline: float) -> bool:
+    def attempt() -> bool:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+
+    return _until(deadline, attempt)
+
+
+def _open_locked(
+    path: str | Path, flags: int, mode: int, take: Callable[[int], bool]
+) -> int | None:
+    """Open `path` and `take` a lock on it; None if `take` gives up. A file locked here is only
+    ever unlinked or replaced by a holder of its lock, so once the lock is ours the path must
+    still name the file locked: if it names another (or nothing), it is opened again."""
     while True:
         fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
         current = False
         try:
-            if not flock(fd, deadline):
+            if not take(fd):
                 return None
             current = names(path, fd)
         finally:
@@ -41,15 +59,13 @@ def lock_current(path: str | Path, flags: int, deadline: float, mode: int = 0o60
             return fd
 
 
-def flock(fd: int, deadline: float) -> bool:
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.05)
+def _until(deadline: float, attempt: Callable[[], bool]) -> bool:
+    """`attempt` until it succeeds or `deadline` (time.monotonic()) has passed."""
+    while not attempt():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def names(path: str | Path, fd: int) -> bool:
@@ -68,19 +84,10 @@ def range_lock(path: Path, offset: int, deadline: float) -> int | None:
     processes do, and released by the kernel when its process dies. Returns the file descriptor
     holding it (`release` it), None if still held by `deadline`."""
     want = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0)
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        current = False
-        try:
-            if not _set_lock(fd, want, deadline):
-                return None
-            current = names(path, fd)  # the file replaced meanwhile: lock the one there now
-        finally:
-            if not current:
-                os.close(fd)
-        if current:
-            _held[fd] = offset
-            return fd
+    fd = _open_locked(path, os.O_RDWR | os.O_CREAT, 0o600, lambda fd: _set_lock(fd, want, deadline))
+    if fd is not None:
+        _held[fd] = offset
+    return fd
 
 
 def release(fd: int) -> None:
@@ -114,13 +121,13 @@ os.register_at_fork(after_in_child=_close_copies)
 
 
 def _set_lock(fd: int, want: bytes, deadline: float) -> bool:
-    while True:
+    def attempt() -> bool:
         try:
             fcntl.fcntl(fd, fcntl.F_OFD_SETLK, want)
             return True
         except OSError as exc:
             if exc.errno not in (errno.EAGAIN, errno.EACCES):
                 raise
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.05)
+            return False
+
+    return _until(deadline, attempt)

@@ -58,7 +58,8 @@ class Target:
         # strings in each child until it is rebuilt, in pages of the child's own (1.8 MiB a
         # child over 900 downloads).
         key = os.path.join(self.partial_dir, _key(url, dest))
-        self._part, self._sidecar = f"{key}.part", f"{key}.json"
+        self._part = f"{key}.part"
+        self._sidecar, self._sidecar_tmp = sidecars(self._part)
         self.locks_path = self.partial_dir / LOCKS
         self.lock_offset = int(_key(dest)[:15], 16)  # 60 bits: distinct names, distinct bytes
         # What this run saw missing from .partial/ while it held the destination's lock, so that
@@ -121,7 +122,7 @@ class Target:
             return Record()
 
     def save_sidecar(self, record: Record) -> None:
-        tmp = f"{self._sidecar}.tmp"
+        tmp = self._sidecar_tmp
         self._no_sidecar = False
         try:
             with open(tmp, "wb") as f:
@@ -178,7 +179,7 @@ class Target:
     def discard(self) -> None:
         if self._no_partial and self._no_sidecar:
             return  # seen missing under the lock: nothing to remove
-        for path in (self._part, self._sidecar, f"{self._sidecar}.tmp"):
+        for path in (self._part, self._sidecar, self._sidecar_tmp):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
 
@@ -293,7 +294,7 @@ class Target:
             f.close()
         if self._no_sidecar:
             return  # none was read or written by this run
-        for sidecar in (self._sidecar, f"{self._sidecar}.tmp"):  # its partial is now the file
+        for sidecar in (self._sidecar, self._sidecar_tmp):  # its partial is now the file
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(sidecar)
 
@@ -318,6 +319,7 @@ def _record_on(fd: int, url: str) -> Record | None:
     return record if unchanged else None
 
 
-def sidecars(part: Path) -> tuple[Path, Path]:
-    """The validators file of a partial and its temporary name while being written."""
-    return part.with_suffix(".json"), part.with_suffix(".json.tmp")
+def sidecars(part: str | Path) -> tuple[str, str]:
+    """The validators file of a partial (`<key>.part`) and its temporary name while written."""
+    key = os.fspath(part).removesuffix(".part")
+    return f"{key}.json", f"{key}.json.tmp"

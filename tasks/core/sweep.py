@@ -47,7 +47,7 @@ def _remove_unlocked(path: Path, abandoned: Callable[[os.stat_result], bool]) ->
         removed = 0
         for victim in (path, *sidecars(path)) if path.suffix == ".part" else (path,):
             with contextlib.suppress(FileNotFoundError):
-                victim.unlink()
+                os.unlink(victim)
                 removed += 1
         return removed
     finally:
