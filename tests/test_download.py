@@ -419,6 +419,19 @@ def test_a_destination_lock_excludes_threads_and_processes_and_dies_with_its_hol
     assert in_progress_area(tmp_path) == [] and os.listdir(tmp_path / ".partial") == ["locks"]
 
 
+def test_a_symlink_planted_as_the_lock_file_is_refused(session, tmp_path, origin):
+    """`.partial/locks` is opened without following a link: a link planted there fails the
+    download at once, with the reason, and nothing is written through it."""
+    (tmp_path / ".partial").mkdir(mode=0o700)
+    victim = tmp_path / "elsewhere"
+    victim.write_bytes(b"")
+    os.symlink(victim, tmp_path / ".partial" / LOCKS)
+    with pytest.raises(PermanentError, match=r"^cannot write the download \(locking the dest"):
+        fetch(session, tmp_path, f"{origin.url}/bytes/10?key=planted-lock")
+    assert victim.read_bytes() == b"" and not (tmp_path / "f.bin").exists()
+    assert origin.stats.for_key("planted-lock") == []  # refused before any request
+
+
 def test_a_fork_while_a_destination_is_held_leaves_no_copy_holding_it(tmp_path):
     """The worker's main process may hold a destination (removing a revoked download's partial)
     while it forks a child: once the holder lets go, the destination is free, child or not."""
