@@ -229,6 +229,14 @@ def markdown(f: dict[str, Any], runs: list[str] | None = None) -> str:
             if "largest_redis_gap_s" in f  # reports from before it was measured lack it
             else []
         ),
+        *(
+            [
+                f"- downloads queued (the queue and its woken lane), sampled every 5 s: median "
+                f"{f['backlog']['median']:.0f}, largest {f['backlog']['max']}"
+            ]
+            if "backlog" in f  # reports from before it was sampled lack it
+            else []
+        ),
         *([_down_line(f["down_origin"])] if "down_origin" in f else []),
         f"- workers that died on their own: {len(f['worker_deaths'])}",
         "",

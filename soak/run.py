@@ -9,6 +9,7 @@ import json
 import os
 import random
 import shutil
+import statistics
 import tempfile
 import threading
 import time
@@ -23,6 +24,7 @@ from celery import Celery
 from kombu.entity import Exchange, Queue
 
 from download_client.brokers import rabbitmq_config
+from download_client.fleet import queue_depth
 from download_client.settings import Settings
 from soak.chaos import Chaos
 from soak.origin import Outages, RecordingOrigin
@@ -186,6 +188,14 @@ def sample_rss(workers: list[Worker], samples: dict[int, list[int]], stop: threa
                     samples.setdefault(pid, []).append(psutil.Process(pid).memory_info().rss)
 
 
+def sample_backlog(client: Celery, queue: str, samples: list[int], stop: threading.Event) -> None:
+    """Downloads queued (the queue and its woken lane) every 5 s, while the broker answers."""
+    while not stop.wait(5):
+        with contextlib.suppress(Exception), client.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1)
+            samples.append(queue_depth(conn, queue))
+
+
 @dataclass
 class Stack:
     """The parts one soak runs against, all on 127.0.0.1."""
@@ -270,6 +280,8 @@ def main(size: Size | None = None, seed: int | None = None) -> dict[str, Any]:
     backend = f"{stack.redis.url}/1"
     _background(account, books, backend, stack.work / "dl", stop)
     _background(sample_rss, stack.workers, rss, stop)
+    backlog: list[int] = []
+    _background(sample_backlog, stack.client, "soak", backlog, stop)
     downloads = plan(size.downloads, seed, size.big, plain=bool(size.redis_kills),
                      deadline=outages.deadline_s)  # fmt: skip
     submitter = _background(
@@ -288,6 +300,8 @@ def main(size: Size | None = None, seed: int | None = None) -> dict[str, Any]:
     figures = judge(books=books, ledger=stack.origin.ledger, events=chaos.events, rss=rss,
                     partial_left=partial_left, timings=timings, size=size, seed=seed)  # fmt: skip
     figures["down_origin"]["attempt_budget"] = 1 + int(SOAK_SETTINGS["DOWNLOAD_MAX_RETRIES"])
+    if backlog:
+        figures["backlog"] = {"median": statistics.median(backlog), "max": max(backlog)}
     figures["work"] = str(stack.work)
     figures["broker"] = broker
     if figures["ok"]:

@@ -20,6 +20,7 @@ from celery import Task
 from download_client import arguments
 from download_client.contract import TASK_NAME
 from download_client.errors import PermanentError, TransientError
+from download_client.lanes import home_queue
 from download_client.redact import redact_url
 from tasks import runtime
 from tasks.core import callbacks
@@ -90,7 +91,7 @@ def enqueue(app: Any, task_id: str, state: str, result: Any, request: Any) -> No
     app.send_task(
         CALLBACK_TASK,
         args=[url, text, task_id, time.time()],
-        queue=delivery.get("routing_key"),
+        queue=home_queue(delivery.get("routing_key") or "") or None,
         retry=True,
         retry_policy=publish_policy(runtime.configured()),
     )

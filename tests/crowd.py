@@ -14,6 +14,7 @@ import redis
 from celery import Celery
 from celery.result import AsyncResult
 
+from download_client.lanes import woken_lane
 from tests.conftest import submit
 from tests.harness import Worker, free_port, wait_for
 from tests.server import OriginServer
@@ -66,8 +67,13 @@ def states(backend: redis.Redis, ids: list[str]) -> dict[str, int]:
 
 
 def held_by_redis(broker: redis.Redis, queue: str, ids: Iterable[str]) -> int:
-    """How many of `ids` have a message in the queue or in kombu's unacknowledged records."""
-    messages = [*broker.lrange(queue, 0, -1), *broker.hvals("unacked")]
+    """How many of `ids` have a message in the queue (or its woken lane) or in kombu's
+    unacknowledged records."""
+    messages = [
+        *broker.lrange(queue, 0, -1),
+        *broker.lrange(woken_lane(queue), 0, -1),
+        *broker.hvals("unacked"),
+    ]
     return sum(any(i.encode() in m for m in messages) for i in ids)
 
 

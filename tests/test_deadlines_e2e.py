@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import time
 from datetime import UTC
 from typing import Any
 
@@ -16,6 +17,7 @@ import redis
 from celery import Celery
 from celery.result import AsyncResult
 
+from download_client.lanes import woken_lane
 from tests import crowd
 from tests.conftest import failure, kill_each_delivery, submit
 from tests.harness import RedisServer, Worker, free_port, wait_for, worker_env
@@ -58,7 +60,11 @@ def _held(client, worker: Worker, task_id: str) -> bool:
     port = client.backend.client.connection_pool.connection_kwargs["port"]
     broker = redis.Redis(port=port, db=0)
     try:
-        queued = [*broker.lrange(worker.queue, 0, -1), *broker.hvals("unacked")]
+        queued = [
+            *broker.lrange(worker.queue, 0, -1),
+            *broker.lrange(woken_lane(worker.queue), 0, -1),
+            *broker.hvals("unacked"),
+        ]
         return any(task_id.encode() in m for m in queued)
     finally:
         broker.close()
@@ -106,6 +112,12 @@ def test_an_outage_past_the_attempt_budget_ends_in_success_before_the_deadline(
     assert result["deadline"] == note["deadline"] and result["waited_s"] == 0
     assert result["sha256"] == body_sha256(5000, key)
     assert len(origin.stats.for_key(key)) == 1
+
+
+def test_an_attempt_due_after_a_wait_goes_ahead_of_the_downloads_queued_meanwhile(
+    client, start_worker, origin, key
+):
+    due_ahead_of_a_backlog(client, start_worker(concurrency=1, **AHEAD), origin, key)
 
 
 def test_workers_restarted_during_the_outage_lose_nothing_and_transfer_once(
@@ -307,3 +319,43 @@ def test_flower_shows_when_the_next_attempt_is_due_and_when_the_deadline_ends(
         assert re.fullmatch(shown, info["exception"]), info["exception"]
     finally:
         crowd.unpark(client.backend.client, [res.id])  # the session's workers share the due set
+
+
+AHEAD = {"DOWNLOAD_RETRY_BACKOFF": "0.5", "DOWNLOAD_RETRY_BACKOFF_MAX": "2",
+         "DOWNLOAD_PARK_AFTER": "0"}  # fmt: skip
+BACKLOG = 30  # downloads of half a second each, queued behind a parked attempt
+AHEAD_BOUND = 10
+
+
+def due_ahead_of_a_backlog(client: Celery, worker: Worker, origin: OriginServer, key: str) -> None:
+    """A worker of one slot (settings AHEAD). A download with a deadline waits parked for its
+    next attempt while its origin is down; 30 downloads are queued behind it meanwhile. Once its
+    origin is back, its next attempt comes through the woken lane: at most AHEAD_BOUND of the
+    queued downloads start between the origin's return and its request (its backoff and the
+    one running), not all 30, as when the woken attempt joined the end of the queue."""
+    port, url = _refused_url(key)
+    first = submit(client, worker, url=url, dest=f"ahead/{key}.bin", deadline=300)
+    wait_for(lambda: _failed_attempts(client, first.id) >= 1, 60, "a failed attempt")
+    slow = f"{origin.url}/bytes/20000?rate=40000&key={key}-b"
+    backlog = [
+        submit(client, worker, url=f"{slow}{i}&seed={i}", dest=f"ahead/{key}-{i}.bin")
+        for i in range(BACKLOG)
+    ]
+    wait_for(lambda: len(_backlog_starts(origin, key)) >= 2, 60, "the backlog running")
+    back = OriginServer(port=port).start()
+    try:
+        up = time.monotonic()
+        assert first.get(timeout=120)["sha256"] == body_sha256(5000, key)
+        [came] = back.stats.for_key(key)
+    finally:
+        back.stop()
+    between = sum(up <= at < came.at for at in _backlog_starts(origin, key))
+    assert between <= AHEAD_BOUND, f"{between} queued downloads started before the woken one"
+    assert all(r.get(timeout=120)["size"] == 20000 for r in backlog)
+
+
+def _backlog_starts(origin: OriginServer, key: str) -> list[float]:
+    with origin.stats.lock:
+        return [
+            r.at for r in origin.stats.requests if r.query.get("key", "").startswith(f"{key}-b")
+        ]

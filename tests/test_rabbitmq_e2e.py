@@ -21,12 +21,14 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 from download_client.brokers import rabbitmq_config
+from download_client.lanes import woken_lane
 from download_client.settings import Settings
 from tests import crowd
 from tests.conftest import active_pid, run, submit
 from tests.harness import ROOT, RedisServer, Worker, wait_for, worker_env
 from tests.rabbitmq import RabbitServer, installed
 from tests.server import body_sha256
+from tests.test_deadlines_e2e import AHEAD, due_ahead_of_a_backlog
 
 if not installed():
     pytest.skip(
@@ -262,7 +264,8 @@ def test_a_crowd_waiting_a_day_on_a_dead_origin_holds_no_slot_and_no_worker_memo
 
     def all_parked() -> bool:
         listed = rabbit.ctl("list_queues", "name", "messages", "-q", "--formatter", "json")
-        held = sum(q["messages"] for q in json.loads(listed) if q["name"] == w.queue)
+        lanes = (w.queue, woken_lane(w.queue))
+        held = sum(q["messages"] for q in json.loads(listed) if q["name"] in lanes)
         parked = crowd.parked(backend, ids) == len(ids) and not held
         return parked and crowd.states(backend, ids) == {"RETRY": len(ids)}
 
@@ -284,3 +287,11 @@ def test_a_crowd_waiting_a_day_on_a_dead_origin_holds_no_slot_and_no_worker_memo
         w.stop()
         crowd.unpark(backend, ids)  # the session's other workers sweep the same due set
         backend.close()
+
+
+def test_an_attempt_due_after_a_wait_goes_ahead_of_the_downloads_queued_meanwhile(
+    rclient, start, origin, key
+):
+    """tests/test_deadlines_e2e.py's backlog on RabbitMQ: the woken lane is a quorum queue of its
+    own, which the worker consumes beside the queue."""
+    due_ahead_of_a_backlog(rclient, start("ahead", children=1, **AHEAD), origin, key)

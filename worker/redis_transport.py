@@ -7,11 +7,12 @@ that goes away under a worker.
   message from the first non-empty key, in kombu's order (each priority step, then each queue of
   the rotation), and writes that record in the same atomic step. Redis cannot block a script, so
   an idle channel blocks first on `BLMOVE k k RIGHT RIGHT` (which moves the oldest message of
-  `k` onto itself: it consumes nothing and leaves the order as it was) over the first key of its
-  rotation, pipelined with the take: a message there starts at once; one on another key (another
-  priority step, another queue) waits at most the BRPOP timeout kombu already uses (1 s), which
-  bounds the wait as before. A channel that has just received a message takes again without
-  waiting. Needs Redis 6.2 (BLMOVE); the first channel of a process checks it.
+  `k` onto itself: it consumes nothing and leaves the order as it was) over the queue it took
+  from last (the end of kombu's rotation), pipelined with the take: a message there starts at
+  once; one on another key (another priority step, another queue) waits at most the BRPOP
+  timeout kombu already uses (1 s), which bounds the wait as before. A channel that has just
+  received a message takes again without waiting. Needs Redis 6.2 (BLMOVE); the first channel
+  of a process checks it.
 - **Leases instead of the visibility timeout.** The record's score in `unacked_index` is renewed
   every `fetch_renew_interval` seconds for each message the process holds (running, prefetched,
   waiting for its countdown), so kombu's own sweep (`restore_visible`), run with `fetch_lease` as
@@ -203,7 +204,10 @@ class Channel(kombu_redis.Channel):
         commands: list[tuple[Any, ...]] = []
         self._fetch_waits = self._fetch_idle
         if self._fetch_waits:
-            commands.append(("BLMOVE", keys[0], keys[0], "RIGHT", "RIGHT", wait))
+            # The queue taken from last (the end of kombu's round robin), where the next
+            # message most likely comes: the busy queue rather than its woken lane.
+            last = keys[len(queues) - 1]
+            commands.append(("BLMOVE", last, last, "RIGHT", "RIGHT", wait))
         commands.append(("EVAL", TAKE, len(keys) + 2, *keys, *record, len(keys), time()))
         connection = self.client.connection
         self._in_poll = connection

@@ -5,13 +5,10 @@ them: a queue or exchange declared with other arguments than the broker already 
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
+from download_client.lanes import without_delay
 from download_client.settings import Settings
-
-# What native delayed delivery puts in front of a routing key: the delay in 28 binary digits.
-_DELAY_PREFIX = re.compile(r"^(?:[01]\.){28}")
 
 
 def is_rabbitmq(broker_url: str) -> bool:
@@ -48,7 +45,7 @@ def back_to_its_queue(
     from (for every queue declared here, the routing key is the queue's name)."""
     if options.get("queue") is not None or not options.get("routing_key"):
         return None
-    return {"queue": _DELAY_PREFIX.sub("", options["routing_key"], count=1)}
+    return {"queue": without_delay(options["routing_key"])}
 
 
 def whole_seconds(countdown: float | None) -> float | None:

@@ -13,15 +13,23 @@ from celery import Celery
 from download_client import records
 from download_client.client import backend_redis, read_states
 from download_client.contract import TASK_NAME, WAITING
+from download_client.lanes import woken_lane
 from download_client.tables import retry_of
 
 INSPECT_TIMEOUT = 1.0  # seconds to wait for the workers' replies
 
 
 def queue_depth(conn: Any, queue: str) -> int:
-    """Messages waiting in `queue`, on Redis or RabbitMQ; a queue not declared yet holds none."""
+    """Messages waiting in `queue` and its woken lane, on Redis or RabbitMQ; a queue not declared
+    yet holds none."""
+    return sum(_depth(conn, name) for name in (queue, woken_lane(queue)))
+
+
+def _depth(conn: Any, queue: str) -> int:
+    # RabbitMQ closes a channel that asks for a queue it does not have: a channel of its own.
     try:
-        return int(conn.default_channel.queue_declare(queue, passive=True).message_count)
+        with conn.channel() as channel:
+            return int(channel.queue_declare(queue, passive=True).message_count)
     except conn.channel_errors:
         return 0
 
