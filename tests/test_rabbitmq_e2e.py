@@ -111,7 +111,7 @@ def test_the_download_queue_is_a_quorum_queue_on_a_topic_exchange(rabbit, rclien
     _clean_start(rworker)
     listed = rabbit.ctl("list_queues", "name", "type", "-q", "--formatter", "json")
     types = {q["name"]: q["type"] for q in json.loads(listed)}
-    assert types["shared"] == types["celery"] == "quorum"
+    assert types["shared"] == types["shared.woken"] == types["celery"] == "quorum"
     assert types["celery_delayed_0"] == types["celery_delayed_27"] == "quorum"
 
 
@@ -295,3 +295,44 @@ def test_an_attempt_due_after_a_wait_goes_ahead_of_the_downloads_queued_meanwhil
     """tests/test_deadlines_e2e.py's backlog on RabbitMQ: the woken lane is a quorum queue of its
     own, which the worker consumes beside the queue."""
     due_ahead_of_a_backlog(rclient, start("ahead", children=1, **AHEAD), origin, key)
+
+
+def test_a_callback_after_a_retry_through_the_delay_queues_reaches_its_receiver(
+    rclient, start, origin, key
+):
+    """A retry's countdown goes through native delayed delivery, whose routing key carries the
+    delay's digits in front of the queue's name: the callback of the run that follows still
+    goes to the queue the workers consume, and is POSTed."""
+    from tests.receiver import Receiver
+
+    secret = "whsec-rabbit-3f2a"
+    w = start("hooked", DOWNLOAD_CALLBACK_SECRET=secret, DOWNLOAD_CALLBACK_ALLOW="127.0.0.1",
+              DOWNLOAD_RETRY_BACKOFF="1", DOWNLOAD_RETRY_BACKOFF_MAX="1")  # fmt: skip
+    receiver = Receiver(secret).start()
+    try:
+        url = f"{origin.url}/bytes/3000?seed={key}&key={key}&flaky=1"
+        res = submit(rclient, w, url=url, dest=f"{key}.bin", callback_url=receiver.url)
+        assert res.get(timeout=60)["attempts"] == 2
+        [got] = wait_for(lambda: receiver.book.accepted(res.id), 30, "the callback")
+        assert got.body["state"] == "SUCCESS"
+    finally:
+        receiver.stop()
+
+
+def test_a_retry_through_the_delay_queues_parked_for_its_origin_is_woken_into_a_consumed_queue(
+    rclient, start, origin, key
+):
+    """A download's retry comes back through native delayed delivery (its routing key prefixed
+    with the delay's digits), finds its origin's one slot held, and parks: woken, it is
+    published to its queue's woken lane, not to a queue named after that routing key."""
+    w = start("parked", DOWNLOAD_HOST_CONCURRENCY="1", DOWNLOAD_RETRY_BACKOFF="1",
+              DOWNLOAD_RETRY_BACKOFF_MAX="1")  # fmt: skip
+    flaky = submit(rclient, w, url=f"{origin.url}/bytes/3000?seed={key}&key={key}&flaky=1",
+                   dest=f"{key}.bin")  # fmt: skip
+    wait_for(lambda: origin.stats.for_key(key), 30, "the first attempt")
+    slow = f"{origin.url}/bytes/60000?rate=20000&key={key}-slow"
+    holder = submit(rclient, w, url=slow, dest=f"{key}-slow.bin")
+    result = flaky.get(timeout=60)
+    assert result["attempts"] == 2 and result["waited_s"] > 0  # it did wait for the slot
+    assert result["sha256"] == body_sha256(3000, key)
+    assert holder.get(timeout=60)["size"] == 60000
