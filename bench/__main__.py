@@ -1,5 +1,6 @@
 """`python -m bench` (or `make bench`): measure everything and write docs/benchmarks.md.
-`python -m bench report` redraws the report from docs/benchmarks.json without measuring.
+`python -m bench report` redraws the report from docs/benchmarks.json without measuring;
+`python -m bench lanes` measures part 8 (the express lane) alone into it and redraws it.
 BENCH_QUICK=1 makes a smoke run of about two minutes; BENCH_TMP picks where files are written."""
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import large, latency, live_view, machine, memory, profile, report, seed, small
+from bench import lanes, large, latency, live_view, machine, memory, profile, report, seed, small
 from bench.config import KIB, MIB, Config
 from bench.stack import Nginx, Stack, make_files
 
@@ -21,8 +22,10 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
 def main(argv: list[str]) -> int:
-    if argv[:1] == ["report"]:
+    if argv[:1] in (["report"], ["lanes"]):
         results = json.loads((DOCS / "benchmarks.json").read_text())
+        if argv[:1] == ["lanes"]:
+            results["lanes"] = _lanes_alone(Config.from_env())
         print(f"wrote {report.write(results, DOCS)}")
         return 0
     missing = [tool for tool in ("redis-server", "nginx") if not shutil.which(tool)]
@@ -69,9 +72,20 @@ def measure(cfg: Config, work: Path) -> dict[str, Any]:
         results["live_view"] = live_view.run(stack, cfg)
         _step("part 7: the seed's batch, images at 50 ms time to first byte")
         results["seed"] = seed.run(stack, cfg)
+        _step("part 8: the express lane's share")
+        results["lanes"] = lanes.run(stack, cfg)
     results["load_at_end"] = machine.load()
     results["duration_s"] = time.monotonic() - started
     return results
+
+
+def _lanes_alone(cfg: Config) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="bench-", dir=os.environ.get("BENCH_TMP")))
+    try:
+        with Stack(work) as stack:
+            return lanes.run(stack, cfg)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _part4(stack: Stack, url: str, cfg: Config, large_figures: dict[str, Any]) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from bench import latency, live_view, seed
+from bench import lanes, latency, live_view, seed
 from bench.large import DEFAULT_CHUNK, chunk_label
 from bench.stats import fmt, ratios
 
@@ -48,6 +48,8 @@ def render(r: Mapping[str, Any], plotted: bool = True) -> str:
         parts.append(live_view.render(r["live_view"]))
     if "seed" in r:
         parts.append(seed.render(r["seed"]))
+    if "lanes" in r:
+        parts.append(lanes.render(r["lanes"]))
     return "\n".join(parts)
 
 

@@ -12,7 +12,7 @@ from typing import Any
 from celery import Task
 
 from download_client.contract import TASK_NAME
-from download_client.lanes import home_queue, woken_lane
+from download_client.lanes import WOKEN, home_queue, lane, lane_of
 from tasks import runtime
 from tasks.retries import publish_policy
 
@@ -29,6 +29,7 @@ def message(task: Task, headers: dict[str, Any] | None = None, retry: bool = Fal
             "args": list(req.args or ()),
             "kwargs": dict(req.kwargs or {}),
             "queue": home_queue(delivery.get("routing_key") or ""),
+            "lane": lane_of(delivery.get("routing_key") or "") or WOKEN,
             "retries": (req.retries or 0) + (1 if retry else 0),
             "headers": {k: v for k, v in (seen or {}).items() if k.startswith("download_")},
             "parked_at": time.time(),
@@ -38,8 +39,9 @@ def message(task: Task, headers: dict[str, Any] | None = None, retry: bool = Fal
 
 
 def publish(app: Any, messages: list[str]) -> None:
-    """Publish woken messages again, to their queue's woken lane (download_client/lanes.py): they
-    have waited their turn once. Each waiting for a slot carries the seconds it waited."""
+    """Publish woken messages again, to their queue's woken lane (download_client/lanes.py), or
+    its urgent lane for an urgent one: they have waited their turn once. Each waiting for a
+    slot carries the seconds it waited."""
     for raw in messages:
         publish_one(app, raw)
 
@@ -56,7 +58,7 @@ def publish_one(app: Any, raw: str) -> None:
         args=m["args"],
         kwargs=m["kwargs"],
         task_id=m["id"],
-        queue=woken_lane(m["queue"] or app.conf.task_default_queue),
+        queue=lane(m["queue"] or app.conf.task_default_queue, m.get("lane") or WOKEN),
         retries=m["retries"],
         headers=headers,
         retry=True,

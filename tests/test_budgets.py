@@ -35,12 +35,12 @@ def ledger(redis_server) -> Iterator[Ledger]:
     client.close()
 
 
-def _message(task_id: str) -> str:
-    return json.dumps({"id": task_id, "args": [], "kwargs": {}})
+def _message(task_id: str, lane: str | None = None) -> str:
+    return json.dumps({"id": task_id, "args": [], "kwargs": {}, "lane": lane})
 
 
-def _seat(budget: Budget, ledger: Ledger, task_id: str) -> Seat:
-    return Seat(budget, ledger, task_id, lambda: _message(task_id))
+def _seat(budget: Budget, ledger: Ledger, task_id: str, lane: str | None = None) -> Seat:
+    return Seat(budget, ledger, task_id, lambda: _message(task_id, lane))
 
 
 def _ids(messages: list[str]) -> list[str]:
@@ -74,6 +74,25 @@ def test_a_second_budget_holds_its_cap_and_wakes_the_parked_in_order(ledger):
     assert disk.stats(ledger)["in_flight"] == {"/data": 2}
     parked[0].leave()
     assert _ids(parked[0].woken) == ["p2"]
+
+
+def test_urgent_messages_parked_go_ahead_and_take_turns_with_the_others(ledger):
+    disk = _disk(cap=1)
+    holder = _seat(disk, ledger, "h")
+    holder.enter("/data")
+    for task_id, lane in [("n1", "woken"), ("n2", None), ("u1", "urgent"), ("n3", None),
+                          ("u2", "urgent"), ("u3", "urgent"), ("u4", "urgent")]:  # fmt: skip
+        with pytest.raises(Busy):
+            _seat(disk, ledger, task_id, lane).enter("/data")
+    order = []
+    for _ in range(7):
+        holder.leave()
+        order += _ids(holder.woken)
+        holder = _seat(disk, ledger, order[-1])
+        holder.woken = []
+        holder.enter("/data")  # the woken run takes its reserved slot
+    # Ahead of the others, one other between two urgent ones: the rest keep every other turn.
+    assert order == ["u1", "n1", "u2", "n2", "u3", "n3", "u4"]
 
 
 def test_budgets_and_scopes_do_not_share_slots(ledger):

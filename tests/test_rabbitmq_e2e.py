@@ -29,6 +29,7 @@ from tests.harness import ROOT, RedisServer, Worker, wait_for, worker_env
 from tests.rabbitmq import RabbitServer, installed
 from tests.server import body_sha256
 from tests.test_deadlines_e2e import AHEAD, due_ahead_of_a_backlog
+from tests.test_lanes_e2e import SLOTS, urgent_ahead_at_its_origin, urgent_ahead_of_a_backlog
 
 if not installed():
     pytest.skip(
@@ -336,3 +337,22 @@ def test_a_retry_through_the_delay_queues_parked_for_its_origin_is_woken_into_a_
     assert result["attempts"] == 2 and result["waited_s"] > 0  # it did wait for the slot
     assert result["sha256"] == body_sha256(3000, key)
     assert holder.get(timeout=60)["size"] == 60000
+
+
+def test_an_urgent_download_starts_ahead_of_a_backlog_queued_before_it(rclient, start, origin, key):
+    """tests/test_lanes_e2e.py's backlog on RabbitMQ: the express lane is a quorum queue with a
+    consumer of its own."""
+    w = start("urgent", children=SLOTS)
+
+    def purge() -> None:
+        with rclient.connection_for_write() as conn:
+            conn.default_channel.queue_purge(w.queue)
+
+    urgent_ahead_of_a_backlog(rclient, w, origin, key, purge)
+
+
+def test_an_urgent_download_parked_for_its_origin_is_the_next_it_serves(
+    rclient, start, origin, key
+):
+    w = start("urgent-parked", DOWNLOAD_HOST_CONCURRENCY="1")
+    urgent_ahead_at_its_origin(rclient, w, origin, key)

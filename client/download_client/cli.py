@@ -124,6 +124,11 @@ def _submit_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         help="extra request header (repeatable)",
     )
     s.add_argument("--queue", help="queue to send to (default: celery)")
+    s.add_argument(
+        "--urgent",
+        action="store_true",
+        help="send to the queue's express lane: started ahead of the queue's backlog",
+    )
     s.add_argument("--wait", action="store_true", help="wait, with progress, and summarise")
     s.add_argument("--timeout", type=float, default=None, help="seconds to wait at most")
     s.add_argument("--json", action="store_true", help="print JSON for machines")

@@ -17,6 +17,7 @@ from download_client import records
 from download_client.arguments import deadline_from
 from download_client.brokers import rabbitmq_config
 from download_client.contract import TASK_NAME, WAITING
+from download_client.lanes import urgent_lane
 from download_client.redact import add_secret_params, redact_kwargs
 from download_client.settings import Settings
 
@@ -56,9 +57,11 @@ def submit(
     max_bytes: int | None = None,
     queue: str | None = None,
     deadline: float | str | None = None,
+    urgent: bool = False,
 ) -> AsyncResult:
     """Queue one download; the returned AsyncResult's id is the download's id. `deadline`:
-    seconds from now, or an ISO 8601 time with a time zone (docs/contract.md)."""
+    seconds from now, or an ISO 8601 time with a time zone (docs/contract.md). `urgent`: sent to
+    the queue's express lane (download_client/lanes.py)."""
     kwargs: dict[str, Any] = {"url": url}
     given = (("dest", dest), ("sha256", sha256), ("max_bytes", max_bytes), ("deadline", deadline))
     for name, value in given:
@@ -66,18 +69,24 @@ def submit(
             kwargs[name] = value
     if headers:
         kwargs["headers"] = dict(headers)
-    [task_id] = [i for i, _ in submit_stream(app, [kwargs], queue=queue)]
+    [task_id] = [i for i, _ in submit_stream(app, [kwargs], queue=route(app, queue, urgent))]
     return AsyncResult(task_id, app=app)
 
 
 def submit_many(
     app: Celery, items: Iterable[str | Mapping[str, Any]], **common: Any
 ) -> list[AsyncResult]:
-    """Queue many downloads: each item is a URL or a dict of the task's arguments."""
-    queue = common.pop("queue", None)
+    """Queue many downloads: each item is a URL or a dict of the task's arguments; `queue` and
+    `urgent` as for `submit`."""
+    queue = route(app, common.pop("queue", None), bool(common.pop("urgent", False)))
     given = ({"url": i} if isinstance(i, str) else dict(i) for i in items)
     merged = ({**_present(common), **args} for args in given)
     return [AsyncResult(i, app=app) for i, _ in submit_stream(app, merged, queue=queue)]
+
+
+def route(app: Celery, queue: str | None, urgent: bool) -> str | None:
+    """The queue to send to: `queue` (None: the default), or its express lane when `urgent`."""
+    return urgent_lane(queue or app.conf.task_default_queue) if urgent else queue
 
 
 def _present(options: Mapping[str, Any]) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from download_client.client import (
     cancel,
     connect,
     read_states,
+    route,
     submit_stream,
 )
 from download_client.errors import PermanentError
@@ -53,7 +54,8 @@ def _submit(args: argparse.Namespace, downloads: Iterable[dict[str, Any]], out: 
         # Task-sent events for the command line's few; a file's thousands would double the
         # publishing and flood every event consumer (Flower lists them once a worker takes them).
         announce = args.input is None
-        for task_id, shown in submit_stream(app, downloads, args.queue, announce):
+        queue = route(app, args.queue, args.urgent)
+        for task_id, shown in submit_stream(app, downloads, queue, announce):
             counter.step()
             if listing is not None:
                 listing.add(task_id, shown)

@@ -200,10 +200,38 @@ local function wake()
   return woken
 end
 """
+# Park a message at the end of the list; an urgent one (its `lane`) goes ahead, taking turns
+# with the others: behind the last urgent one and the one other message after it. So urgent
+# messages are never more than one apart, and the scan for the last of them stops at two
+# others in a row.
+_PARK = """
+local function park(msg)
+  if cjson.decode(msg).lane ~= 'urgent' then
+    redis.call('RPUSH', KEYS[3], msg)
+    return
+  end
+  local last, i = -1, 0
+  while i <= last + 2 do
+    local item = redis.call('LINDEX', KEYS[3], i)
+    if not item then break end
+    local ok, seen = pcall(cjson.decode, item)
+    if ok and type(seen) == 'table' and seen.lane == 'urgent' then last = i end
+    i = i + 1
+  end
+  local pivot = redis.call('LINDEX', KEYS[3], last + 2)
+  if last < 0 then pivot = redis.call('LINDEX', KEYS[3], 0) end
+  if pivot then
+    redis.call('LINSERT', KEYS[3], 'BEFORE', pivot, msg)
+  else
+    redis.call('RPUSH', KEYS[3], msg)
+  end
+end
+"""
 # ARGV[4] holder token, ARGV[5] task id, ARGV[6] the message to park ('' = only try).
 # Returns {status, pttl}: 1 granted, 0 parked (or not granted), -1 parked behind a pause.
 _ACQUIRE = (
     _NOW
+    + _PARK
     + """
 local holder, id = ARGV[4], ARGV[5]
 cap = tonumber(ARGV[2])
@@ -222,7 +250,7 @@ if paused <= 0 and not full and redis.call('LLEN', KEYS[3]) == 0 then
   return {1, 0}
 end
 if ARGV[6] == '' then return {0, 0} end
-redis.call('RPUSH', KEYS[3], ARGV[6])
+park(ARGV[6])
 redis.call('SADD', KEYS[6], scope)
 redis.call('HINCRBY', KEYS[7], 'deferrals ' .. scope, 1)
 if paused > 0 then return {-1, paused} end
