@@ -532,3 +532,18 @@ def test_cancel_with_no_worker_online_cancels_nothing(env):
     refused = cli(alone, "cancel", row["id"])
     assert refused.returncode == 3 and "no worker answered" in refused.stderr
     redis.Redis.from_url(alone["CELERY_BROKER_URL"]).flushdb()
+
+
+def test_submit_urgent_sends_to_the_express_lane(env, start_worker, origin, key):
+    broker = redis.Redis.from_url(env["CELERY_BROKER_URL"])
+    queue = f"lane-{key[:6]}"
+    done = cli(env, "submit", "--ids", "--queue", queue, "--urgent", f"{origin.url}/bytes/10")
+    assert done.returncode == 0, done.stderr
+    assert (broker.llen(queue), broker.llen(f"{queue}.urgent")) == (0, 1)
+    broker.delete(f"{queue}.urgent")
+    w = start_worker()
+    url = f"{origin.url}/bytes/100?seed={key}"
+    done = cli(env, "submit", "--queue", w.queue, "--urgent", "--wait", "--json", url)
+    assert done.returncode == 0, done.stderr
+    [row] = json.loads(done.stdout)
+    assert row["state"] == "SUCCESS"

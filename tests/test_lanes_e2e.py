@@ -12,6 +12,7 @@ from celery import Celery
 from celery.result import AsyncResult
 
 from download_client.client import submit, submit_many, submit_stream
+from download_client.contract import TASK_NAME
 from tests.harness import Worker, wait_for
 from tests.server import OriginServer, body_sha256
 
@@ -111,3 +112,15 @@ def test_urgent_and_other_downloads_both_queued_take_turns(client, start_worker,
     order = [k[len(key) + 1] for k in keys if k.startswith(f"{key}-")]  # "n" or "u", as started
     first = order[:n]
     assert n / 4 <= first.count("n") <= 3 * n / 4, "".join(order)
+
+
+def test_a_bare_producer_sends_an_urgent_download_by_naming_the_lane(
+    client, start_worker, origin, key
+):
+    """No client of ours: Celery's send_task to `<queue>.urgent`, as the contract says."""
+    w = start_worker()
+    url = f"{origin.url}/bytes/500?seed={key}"
+    res = client.send_task(TASK_NAME, kwargs={"url": url, "dest": f"bare/{key}.bin"},
+                           queue=f"{w.queue}.urgent")  # fmt: skip
+    assert res.get(timeout=60)["sha256"] == body_sha256(500, key)
+    assert res.get()["path"] == f"bare/{key}.bin"
