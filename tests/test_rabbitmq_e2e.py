@@ -356,3 +356,16 @@ def test_an_urgent_download_parked_for_its_origin_is_the_next_it_serves(
 ):
     w = start("urgent-parked", DOWNLOAD_HOST_CONCURRENCY="1")
     urgent_ahead_at_its_origin(rclient, w, origin, key)
+
+
+def test_an_urgent_downloads_retry_comes_back_through_the_delay_queues(
+    rclient, rworker, origin, key
+):
+    """The lanes are bound to native delayed delivery as the queue is: a countdown from the
+    express lane reaches it again."""
+    from download_client.client import submit as submit_urgent
+
+    url = f"{origin.url}/bytes/2000?seed={key}&key={key}&flaky=1"
+    res = submit_urgent(rclient, url, dest=f"{key}.bin", queue=rworker.queue, urgent=True)
+    result = res.get(timeout=60)
+    assert result["attempts"] == 2 and result["sha256"] == body_sha256(2000, key)
