@@ -46,6 +46,9 @@ def urgent_ahead_of_a_backlog(
         assert res.get(timeout=120)["sha256"] == body_sha256(3000, key)
         [came] = origin.stats.for_key(f"{key}-urgent")
         between = sum(sent <= at < came.at for at in _starts(origin, f"{key}-b"))
+        print(
+            f"\n{between} of the backlog started between the urgent one's submission and its start"
+        )
         assert between <= AHEAD_BOUND, f"{between} of the backlog started before the urgent one"
         assert len(_starts(origin, f"{key}-b")) < BACKLOG / 2  # the backlog was still there
     finally:
