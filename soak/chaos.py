@@ -34,9 +34,10 @@ class Chaos:
     pause: tuple[float, float]
     stop_timeout: float
     redis_kills: int = 0  # when set: nothing but this many Redis crashes
-    # Redis is crashed at the latest this long after the last crash began (or the chaos did),
-    # whatever the draw says: with the other faults' time, a crash at least every 60 s.
-    redis_every: float = 35.0
+    # Redis is crashed on a timer of its own, whatever else the driver is doing (a restart waits
+    # up to a minute): this long after the last outage ended, so a crash begins at least every
+    # 30 + 25 s.
+    redis_gap: tuple[float, float] = (5.0, 25.0)
     # A RabbitMQ node as the broker (SOAK_BROKER=rabbitmq): crashed in turn with Redis, which
     # then holds only the results.
     node: RabbitServer | None = None
@@ -44,24 +45,32 @@ class Chaos:
     stopping: threading.Event = field(default_factory=threading.Event)
 
     def run(self, until: float) -> None:
-        actions = [self.kill_child] * 5 + [self.restart_worker] * 2 + [self.redis_outage]
+        actions = [self.kill_child] * 5 + [self.restart_worker] * 2
         if self.node is not None:
             actions.append(self.node_outage)
+        crashes = None
         if self.redis_kills:
             actions = [self.redis_outage]
-        last_crash = time.monotonic()
+        else:
+            crashes = threading.Thread(target=self._crash_redis, args=(until,), daemon=True)
+            crashes.start()
         while time.monotonic() < until and not self.stopping.is_set():
             if self.redis_kills and self._crashes() >= self.redis_kills:
                 break
             if self.stopping.wait(self.rng.uniform(*self.pause)):
                 break
             self.revive_the_dead()
-            due = time.monotonic() - last_crash >= self.redis_every
-            action = self.redis_outage if due else self.rng.choice(actions)
-            if action == self.redis_outage:
-                last_crash = time.monotonic()
-            action()
+            self.rng.choice(actions)()
+        if crashes is not None:
+            crashes.join()
         self.revive_the_dead()
+
+    def _crash_redis(self, until: float) -> None:
+        rng = random.Random(self.rng.random())  # its own draws: the main loop's stay as they were
+        while not self.stopping.wait(rng.uniform(*self.redis_gap)):
+            if time.monotonic() >= until:
+                return
+            self.redis_outage(rng)
 
     def _crashes(self) -> int:
         return sum(e.kind == "Redis SIGKILLed" for e in self.events)
@@ -87,8 +96,8 @@ class Chaos:
         worker.start(self.client)
         event.end = time.monotonic()
 
-    def redis_outage(self) -> None:
-        seconds = self.rng.uniform(*self.outage)
+    def redis_outage(self, rng: random.Random | None = None) -> None:
+        seconds = (rng or self.rng).uniform(*self.outage)
         event = self.record("Redis SIGKILLed", f"{seconds:.1f} s")
         self.redis.kill()
         time.sleep(seconds)  # the outage itself
