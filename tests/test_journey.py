@@ -96,7 +96,7 @@ def test_a_parked_message_is_published_again_as_it_was_with_its_wait_added(setti
     parking.publish(app, [message])
     (sent,) = app.sent
     assert sent["name"] == TASK_NAME
-    assert (sent["task_id"], sent["queue"], sent["retries"]) == ("t1", "q1", 2)
+    assert (sent["task_id"], sent["queue"], sent["retries"]) == ("t1", "q1.woken", 2)
     assert sent["kwargs"] == {"url": "http://127.0.0.1:9/x", "dest": "a.bin"}
     assert set(sent["headers"]) == {"download_waits", "download_waited_s"}
     waited = sent["headers"]["download_waited_s"]

@@ -38,6 +38,9 @@ if not installed():
     )
 
 Start = Callable[..., Worker]
+# The results and the ledger in a database of their own: the session's workers on Redis sweep
+# the ledger of theirs, and would publish this module's parked downloads to their own broker.
+RESULTS_DB = 3
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +54,7 @@ def rabbit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitServer]:
 @pytest.fixture(scope="module")
 def rclient(rabbit: RabbitServer, redis_server: RedisServer) -> Celery:
     """A producer declaring what the workers declare (download_client.brokers), results in Redis."""
-    backend = f"{redis_server.url}/1"
+    backend = f"{redis_server.url}/{RESULTS_DB}"
     settings = Settings.from_env(
         {"CELERY_BROKER_URL": rabbit.url, "CELERY_RESULT_BACKEND": backend}
     )
@@ -82,7 +85,9 @@ def start(
     ) -> Worker:
         name = f"r{len(started)}-{queue}"
         ddir = download_dir or tmp_path_factory.mktemp(f"dl-{queue}")
-        settings = worker_env(redis_server.url, ddir, CELERY_BROKER_URL=rabbit.url, **env)
+        results = f"{redis_server.url}/{RESULTS_DB}"
+        settings = worker_env(redis_server.url, ddir, CELERY_BROKER_URL=rabbit.url,
+                              CELERY_RESULT_BACKEND=results, **env)  # fmt: skip
         log = tmp_path_factory.mktemp("rlogs") / f"{name}.log"
         w = Worker(settings, name, queue, log, ddir, ["-c", str(children)])
         started.append(w)
@@ -231,7 +236,8 @@ def test_a_broker_restart_mid_download_loses_nothing(rabbit, rclient, rworker, o
 
 
 def test_status_reports_the_rabbitmq_queue_depth(rabbit, redis_server, rworker, tmp_path):
-    env = worker_env(redis_server.url, tmp_path, CELERY_BROKER_URL=rabbit.url)
+    env = worker_env(redis_server.url, tmp_path, CELERY_BROKER_URL=rabbit.url,
+                     CELERY_RESULT_BACKEND=f"{redis_server.url}/{RESULTS_DB}")  # fmt: skip
     done = subprocess.run(
         [sys.executable, "-m", "download_client.cli", "status", "--json", "--queue", rworker.queue],
         cwd=ROOT,
@@ -260,7 +266,7 @@ def test_a_crowd_waiting_a_day_on_a_dead_origin_holds_no_slot_and_no_worker_memo
     restart."""
     n, slots = int(os.environ.get("DEADLINE_CROWD", "300")), 4
     w = start("crowd", children=slots, **crowd.SETTINGS)
-    backend = redis.Redis(port=redis_server.port, db=1)
+    backend = redis.Redis(port=redis_server.port, db=RESULTS_DB)
     ids: list[str] = []
 
     def all_parked() -> bool:
@@ -368,4 +374,4 @@ def test_an_urgent_downloads_retry_comes_back_through_the_delay_queues(
     url = f"{origin.url}/bytes/2000?seed={key}&key={key}&flaky=1"
     res = submit_urgent(rclient, url, dest=f"{key}.bin", queue=rworker.queue, urgent=True)
     result = res.get(timeout=60)
-    assert result["attempts"] == 2 and result["sha256"] == body_sha256(2000, key)
+    assert result["attempts"] == 2 and result["sha256"] == body_sha256(2000, key), result
