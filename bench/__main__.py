@@ -83,7 +83,7 @@ def _lanes_alone(cfg: Config) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="bench-", dir=os.environ.get("BENCH_TMP")))
     try:
         with Stack(work) as stack:
-            return lanes.run(stack, cfg)
+            return {**lanes.run(stack, cfg), "alone": True}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -30,6 +30,7 @@ SLOTS = 4
 TTFB_MS = 50
 BODY = 64 * KIB
 MODES = ("express lane", "one queue (peer)")
+ALONE = " Measured on its own (`python -m bench lanes`), after the run of the parts above."
 
 
 def run(stack: Stack, cfg: Config) -> dict[str, Any]:
@@ -112,7 +113,7 @@ def render(lanes: Mapping[str, Any]) -> str:
         f"after {lanes['ttfb_ms']} ms). The share of the first {lanes['each']} completions (while "
         "both kinds were queued) that went to the non-urgent downloads: with the express lane, "
         "and with the same downloads all sent to the queue itself (one FIFO). Medians (min-max) "
-        f"of {lanes['rounds']} rounds.",
+        f"of {lanes['rounds']} rounds.{ALONE if lanes.get('alone') else ''}",
         "",
         "| broker | express lane | one queue (peer) |",
         "|---|---|---|",
