@@ -20,7 +20,7 @@ from celery import Task
 from download_client import arguments
 from download_client.contract import TASK_NAME
 from download_client.errors import PermanentError, TransientError
-from download_client.lanes import home_queue
+from download_client.lanes import without_delay
 from download_client.redact import redact_url
 from tasks import runtime
 from tasks.core import callbacks
@@ -91,7 +91,9 @@ def enqueue(app: Any, task_id: str, state: str, result: Any, request: Any) -> No
     app.send_task(
         CALLBACK_TASK,
         args=[url, text, task_id, time.time()],
-        queue=home_queue(delivery.get("routing_key") or "") or None,
+        # Where the download came from (its queue, or a lane: an urgent one's callback is urgent
+        # too), without native delayed delivery's prefix.
+        queue=without_delay(delivery.get("routing_key") or "") or None,
         retry=True,
         retry_policy=publish_policy(runtime.configured()),
     )

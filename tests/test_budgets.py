@@ -76,23 +76,56 @@ def test_a_second_budget_holds_its_cap_and_wakes_the_parked_in_order(ledger):
     assert _ids(parked[0].woken) == ["p2"]
 
 
+def _park(budget: Budget, ledger: Ledger, task_id: str, lane: str | None = None) -> None:
+    with pytest.raises(Busy):
+        _seat(budget, ledger, task_id, lane).enter("/data")
+
+
+def _next(budget: Budget, ledger: Ledger, holder: Seat) -> Seat:
+    """The holder leaves; the one it wakes enters (its reserved slot) and holds next."""
+    holder.leave()
+    [woken] = _ids(holder.woken)
+    seat = _seat(budget, ledger, woken)
+    seat.enter("/data")
+    return seat
+
+
 def test_urgent_messages_parked_go_ahead_and_take_turns_with_the_others(ledger):
     disk = _disk(cap=1)
     holder = _seat(disk, ledger, "h")
     holder.enter("/data")
     for task_id, lane in [("n1", "woken"), ("n2", None), ("u1", "urgent"), ("n3", None),
                           ("u2", "urgent"), ("u3", "urgent"), ("u4", "urgent")]:  # fmt: skip
-        with pytest.raises(Busy):
-            _seat(disk, ledger, task_id, lane).enter("/data")
+        _park(disk, ledger, task_id, lane)
     order = []
     for _ in range(7):
-        holder.leave()
-        order += _ids(holder.woken)
-        holder = _seat(disk, ledger, order[-1])
-        holder.woken = []
-        holder.enter("/data")  # the woken run takes its reserved slot
-    # Ahead of the others, one other between two urgent ones: the rest keep every other turn.
+        holder = _next(disk, ledger, holder)
+        order.append(holder.task_id)
+    # Ahead of the others, one other between two urgent ones while others wait.
     assert order == ["u1", "n1", "u2", "n2", "u3", "n3", "u4"]
+
+
+def test_urgent_messages_arriving_one_by_one_still_leave_the_others_every_other_turn(ledger):
+    disk = _disk(cap=1)
+    holder = _seat(disk, ledger, "h")
+    holder.enter("/data")
+    for task_id in ("n1", "n2", "n3"):
+        _park(disk, ledger, task_id)
+    order = []
+    for i in range(6):  # a new urgent one parks before each wake: a steady flood
+        _park(disk, ledger, f"u{i}", "urgent")
+        holder = _next(disk, ledger, holder)
+        order.append(holder.task_id)
+    assert order == ["u0", "n1", "u1", "n2", "u2", "n3"]
+    # With no other waiting, urgent ones follow each other; an other parked then has the next
+    # turn, ahead of the urgent ones still waiting.
+    holder = _next(disk, ledger, holder)
+    assert holder.task_id == "u3"
+    _park(disk, ledger, "n4")
+    holder = _next(disk, ledger, holder)
+    assert holder.task_id == "n4"
+    assert _next(disk, ledger, holder).task_id == "u4"
+    assert disk.stats(ledger)["in_flight"] == {"/data": 1}
 
 
 def test_budgets_and_scopes_do_not_share_slots(ledger):

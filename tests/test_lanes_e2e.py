@@ -98,9 +98,9 @@ def test_an_urgent_download_parked_for_its_origin_is_the_next_it_serves(
 
 
 def test_urgent_and_other_downloads_both_queued_take_turns(client, start_worker, origin, key):
-    """40 downloads queued, then 40 urgent ones, on a worker of 2 slots: the first 40 to end are
-    not all of one kind (one queue would end all 40 of the first before any urgent one; the
-    lane alone would end all 40 urgent ones first)."""
+    """40 downloads queued, then 40 urgent ones, on a worker of 2 slots: the first 40 to start
+    are not all of one kind (one queue would start all 40 of the first before any urgent one;
+    the lane taken first would start all 40 urgent ones first)."""
     w = start_worker(concurrency=2)
     n = 40
     kinds = {}
@@ -120,7 +120,7 @@ def test_urgent_and_other_downloads_both_queued_take_turns(client, start_worker,
 def test_a_bare_producer_sends_an_urgent_download_by_naming_the_lane(
     client, start_worker, origin, key
 ):
-    """No client of ours: Celery's send_task to `<queue>.urgent`, as the contract says."""
+    """No client of ours: Celery's own send_task to `<queue>.urgent`, as the contract says."""
     w = start_worker()
     url = f"{origin.url}/bytes/500?seed={key}"
     res = client.send_task(TASK_NAME, kwargs={"url": url, "dest": f"bare/{key}.bin"},

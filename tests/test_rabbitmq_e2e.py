@@ -117,7 +117,8 @@ def test_the_download_queue_is_a_quorum_queue_on_a_topic_exchange(rabbit, rclien
     _clean_start(rworker)
     listed = rabbit.ctl("list_queues", "name", "type", "-q", "--formatter", "json")
     types = {q["name"]: q["type"] for q in json.loads(listed)}
-    assert types["shared"] == types["shared.woken"] == types["celery"] == "quorum"
+    assert types["shared"] == types["shared.woken"] == types["shared.urgent"] == "quorum"
+    assert types["celery"] == "quorum"
     assert types["celery_delayed_0"] == types["celery_delayed_27"] == "quorum"
 
 

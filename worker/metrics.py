@@ -144,8 +144,11 @@ def _parked(ledger: Ledger) -> dict[str, int]:
     scopes = sorted(_text(s) for s in client.smembers(BudgetKeys(origins.KIND, "").parked_scopes))
     pipe = client.pipeline(transaction=False)
     for scope in scopes:
-        pipe.llen(BudgetKeys(origins.KIND, scope).names[2])  # slots, paused, parked, ...
-    return dict(zip(scopes, (int(n) for n in pipe.execute()), strict=True)) if scopes else {}
+        keys = BudgetKeys(origins.KIND, scope).names
+        pipe.llen(keys[2])  # slots, paused, parked, ...
+        pipe.llen(keys[8])  # ..., the urgent ones
+    counts = [int(n) for n in pipe.execute()] if scopes else []
+    return {scope: counts[2 * i] + counts[2 * i + 1] for i, scope in enumerate(scopes)}
 
 
 def _text(value: bytes | str) -> str:

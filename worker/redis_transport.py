@@ -9,10 +9,10 @@ that goes away under a worker.
   an idle channel blocks first on `BLMOVE k k RIGHT RIGHT` (which moves the oldest message of
   `k` onto itself: it consumes nothing and leaves the order as it was) over the queue it took
   from last (the end of kombu's rotation), pipelined with the take: a message there starts at
-  once; one on another key (another priority step, another queue) waits at most the BRPOP
-  timeout kombu already uses (1 s), which bounds the wait as before. A channel that has just
-  received a message takes again without waiting. Needs Redis 6.2 (BLMOVE); the first channel
-  of a process checks it.
+  once; one on any other key (another priority step, another queue such as a lane of
+  worker/lanes.py) waits at most the BRPOP timeout kombu already uses (1 s), or LANE_WAIT_S
+  when the channel consumes several queues. A channel that has just received a message takes
+  again without waiting. Needs Redis 6.2 (BLMOVE); the first channel of a process checks it.
 - **Leases instead of the visibility timeout.** The record's score in `unacked_index` is renewed
   every `fetch_renew_interval` seconds for each message the process holds (running, prefetched,
   waiting for its countdown), so kombu's own sweep (`restore_visible`), run with `fetch_lease` as
@@ -53,6 +53,10 @@ log = logging.getLogger(__name__)
 FETCH_INTERNALS = frozenset(
     {"_brpop_start", "_brpop_read", "_queue_cycle", "_q_for_pri", "_in_poll", "_brpop_sent_at"}
 )
+
+# An idle channel consuming several queues (a queue and its lanes) looks at all of them this
+# often: a blocking wait watches one key.
+LANE_WAIT_S = 0.25
 
 # The Redis version the fetch needs: BLMOVE came in 6.2.
 MIN_REDIS = (6, 2)
@@ -205,8 +209,11 @@ class Channel(kombu_redis.Channel):
         self._fetch_waits = self._fetch_idle
         if self._fetch_waits:
             # The queue taken from last (the end of kombu's round robin), where the next
-            # message most likely comes: the busy queue rather than its woken lane.
+            # message most likely comes: the busy queue rather than its lanes. A message on
+            # another queue is seen when the wait ends: within LANE_WAIT_S where there are some.
             last = keys[len(queues) - 1]
+            if len(queues) > 1:
+                wait = min(wait, LANE_WAIT_S)
             commands.append(("BLMOVE", last, last, "RIGHT", "RIGHT", wait))
         commands.append(("EVAL", TAKE, len(keys) + 2, *keys, *record, len(keys), time()))
         connection = self.client.connection

@@ -13,7 +13,7 @@ from celery import Celery
 from download_client import records
 from download_client.client import backend_redis, read_states
 from download_client.contract import TASK_NAME, WAITING
-from download_client.lanes import LANES, lane
+from download_client.lanes import LANES, home_queue, lane
 from download_client.tables import retry_of
 
 INSPECT_TIMEOUT = 1.0  # seconds to wait for the workers' replies
@@ -22,7 +22,8 @@ INSPECT_TIMEOUT = 1.0  # seconds to wait for the workers' replies
 def queue_depth(conn: Any, queue: str) -> int:
     """Messages waiting in `queue` and its lanes, on Redis or RabbitMQ; a queue not declared yet
     holds none."""
-    return sum(_depth(conn, name) for name in (queue, *(lane(queue, w) for w in LANES)))
+    home = home_queue(queue)
+    return sum(_depth(conn, name) for name in (home, *(lane(home, w) for w in LANES)))
 
 
 def _depth(conn: Any, queue: str) -> int:

@@ -13,9 +13,11 @@ from typing import Any
 
 SUBMITTED_PREFIX = "downloads:submitted:"
 RETRY_PREFIX = "downloads:retry:"
-# The origins with parked downloads (a set), and each one's parked messages (a list), as the
-# workers' ledger names them (docs/reliability.md, "Per-origin limits").
+# The origins with parked downloads (a set), and each one's parked messages (two lists: the
+# others and the urgent ones), as the workers' ledger names them (docs/reliability.md,
+# "Per-origin limits").
 PARKED_ORIGINS = "downloads:origins:parked"
+PARKED_LISTS = ("parked", "urgent")
 ORIGIN_PREFIX = "downloads:origin:"
 _READ_CHUNK = 1000  # keys a pipeline reads at once: bounded replies for any number of ids
 
@@ -76,13 +78,17 @@ def retrying_ids(client: Any, limit: int = 1000) -> list[str]:
 
 
 def parked(client: Any) -> dict[str, int]:
-    """Origin -> downloads parked there for a slot, read from the workers' lists in Redis."""
+    """Origin -> downloads parked there for a slot, read from the workers' lists in Redis (the
+    others and the urgent ones)."""
     origins = sorted(_text(o) for o in client.smembers(PARKED_ORIGINS))
     pipe = client.pipeline(transaction=False)
     for origin in origins:
-        pipe.llen(f"{ORIGIN_PREFIX}{origin}:parked")
-    counts = pipe.execute() if origins else []
-    return {o: int(n) for o, n in zip(origins, counts, strict=True) if int(n) > 0}
+        for kind in PARKED_LISTS:
+            pipe.llen(f"{ORIGIN_PREFIX}{origin}:{kind}")
+    counts = [int(n) for n in pipe.execute()] if origins else []
+    each = len(PARKED_LISTS)
+    totals = (sum(counts[i : i + each]) for i in range(0, len(counts), each))
+    return {o: n for o, n in zip(origins, totals, strict=True) if n > 0}
 
 
 def parse_note(value: Any) -> RetryNote | None:

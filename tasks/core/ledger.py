@@ -12,7 +12,8 @@ The keys live in the result backend's Redis, beside Celery's results:
     downloads:callback-given-up:<id>      a callback the workers gave up on
     downloads:metrics:bytes, :recycled    the fleet's running totals (worker/metrics.py)
     downloads:<kind>:<scope>:...          a fleet-wide budget (tasks/core/budgets.py): `slots`
-                                          (leases), `paused`, `parked`, `waking`, `cap`; for
+                                          (leases), `paused`, `parked`, `waking`, `cap`,
+                                          `urgent` (parked urgent messages), `turn`; for
                                           the origin slots, downloads:origin:<origin>:slots
     downloads:<kind>s:parked              the scopes of a budget with parked messages
     downloads:<kind>s:waking              the scopes of a budget with woken messages not yet
@@ -104,7 +105,8 @@ class BudgetKeys:
         """The scripts' KEYS, in their order."""
         base = f"{PREFIX}{self.kind}:{self.scope}"
         scope = [f"{base}:{part}" for part in ("slots", "paused", "parked", "waking", "cap")]
-        return [*scope, self.parked_scopes, self.stats, self.waking_scopes]
+        turns = [f"{base}:{part}" for part in ("urgent", "turn")]
+        return [*scope, self.parked_scopes, self.stats, self.waking_scopes, *turns]
 
 
 def _scopes(client: Any, kind: str, suffix: str) -> dict[str, str]:
@@ -184,53 +186,48 @@ local scope, lease = ARGV[1], tonumber(ARGV[3])
 local cap = tonumber(redis.call('GET', KEYS[5]) or ARGV[2])
 """
 # Hand free slots to the parked, head first: each gets a reserved lease and moves to `waking`.
+# Urgent messages wait in a list of their own (KEYS[9]) and take turns with the others: after an
+# urgent one (`turn`, KEYS[10]) an ordinary one is woken if any waits, so neither kind stops
+# the other.
 _WAKE = """
+local function parked()
+  return redis.call('LLEN', KEYS[3]) + redis.call('LLEN', KEYS[9])
+end
+local function next_parked()
+  local urgent = redis.call('LLEN', KEYS[9]) > 0 and
+    (redis.call('LLEN', KEYS[3]) == 0 or redis.call('GET', KEYS[10]) ~= 'urgent')
+  redis.call('SET', KEYS[10], urgent and 'urgent' or 'other')
+  return redis.call('LPOP', urgent and KEYS[9] or KEYS[3])
+end
 local function wake()
   local woken = {}
   if redis.call('EXISTS', KEYS[2]) == 1 then return woken end
-  while redis.call('LLEN', KEYS[3]) > 0 and (cap == 0 or redis.call('ZCARD', KEYS[1]) < cap) do
-    local msg = redis.call('LPOP', KEYS[3])
+  while parked() > 0 and (cap == 0 or redis.call('ZCARD', KEYS[1]) < cap) do
+    local msg = next_parked()
     local id = cjson.decode(msg).id
     redis.call('ZADD', KEYS[1], now + lease, 'woken:' .. id)
     redis.call('HSET', KEYS[4], id, cjson.encode({at=now, msg=msg}))
     redis.call('SADD', KEYS[8], scope)
     woken[#woken + 1] = msg
   end
-  if redis.call('LLEN', KEYS[3]) == 0 then redis.call('SREM', KEYS[6], scope) end
+  if parked() == 0 then
+    redis.call('SREM', KEYS[6], scope)
+    redis.call('DEL', KEYS[10])
+  end
   return woken
 end
 """
-# Park a message at the end of the list; an urgent one (its `lane`) goes ahead, taking turns
-# with the others: behind the last urgent one and the one other message after it. So urgent
-# messages are never more than one apart, and the scan for the last of them stops at two
-# others in a row.
+# Park a message behind the others of its kind: urgent (its `lane`) or not.
 _PARK = """
 local function park(msg)
-  if cjson.decode(msg).lane ~= 'urgent' then
-    redis.call('RPUSH', KEYS[3], msg)
-    return
-  end
-  local last, i = -1, 0
-  while i <= last + 2 do
-    local item = redis.call('LINDEX', KEYS[3], i)
-    if not item then break end
-    local ok, seen = pcall(cjson.decode, item)
-    if ok and type(seen) == 'table' and seen.lane == 'urgent' then last = i end
-    i = i + 1
-  end
-  local pivot = redis.call('LINDEX', KEYS[3], last + 2)
-  if last < 0 then pivot = redis.call('LINDEX', KEYS[3], 0) end
-  if pivot then
-    redis.call('LINSERT', KEYS[3], 'BEFORE', pivot, msg)
-  else
-    redis.call('RPUSH', KEYS[3], msg)
-  end
+  redis.call('RPUSH', cjson.decode(msg).lane == 'urgent' and KEYS[9] or KEYS[3], msg)
 end
 """
 # ARGV[4] holder token, ARGV[5] task id, ARGV[6] the message to park ('' = only try).
 # Returns {status, pttl}: 1 granted, 0 parked (or not granted), -1 parked behind a pause.
 _ACQUIRE = (
     _NOW
+    + _WAKE
     + _PARK
     + """
 local holder, id = ARGV[4], ARGV[5]
@@ -245,7 +242,7 @@ if redis.call('ZREM', KEYS[1], 'woken:' .. id) == 1 or redis.call('ZSCORE', KEYS
 end
 local paused = redis.call('PTTL', KEYS[2])
 local full = cap > 0 and redis.call('ZCARD', KEYS[1]) >= cap
-if paused <= 0 and not full and redis.call('LLEN', KEYS[3]) == 0 then
+if paused <= 0 and not full and parked() == 0 then
   redis.call('ZADD', KEYS[1], now + lease, holder)
   return {1, 0}
 end
