@@ -1,6 +1,7 @@
 """The result backend against a real Redis: a stored SUCCESS is never overwritten (a lost
-worker's late copy must not undo a finished download), each state reaches the pollers and the
-subscribers, and one state costs one round trip."""
+worker's late copy must not undo a finished download), nor a FAILURE or REVOKED by a state that
+is not final, each state reaches the pollers and the subscribers, and one state costs one
+round trip."""
 
 from __future__ import annotations
 
@@ -27,6 +28,21 @@ def backend(redis_server, tmp_path):
 def _stored(redis_server, task_id: str) -> dict:
     raw = redis.Redis.from_url(f"{redis_server.url}/1").get(f"celery-task-meta-{task_id}")
     return json.loads(raw)
+
+
+def test_a_failure_or_revoke_is_replaced_only_by_another_end(backend, redis_server):
+    """A run's RETRY may reach Redis after the run its re-sent message started has failed
+    (Celery sends the retry before it stores RETRY, and that store may wait out a Redis
+    outage, as the chaos soak found): the FAILURE stays."""
+    for end in ("FAILURE", "REVOKED"):
+        task_id = str(uuid.uuid4())
+        backend.store_result(task_id, RuntimeError("gave up"), end)
+        backend.store_result(task_id, RuntimeError("HTTP 500, retrying"), "RETRY")
+        backend.store_result(task_id, {"bytes": 5, "total": 9}, "PROGRESS")
+        backend.store_result(task_id, None, "STARTED")
+        assert _stored(redis_server, task_id)["status"] == end
+        backend.store_result(task_id, {"size": 1}, "SUCCESS")  # another copy's end: stored
+        assert _stored(redis_server, task_id)["status"] == "SUCCESS"
 
 
 def test_a_success_is_never_overwritten_by_a_late_copy(backend, redis_server):

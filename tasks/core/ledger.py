@@ -147,9 +147,12 @@ local v = redis.call('GET', KEYS[1])
 if v and cjson.decode(v).task == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 1
 """
-# Celery's read-then-write (a stored SUCCESS is never overwritten: a lost worker's late copy
-# must not undo a finished task) as one script. KEYS: the task's result key. ARGV: the encoded
-# meta (JSON), its expiry in seconds (0: none). Returns 1 when stored.
+# Celery's read-then-write as one script, which never undoes an end: a stored SUCCESS is never
+# overwritten (a lost worker's late copy must not undo a finished task), and a stored FAILURE or
+# REVOKED only by another final state (a run's RETRY can reach Redis after the run that its
+# re-sent message started has failed: Celery sends a retry before it stores RETRY, and that
+# store may wait out a Redis outage). KEYS: the task's result key. ARGV: the encoded meta
+# (JSON), its expiry in seconds (0: none). Returns 1 when stored.
 # The write both state scripts end with: the value, its expiry (0: none), and the message
 # result consumers subscribed to the key wait for.
 _WRITE_STATE = """
@@ -166,7 +169,12 @@ _STORE = (
 local cur = redis.call('GET', KEYS[1])
 if cur then
   local ok, meta = pcall(cjson.decode, cur)
-  if ok and type(meta) == 'table' and meta['status'] == 'SUCCESS' then return 0 end
+  local was = ok and type(meta) == 'table' and meta['status']
+  if was == 'SUCCESS' then return 0 end
+  if was == 'FAILURE' or was == 'REVOKED' then
+    local now = cjson.decode(ARGV[1])['status']
+    if now ~= 'SUCCESS' and now ~= 'FAILURE' and now ~= 'REVOKED' then return 0 end
+  end
 end
 """
     + _WRITE_STATE
@@ -352,7 +360,8 @@ class Held:
 
 @dataclass(frozen=True)
 class State:
-    """A task state encoded by the result backend, stored unless a SUCCESS is there already."""
+    """A task state encoded by the result backend, stored unless a SUCCESS is there already (or
+    a FAILURE or REVOKED, for a state that is not final)."""
 
     key: str
     value: str
@@ -509,7 +518,8 @@ class Ledger:
     # Results and notes.
 
     def store_state(self, state: State, only_new: bool = False) -> bool:
-        """Store a task state unless a SUCCESS is there (`only_new`: unless any state is)."""
+        """Store a task state unless a SUCCESS is there, or a FAILURE or REVOKED and the state
+        is not final (`only_new`: unless any state is)."""
         return bool(_eval(self.client, _STORE_NEW if only_new else _STORE, [state.key],
                           state.value, state.expires))  # fmt: skip
 
