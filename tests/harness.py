@@ -17,6 +17,7 @@ from typing import Any
 
 import redis
 from celery import Celery
+from kombu.exceptions import OperationalError
 
 ROOT = Path(__file__).resolve().parent.parent
 TASK = "downloads.fetch"
@@ -163,7 +164,7 @@ class Worker:
             raise AssertionError(f"worker exited early:\n{self.log()}")
         try:
             return bool(client.control.ping(destination=[self.hostname], timeout=0.5))
-        except (redis.ConnectionError, OSError):  # Redis restarting under the caller
+        except (redis.ConnectionError, OSError, OperationalError):  # the broker restarting
             return False
 
     def children(self) -> list[int]:
