@@ -110,6 +110,11 @@ class Stats:
             most = max(most, now)
         return most
 
+    def started(self, prefix: str) -> list[float]:
+        """When each request whose ?key= starts with `prefix` arrived, in order."""
+        with self.lock:
+            return [r.at for r in self.requests if r.query.get("key", "").startswith(prefix)]
+
     def for_key(self, key: str) -> list[Logged]:
         """The requests made with ?key=<key>, in order."""
         with self.lock:

@@ -341,7 +341,7 @@ def due_ahead_of_a_backlog(client: Celery, worker: Worker, origin: OriginServer,
         submit(client, worker, url=f"{slow}{i}&seed={i}", dest=f"ahead/{key}-{i}.bin")
         for i in range(BACKLOG)
     ]
-    wait_for(lambda: len(_backlog_starts(origin, key)) >= 2, 60, "the backlog running")
+    wait_for(lambda: len(origin.stats.started(f"{key}-b")) >= 2, 60, "the backlog running")
     back = OriginServer(port=port).start()
     try:
         up = time.monotonic()
@@ -349,13 +349,6 @@ def due_ahead_of_a_backlog(client: Celery, worker: Worker, origin: OriginServer,
         [came] = back.stats.for_key(key)
     finally:
         back.stop()
-    between = sum(up <= at < came.at for at in _backlog_starts(origin, key))
+    between = sum(up <= at < came.at for at in origin.stats.started(f"{key}-b"))
     assert between <= AHEAD_BOUND, f"{between} queued downloads started before the woken one"
     assert all(r.get(timeout=120)["size"] == 20000 for r in backlog)
-
-
-def _backlog_starts(origin: OriginServer, key: str) -> list[float]:
-    with origin.stats.lock:
-        return [
-            r.at for r in origin.stats.requests if r.query.get("key", "").startswith(f"{key}-b")
-        ]

@@ -23,11 +23,6 @@ SLOTS = 4
 AHEAD_BOUND = 2 * SLOTS
 
 
-def _starts(origin: OriginServer, prefix: str) -> list[float]:
-    with origin.stats.lock:
-        return [r.at for r in origin.stats.requests if r.query.get("key", "").startswith(prefix)]
-
-
 def urgent_ahead_of_a_backlog(
     client: Celery, worker: Worker, origin: OriginServer, key: str, purge: Callable[[], None]
 ) -> None:
@@ -38,19 +33,19 @@ def urgent_ahead_of_a_backlog(
     backlog = ({"url": f"{slow}{i}", "dest": f"urgent/{key}-{i}.bin"} for i in range(BACKLOG))
     for _ in submit_stream(client, backlog, queue=worker.queue, announce=False):
         pass
-    wait_for(lambda: len(_starts(origin, f"{key}-b")) >= SLOTS, 60, "the backlog running")
+    wait_for(lambda: len(origin.stats.started(f"{key}-b")) >= SLOTS, 60, "the backlog running")
     try:
         sent = time.monotonic()
         url = f"{origin.url}/bytes/3000?seed={key}&key={key}-urgent"
         res = submit(client, url, dest=f"urgent/{key}.bin", queue=worker.queue, urgent=True)
         assert res.get(timeout=120)["sha256"] == body_sha256(3000, key)
         [came] = origin.stats.for_key(f"{key}-urgent")
-        between = sum(sent <= at < came.at for at in _starts(origin, f"{key}-b"))
+        between = sum(sent <= at < came.at for at in origin.stats.started(f"{key}-b"))
         print(
             f"\n{between} of the backlog started between the urgent one's submission and its start"
         )
         assert between <= AHEAD_BOUND, f"{between} of the backlog started before the urgent one"
-        assert len(_starts(origin, f"{key}-b")) < BACKLOG / 2  # the backlog was still there
+        assert len(origin.stats.started(f"{key}-b")) < BACKLOG / 2  # the backlog was still there
     finally:
         purge()
 

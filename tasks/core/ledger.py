@@ -197,10 +197,14 @@ local cap = tonumber(redis.call('GET', KEYS[5]) or ARGV[2])
 # Urgent messages wait in a list of their own (KEYS[9]) and take turns with the others: after an
 # urgent one (`turn`, KEYS[10]) an ordinary one is woken if any waits, so neither kind stops
 # the other.
-_WAKE = """
+_PARKED = """
 local function parked()
   return redis.call('LLEN', KEYS[3]) + redis.call('LLEN', KEYS[9])
 end
+"""
+_WAKE = (
+    _PARKED
+    + """
 local function next_parked()
   local urgent = redis.call('LLEN', KEYS[9]) > 0 and
     (redis.call('LLEN', KEYS[3]) == 0 or redis.call('GET', KEYS[10]) ~= 'urgent')
@@ -225,6 +229,7 @@ local function wake()
   return woken
 end
 """
+)
 # Park a message behind the others of its kind: urgent (its `lane`) or not.
 _PARK = """
 local function park(msg)
@@ -235,7 +240,7 @@ end
 # Returns {status, pttl}: 1 granted, 0 parked (or not granted), -1 parked behind a pause.
 _ACQUIRE = (
     _NOW
-    + _WAKE
+    + _PARKED
     + _PARK
     + """
 local holder, id = ARGV[4], ARGV[5]
