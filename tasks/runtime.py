@@ -33,7 +33,8 @@ class Runtime:
     @classmethod
     def open(cls, settings: Settings) -> Runtime:
         s = settings
-        limits = Limits(s.connect_timeout, s.read_timeout, s.max_bytes, s.chunk_size)
+        limits = Limits(s.connect_timeout, s.read_timeout, s.max_bytes, s.chunk_size,
+                        s.result_expires)  # fmt: skip
         session = new_session(s.allow_private, egress=Egress.from_settings(s))
         return cls(s, session, limits, s.download_dir)
 

@@ -21,10 +21,12 @@ import requests
 
 from download_client.arguments import PARTIAL_DIR, DownloadRequest
 from download_client.errors import DestinationBusyError, PermanentError, TransientError
+from download_client.settings import Settings
 from tasks.core.http import new_session
 from tasks.core.records import RECORD_XATTR, Record
 from tasks.core.storage import LOCKS, Target
 from tasks.core.transfer import Limits, download, drop_mismatch
+from tasks.runtime import Runtime
 from tests.harness import ROOT
 from tests.server import OriginServer, body, body_sha256
 
@@ -551,3 +553,51 @@ def test_an_arrived_body_is_not_published_for_a_request_it_fails(
     with pytest.raises(PermanentError, match="limit"):
         fetch(session, tmp_path, url, max_bytes=50000)
     assert not (tmp_path / "f.bin").exists() and in_progress_area(tmp_path) == []
+
+
+def test_a_file_its_own_earlier_run_published_is_its_outcome_without_a_request(
+    session, tmp_path, origin
+):
+    """A run killed after its rename, before its SUCCESS was stored: the message comes back, and
+    the next run reports the file, even from an origin with no validators to ask about it."""
+    url = f"{origin.url}/bytes/100000?seed=p&noetag=1&nolm=1&key=published"
+    request = DownloadRequest(url=url, dest="f.bin")
+    first = download(session, request, tmp_path, LIMITS, download_id="d-1")
+    again = download(session, request, tmp_path, LIMITS, download_id="d-1")
+    assert len(origin.stats.for_key("published")) == 1
+    assert (again.sha256, again.size, again.http_status) == (first.sha256, 100000, 200)
+    assert (again.final_url, again.path, again.skipped) == (url, "f.bin", False)
+    assert (tmp_path / "f.bin").read_bytes() == body(100000, "p")
+
+
+def test_a_published_file_is_fetched_again_for_another_download_or_once_changed_or_old(
+    session, tmp_path, origin
+):
+    url = f"{origin.url}/bytes/100000?seed=q&noetag=1&nolm=1&key=published-not"
+    request = DownloadRequest(url=url, dest="f.bin")
+    download(session, request, tmp_path, LIMITS, download_id="d-1")
+    download(session, request, tmp_path, LIMITS, download_id="d-2")  # another download
+    assert len(origin.stats.for_key("published-not")) == 2
+    dest = tmp_path / "f.bin"
+    os.utime(dest, ns=(dest.stat().st_atime_ns, dest.stat().st_mtime_ns + 1))  # changed since
+    download(session, request, tmp_path, LIMITS, download_id="d-2")
+    assert len(origin.stats.for_key("published-not")) == 3
+    short_lived = Limits(2, 2, 10 * 1024 * 1024, 65536, id_lifetime=60)
+    old = dest.stat().st_mtime_ns - 61 * 10**9  # published longer ago than the id's life
+    with dest.open("r+b") as f:
+        attached = Record.from_json(os.getxattr(f.fileno(), RECORD_XATTR))
+        os.utime(f.fileno(), ns=(old, old))
+        attached.mtime_ns = old
+        os.setxattr(f.fileno(), RECORD_XATTR, attached.to_json())
+    assert attached.published_for == "d-2"
+    download(session, request, tmp_path, short_lived, download_id="d-2")
+    assert len(origin.stats.for_key("published-not")) == 4
+
+
+def test_a_workers_downloads_trust_their_own_published_files_for_the_results_life(tmp_path):
+    env = {"DOWNLOAD_RESULT_EXPIRES": "3600", "DOWNLOAD_DIR": str(tmp_path)}
+    rt = Runtime.open(Settings.from_env(env))
+    try:
+        assert rt.limits.id_lifetime == 3600
+    finally:
+        rt.close()

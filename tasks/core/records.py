@@ -32,6 +32,10 @@ class Record:
     # On a body kept because it is not the one asked for: the download that kept it, the only
     # one that trusts the verdict (another may find the origin serving a fixed body).
     kept_for: str | None = None
+    # On a published file: the download whose run published it. A later run of that same
+    # download (its message delivered again before its result was stored) reports the file
+    # instead of fetching it again, even from an origin without validators.
+    published_for: str | None = None
 
     @property
     def validator(self) -> str | None:

@@ -3,6 +3,7 @@ Range + If-Range, bytes hashed on the way, size caps, and the file published onl
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,9 @@ class Limits:
     read_timeout: float
     max_bytes: int
     chunk_size: int
+    # How long a download's id stands for it (its result's life, DOWNLOAD_RESULT_EXPIRES): a
+    # file its own earlier run published is taken as its outcome only while that lasts.
+    id_lifetime: float = 7 * 24 * 3600.0
 
     @property
     def timeout(self) -> tuple[float, float]:
@@ -101,7 +105,7 @@ def _transfer(
 ) -> Outcome:
     arrived = target.arrived_record()
     if arrived is not None and _meets(arrived, request, limits):
-        published = _publish_arrived(target, request, arrived)
+        published = _publish_arrived(target, request, arrived, download_id)
         if published is not None:
             return published
     elif arrived is not None and request.sha256:
@@ -113,6 +117,8 @@ def _transfer(
     finished = None if offset else target.finished_record()
     if finished is not None and not _meets(finished, request, limits):
         finished = None  # a 304 must not stand for a file this request would refuse: fetch it
+    if finished is not None and _published_for(finished, download_id, limits):
+        return _already_published(request, finished)
     headers = {**request.headers, **_condition_headers(validators, offset, finished)}
 
     with redirects.opened(session, request.url, headers, limits.timeout, gate) as response:
@@ -138,6 +144,7 @@ def _transfer(
 
     record.sha256 = _verify(f, target, request, record, hasher.hexdigest(), done, total,
                             download_id)  # fmt: skip
+    record.published_for = download_id
     target.publish(f, record)
     return Outcome(
         final_url=response.url,
@@ -160,7 +167,9 @@ def _meets(finished: Record, request: DownloadRequest, limits: Limits) -> bool:
     return (finished.size or 0) <= cap
 
 
-def _publish_arrived(target: Target, request: DownloadRequest, arrived: Record) -> Outcome | None:
+def _publish_arrived(
+    target: Target, request: DownloadRequest, arrived: Record, download_id: str | None
+) -> Outcome | None:
     """Publish the body an earlier run had whole and checked when it was killed, once its bytes
     hash to the sha256 it recorded then; None when they do not (it is fetched again)."""
     size = arrived.size or 0
@@ -170,6 +179,7 @@ def _publish_arrived(target: Target, request: DownloadRequest, arrived: Record) 
         f.close()
         target.discard()
         return None
+    arrived.published_for = download_id
     target.publish(f, arrived)
     return Outcome(
         final_url=arrived.final_url or request.url,
@@ -179,6 +189,30 @@ def _publish_arrived(target: Target, request: DownloadRequest, arrived: Record) 
         content_type=arrived.content_type,
         content_encoding=arrived.content_encoding,
         http_status=arrived.status,
+        resumed_from=size,
+        skipped=False,
+    )
+
+
+def _published_for(finished: Record, download_id: str | None, limits: Limits) -> bool:
+    """The file was published by an earlier run of this same download, within its id's life."""
+    if download_id is None or finished.published_for != download_id:
+        return False
+    return time.time() - (finished.mtime_ns or 0) / 1e9 < limits.id_lifetime
+
+
+def _already_published(request: DownloadRequest, finished: Record) -> Outcome:
+    """What the earlier run that published the file would have reported: it was killed (or its
+    SUCCESS was not stored) after the rename, so its message came back to this run."""
+    size = finished.size or 0
+    return Outcome(
+        final_url=finished.final_url or request.url,
+        path=request.dest,
+        size=size,
+        sha256=finished.sha256 or "",
+        content_type=finished.content_type,
+        content_encoding=finished.content_encoding,
+        http_status=finished.status,
         resumed_from=size,
         skipped=False,
     )
