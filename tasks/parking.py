@@ -12,6 +12,7 @@ from typing import Any
 from celery import Task
 
 from download_client.contract import TASK_NAME
+from download_client.groups import DEFAULT_GROUP
 from download_client.lanes import WOKEN, home_queue, lane, lane_of
 from tasks import runtime
 from tasks.retries import publish_policy
@@ -23,6 +24,7 @@ def message(task: Task, headers: dict[str, Any] | None = None, retry: bool = Fal
     req = task.request
     delivery = req.delivery_info or {}
     seen = req.headers if headers is None else headers
+    group = str((req.kwargs or {}).get("group") or DEFAULT_GROUP)
     return json.dumps(
         {
             "id": req.id,
@@ -34,6 +36,9 @@ def message(task: Task, headers: dict[str, Any] | None = None, retry: bool = Fal
             "headers": {k: v for k, v in (seen or {}).items() if k.startswith("download_")},
             "parked_at": time.time(),
             "retry": retry,
+            # Its group's list and share where it waits for a slot (tasks/core/ledger.py).
+            "group": group,
+            "weight": runtime.configured().group_weight(group),
         }
     )
 

@@ -75,7 +75,8 @@ class Run:
         self.seat: Seat | None = None
         if s.host_concurrency or s.host_limits:
             message = lambda: parking.message(task)  # noqa: E731
-            self.seat = Seat(origins.budget(s.host_limit), self.ledger, task.request.id, message)
+            self.seat = Seat(origins.budget(s.host_limit), self.ledger, task.request.id, message,
+                             request.group, s.group_weight(request.group))  # fmt: skip
 
     def admit(self) -> Admitted:
         """Take the destination's claim, count this delivery (the poison guard), store STARTED

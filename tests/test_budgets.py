@@ -270,3 +270,85 @@ def test_the_sweep_reads_its_index_and_never_scans_the_keyspace(ledger, monkeypa
     _seat(disk, ledger, "p").enter("/data")  # p runs at last: the scope leaves the index
     assert ledger.client.smembers(keys.waking_scopes) == set()
     assert disk.sweep(ledger) == []
+
+
+def _member(task_id: str, group: str, weight: float = 1.0) -> str:
+    return json.dumps({"id": task_id, "args": [], "kwargs": {}, "group": group, "weight": weight})
+
+
+def _group_seat(disk: Budget, ledger: Ledger, task_id: str, group: str, w: float = 1.0) -> Seat:
+    return Seat(disk, ledger, task_id, lambda: _member(task_id, group, w), group, w)
+
+
+def _held_for(ledger: Ledger, seat: Seat, ms: int) -> None:
+    """The seat's slot as if taken `ms` ago (its slot time, without waiting it out)."""
+    held = BudgetKeys("disk", "/data").names[12]
+    entry = json.loads(ledger.client.hget(held, seat.holder))
+    entry["at"] -= ms
+    ledger.client.hset(held, seat.holder, json.dumps(entry))
+
+
+def _serve(disk: Budget, ledger: Ledger, holder: Seat, weights: dict[str, float],
+           hold_ms: dict[str, int], n: int) -> tuple[list[str], Seat]:  # fmt: skip
+    """n turns of a slot: the holder leaves after its group's hold, the one woken enters (the
+    order they entered in, and who holds the slot at the end)."""
+    order = []
+    for _ in range(n):
+        _held_for(ledger, holder, hold_ms.get(holder.group, 0))
+        holder.leave()
+        [raw] = holder.woken
+        m = json.loads(raw)
+        holder = _group_seat(disk, ledger, m["id"], m["group"], weights.get(m["group"], 1.0))
+        holder.enter("/data")
+        order.append(m["id"])
+    return order, holder
+
+
+def test_a_group_parked_behind_another_groups_backlog_takes_turns_with_it(ledger):
+    disk = _disk(cap=1)
+    holder = _group_seat(disk, ledger, "h", "default")
+    holder.enter("/data")
+    for i in range(10):
+        _park_member(disk, ledger, f"a{i}", "a")
+    for i in range(3):
+        _park_member(disk, ledger, f"b{i}", "b")
+    order, _ = _serve(disk, ledger, holder, {}, {"a": 50, "b": 50}, 8)
+    assert [x for x in order if x.startswith("b")] == ["b0", "b1", "b2"]
+    assert order.index("b2") <= 6, order  # not behind a's ten: every other turn
+    assert [x for x in order if x.startswith("a")] == [f"a{i}" for i in range(5)]
+
+
+def test_shares_are_of_slot_time_and_follow_the_weights(ledger):
+    """a (weight 3) holds its slot ten times as long as b (weight 1): over 60 turns the slot
+    time goes 3:1, not the turns."""
+    disk = _disk(cap=1)
+    weights, hold = {"a": 3.0, "b": 1.0}, {"a": 1000, "b": 100}
+    holder = _group_seat(disk, ledger, "h", "default")
+    holder.enter("/data")
+    for i in range(60):
+        _park_member(disk, ledger, f"a{i}", "a", 3.0)
+        _park_member(disk, ledger, f"b{i}", "b", 1.0)
+    order, _ = _serve(disk, ledger, holder, weights, hold, 60)
+    time_a = sum(hold["a"] for x in order if x.startswith("a"))
+    time_b = sum(hold["b"] for x in order if x.startswith("b"))
+    assert 3 * 0.85 <= time_a / time_b <= 3 * 1.15, (time_a, time_b, order)
+
+
+def test_a_group_that_had_nothing_parked_joins_at_the_current_turn_without_credit(ledger):
+    """b was idle while a was served 20 times: once b parks, they alternate; b's idle time is
+    not owed to it (it does not take 20 turns in a row)."""
+    disk = _disk(cap=1)
+    holder = _group_seat(disk, ledger, "h", "default")
+    holder.enter("/data")
+    for i in range(40):
+        _park_member(disk, ledger, f"a{i}", "a")
+    _, holder = _serve(disk, ledger, holder, {}, {"a": 50, "b": 50}, 20)
+    for i in range(10):
+        _park_member(disk, ledger, f"b{i}", "b")
+    then, _ = _serve(disk, ledger, holder, {}, {"a": 50, "b": 50}, 10)
+    assert 4 <= sum(x.startswith("b") for x in then) <= 6, then
+
+
+def _park_member(disk: Budget, ledger: Ledger, task_id: str, group: str, w: float = 1.0) -> None:
+    with pytest.raises(Busy):
+        _group_seat(disk, ledger, task_id, group, w).enter("/data")

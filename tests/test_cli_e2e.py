@@ -547,3 +547,27 @@ def test_submit_urgent_sends_to_the_express_lane(env, start_worker, origin, key)
     assert done.returncode == 0, done.stderr
     [row] = json.loads(done.stdout)
     assert row["state"] == "SUCCESS"
+
+
+def test_submit_group_sends_to_the_groups_queue_and_status_counts_it(
+    env, start_worker, origin, key
+):
+    broker = redis.Redis.from_url(env["CELERY_BROKER_URL"])
+    queue = f"grp-{key[:6]}"
+    urls = [f"{origin.url}/bytes/10?n={i}" for i in range(3)]
+    done = cli(env, "submit", "--ids", "--queue", queue, "--group", "thumbs", *urls)
+    assert done.returncode == 0, done.stderr
+    assert (broker.llen(queue), broker.llen(f"{queue}.group-thumbs")) == (0, 3)
+    shown = cli(env, "status", "--json", "--queue", queue)
+    groups = json.loads(shown.stdout)["groups"]
+    assert groups["thumbs"] == {"queued": 3, "parked": 0, "running": 0}
+    assert json.loads(shown.stdout)["queue_depth"] == 3
+    text = cli(env, "status", "--queue", queue).stdout
+    assert "group thumbs: 3 queued, 0 parked for an origin slot, 0 running" in text
+    refused = cli(env, "submit", "--queue", queue, "--group", "Thumbs", f"{origin.url}/bytes/1")
+    assert refused.returncode == 2 and "group: 'Thumbs' is not a group name" in refused.stderr
+    w = start_worker(queue=queue)  # reads the known group queues when it starts
+    ids = done.stdout.split()
+    waited = cli(env, "wait", "--json", "--timeout", "60", *ids)
+    assert {r["state"] for r in json.loads(waited.stdout)} == {"SUCCESS"}, waited.stdout
+    assert w.queue == queue

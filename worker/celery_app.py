@@ -15,7 +15,16 @@ from download_client.settings import Settings
 from tasks import runtime
 from tasks.callback import CallbackTask
 from tasks.fetch import FetchTask
-from worker import lanes, lifecycle, metrics, redis_transport, revoked, shutdown, sweeper
+from worker import (
+    groups,
+    lanes,
+    lifecycle,
+    metrics,
+    redis_transport,
+    revoked,
+    shutdown,
+    sweeper,
+)
 from worker.celery_internals import rank_state_between
 
 
@@ -110,7 +119,7 @@ def create_app(settings: Settings) -> DownloadsCelery:
     add_secret_params(settings.redact_params)
     rank_running_and_waiting()
     redis_transport.register()
-    for part in (lanes, lifecycle, shutdown, sweeper, revoked, metrics):
+    for part in (lanes, groups, lifecycle, shutdown, sweeper, revoked, metrics):
         part.connect(app, settings)
     return app
 

@@ -29,9 +29,10 @@ from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFam
 from prometheus_client.registry import Collector
 from redis.exceptions import RedisError
 
+from download_client import records
 from download_client.settings import Settings
 from tasks.core import origins
-from tasks.core.ledger import BudgetKeys, Ledger
+from tasks.core.ledger import Ledger
 from worker.backend import ledger_of
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ def _origin_families(ledger: Ledger) -> Iterator[Any]:
         flight.add_metric([origin], float(n))
     yield flight
     try:
-        parked = _parked(ledger)
+        parked = records.parked(ledger.client)
     except RedisError as exc:
         log.warning("parked downloads unavailable: %s", exc)
         parked = {}
@@ -136,19 +137,6 @@ def _origin_families(ledger: Ledger) -> Iterator[Any]:
             if key.startswith(kind + " "):
                 family.add_metric([key.split(" ", 1)[1]], float(n))
         yield family
-
-
-def _parked(ledger: Ledger) -> dict[str, int]:
-    """Origin -> parked downloads: the origins with any (a set), then each one's list length."""
-    client = ledger.client
-    scopes = sorted(_text(s) for s in client.smembers(BudgetKeys(origins.KIND, "").parked_scopes))
-    pipe = client.pipeline(transaction=False)
-    for scope in scopes:
-        keys = BudgetKeys(origins.KIND, scope).names
-        pipe.llen(keys[2])  # slots, paused, parked, ...
-        pipe.llen(keys[8])  # ..., the urgent ones
-    counts = [int(n) for n in pipe.execute()] if scopes else []
-    return {scope: counts[2 * i] + counts[2 * i + 1] for i, scope in enumerate(scopes)}
 
 
 def _text(value: bytes | str) -> str:

@@ -15,8 +15,11 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from download_client.errors import PermanentError
+from download_client.groups import DEFAULT_GROUP, check_group
 
-ARGUMENTS = ("url", "dest", "sha256", "headers", "max_bytes", "callback_url", "deadline")
+ARGUMENTS = (
+    "url", "dest", "sha256", "headers", "max_bytes", "callback_url", "deadline", "group"
+)  # fmt: skip
 MAX_URL_LENGTH = 8192
 MAX_NAME_BYTES = 255
 MAX_DEST_BYTES = 1024
@@ -76,6 +79,7 @@ class DownloadRequest:
     max_bytes: int | None = None
     callback_url: str | None = None
     deadline: Deadline | None = None
+    group: str = DEFAULT_GROUP
 
 
 def parse(
@@ -113,6 +117,7 @@ def parse(
         max_bytes=_check_max_bytes(values.get("max_bytes")),
         callback_url=_check_callback_url(values.get("callback_url")),
         deadline=_check_deadline(values.get("deadline"), now),
+        group=check_group(values.get("group")),
     )
 
 

@@ -129,6 +129,11 @@ def _submit_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         action="store_true",
         help="send to the queue's express lane: started ahead of the queue's backlog",
     )
+    s.add_argument(
+        "--group",
+        metavar="NAME",
+        help="the submitter group whose share of the workers these take (default: default)",
+    )
     s.add_argument("--wait", action="store_true", help="wait, with progress, and summarise")
     s.add_argument("--timeout", type=float, default=None, help="seconds to wait at most")
     s.add_argument("--json", action="store_true", help="print JSON for machines")

@@ -17,7 +17,14 @@ from download_client import records
 from download_client.arguments import deadline_from
 from download_client.brokers import rabbitmq_config
 from download_client.contract import TASK_NAME, WAITING
-from download_client.lanes import urgent_lane
+from download_client.groups import (
+    CONSUME_COMMAND,
+    KNOWN_GROUPS,
+    check_group,
+    group_queue,
+    is_group_queue,
+)
+from download_client.lanes import is_lane, urgent_lane
 from download_client.redact import add_secret_params, redact_kwargs
 from download_client.settings import Settings
 
@@ -58,12 +65,15 @@ def submit(
     queue: str | None = None,
     deadline: float | str | None = None,
     urgent: bool = False,
+    group: str | None = None,
 ) -> AsyncResult:
     """Queue one download; the returned AsyncResult's id is the download's id. `deadline`:
     seconds from now, or an ISO 8601 time with a time zone (docs/contract.md). `urgent`: sent to
-    the queue's express lane (download_client/lanes.py)."""
+    the queue's express lane (download_client/lanes.py). `group`: the submitter group whose
+    share of the fleet it takes (download_client/groups.py)."""
     kwargs: dict[str, Any] = {"url": url}
-    given = (("dest", dest), ("sha256", sha256), ("max_bytes", max_bytes), ("deadline", deadline))
+    given = (("dest", dest), ("sha256", sha256), ("max_bytes", max_bytes), ("deadline", deadline),
+             ("group", group))  # fmt: skip
     for name, value in given:
         if value is not None:
             kwargs[name] = value
@@ -76,8 +86,8 @@ def submit(
 def submit_many(
     app: Celery, items: Iterable[str | Mapping[str, Any]], **common: Any
 ) -> list[AsyncResult]:
-    """Queue many downloads: each item is a URL or a dict of the task's arguments; `queue` and
-    `urgent` as for `submit`."""
+    """Queue many downloads: each item is a URL or a dict of the task's arguments; `queue`,
+    `urgent` and `group` as for `submit` (an item's own `group` wins)."""
     queue = route(app, common.pop("queue", None), bool(common.pop("urgent", False)))
     given = ({"url": i} if isinstance(i, str) else dict(i) for i in items)
     merged = ({**_present(common), **args} for args in given)
@@ -127,14 +137,22 @@ def _publish_chunk(
     chunk = [deadline_from(k, now) for k in chunk]  # seconds count from now, not from a worker
     shown = [redact_kwargs(dict(k)) for k in chunk]  # what events (Flower) and the caller see
     sent = [(str(uuid.uuid4()), s["url"]) for s in shown]
-    _record(app, sent)  # first: every queued id has its record, never the other way round
+    home = queue or app.conf.task_default_queue
+    targets = [_target(home, k.get("group")) for k in chunk]
+    # First: every queued id has its record, and every group queue its workers, never the other
+    # way round.
+    _record(app, sent, {t for t in targets if is_group_queue(t)})
     amqp = app.amqp
-    route = amqp.router.route({"queue": queue} if queue else {}, TASK_NAME, (), {}, None)
-    # Declared once here (kombu then caches it for the connection), not at every publish:
-    # the declaration's bookkeeping costs more than the publish itself.
-    producer.maybe_declare(route["queue"])
+    routes: dict[str, dict[str, Any]] = {}
     with _pipelined(producer):
-        for (task_id, _), kwargs, redacted in zip(sent, chunk, shown, strict=True):
+        for (task_id, _), kwargs, redacted, target in zip(sent, chunk, shown, targets, strict=True):
+            route = routes.get(target)
+            if route is None:
+                route = routes[target] = amqp.router.route({"queue": target}, TASK_NAME, (), {},
+                                                           None)  # fmt: skip
+                # Declared once here (kombu then caches it for the connection), not at every
+                # publish: the declaration's bookkeeping costs more than the publish itself.
+                producer.maybe_declare(route["queue"])
             message = amqp.create_task_message(
                 task_id,
                 TASK_NAME,
@@ -150,6 +168,14 @@ def _publish_chunk(
     return sent
 
 
+def _target(queue: str, group: Any) -> str:
+    """A download's queue: its group's queue of `queue`, unless it is urgent (an express lane
+    is no group's)."""
+    if is_lane(queue) or group is None:
+        return queue
+    return group_queue(queue, check_group(group))
+
+
 def _pipelined(producer: Any) -> AbstractContextManager[Any]:
     """kombu 5.7's `Producer.batch` sends a chunk's publishes in one round trip; older kombu
     (the client runs on Celery 5.6) publishes them one at a time, to the same effect."""
@@ -157,16 +183,31 @@ def _pipelined(producer: Any) -> AbstractContextManager[Any]:
     return batch(max_size=2 * CHUNK) if batch is not None else nullcontext()
 
 
-def _record(app: Celery, sent: Sequence[tuple[str, str]]) -> None:
+def _record(app: Celery, sent: Sequence[tuple[str, str]], group_queues: set[str]) -> None:
     client = backend_redis(app)
     if client is None:
+        for name in group_queues:
+            announce_group(app, name)
         return
     expires = app.conf.result_expires  # seconds, or a timedelta if someone set one
     ttl = int(expires.total_seconds() if hasattr(expires, "total_seconds") else expires)
     pipe = client.pipeline(transaction=False)
     for task_id, shown in sent:
         records.mark_submitted(pipe, task_id, shown, ttl)
-    pipe.execute()
+    names = sorted(group_queues)
+    for name in names:
+        pipe.sadd(KNOWN_GROUPS, name)
+    replies = pipe.execute()
+    added = replies[len(replies) - len(names) :]  # SADD's replies, after the records'
+    for name, new in zip(names, added, strict=True):
+        if new:
+            announce_group(app, name)
+
+
+def announce_group(app: Celery, name: str) -> None:
+    """Tell the workers online to consume a group queue (worker/groups.py); a worker that
+    starts later reads it from Redis."""
+    app.control.broadcast(CONSUME_COMMAND, arguments={"queue": name})
 
 
 def backend_redis(app: Celery) -> Any:

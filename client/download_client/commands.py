@@ -114,6 +114,8 @@ def _defaults(args: argparse.Namespace) -> dict[str, Any]:
         defaults["max_bytes"] = args.max_bytes
     if args.deadline is not None:
         defaults["deadline"] = _deadline(args.deadline)
+    if args.group is not None:
+        defaults["group"] = args.group
     return defaults
 
 
@@ -331,6 +333,10 @@ def _write_status(body: dict[str, Any], out: TextIO) -> None:
     for w in body["workers"]:
         out.write(f"  {w}\n")
     out.write(f"queue {body['queue']!r}: {body['queue_depth']} queued\n")
+    if len(body["groups"]) > 1:
+        for group, n in body["groups"].items():
+            out.write(f"  group {group}: {n['queued']} queued, {n['parked']} parked for an "
+                      f"origin slot, {n['running']} running\n")  # fmt: skip
     retrying = body["retrying"]
     out.write(f"active downloads: {len(body['active'])}\n")
     for d in body["active"]:

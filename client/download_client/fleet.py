@@ -5,6 +5,7 @@ to retry, and whether anyone consumes a queue."""
 from __future__ import annotations
 
 import ast
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
@@ -13,17 +14,55 @@ from celery import Celery
 from download_client import records
 from download_client.client import backend_redis, read_states
 from download_client.contract import TASK_NAME, WAITING
+from download_client.groups import DEFAULT_GROUP, KNOWN_GROUPS, split_group
 from download_client.lanes import LANES, home_queue, lane
 from download_client.tables import retry_of
 
 INSPECT_TIMEOUT = 1.0  # seconds to wait for the workers' replies
 
 
-def queue_depth(conn: Any, queue: str) -> int:
-    """Messages waiting in `queue` and its lanes, on Redis or RabbitMQ; a queue not declared yet
-    holds none."""
+def queue_depth(conn: Any, queue: str, group_queues: Iterable[str] = ()) -> int:
+    """Messages waiting in `queue`, its lanes and the group queues given, on Redis or RabbitMQ;
+    a queue not declared yet holds none."""
     home = home_queue(queue)
-    return sum(_depth(conn, name) for name in (home, *(lane(home, w) for w in LANES)))
+    names = (home, *(lane(home, w) for w in LANES), *group_queues)
+    return sum(_depth(conn, name) for name in names)
+
+
+def group_queues(app: Celery, queue: str) -> dict[str, str]:
+    """The known groups of `queue` (download_client/groups.py), each with its group queue."""
+    client = backend_redis(app)
+    known = client.smembers(KNOWN_GROUPS) if client is not None else set()
+    out = {}
+    for raw in known:
+        name = raw.decode() if isinstance(raw, bytes) else raw
+        served, group = split_group(name)
+        if group != DEFAULT_GROUP and served == home_queue(queue):
+            out[group] = name
+    return dict(sorted(out.items()))
+
+
+def groups(
+    conn: Any,
+    queue: str,
+    known: dict[str, str],
+    active: list[dict[str, Any]],
+    parked: dict[str, int],
+) -> dict[str, dict[str, int]]:
+    """Per group: downloads queued (in its group queue; the default group's are in the queue
+    itself and its lanes), parked for an origin slot (at any origin: `parked` is fleet-wide)
+    and running (among `active`)."""
+    out = {DEFAULT_GROUP: {"queued": queue_depth(conn, queue)}}
+    for group, name in known.items():
+        out[group] = {"queued": _depth(conn, name)}
+    for group, figures in out.items():
+        figures.update(parked=parked.get(group, 0), running=0)
+    for d in active:
+        kwargs = d["kwargs"] if isinstance(d["kwargs"], dict) else {}
+        group = str(kwargs.get("group") or DEFAULT_GROUP)
+        out.setdefault(group, {"queued": 0, "parked": parked.get(group, 0), "running": 0})
+        out[group]["running"] += 1
+    return out
 
 
 def _depth(conn: Any, queue: str) -> int:
@@ -47,9 +86,7 @@ def consumers(app: Celery, queue: str | None) -> list[str]:
 
 
 def status(app: Celery, queue: str) -> dict[str, Any]:
-    with app.connection_for_write() as conn:
-        conn.ensure_connection(max_retries=1)
-        depth = queue_depth(conn, queue)
+    known = group_queues(app, queue)
     # The broadcast that waits out its timeout: every worker that answers `active` is online.
     active = app.control.inspect(timeout=INSPECT_TIMEOUT).active() or {}
     workers = sorted(active)
@@ -63,7 +100,14 @@ def status(app: Celery, queue: str) -> dict[str, Any]:
     for d in downloads:  # bytes and total from the result backend, as pollers see them
         state, info = states[d["id"]]
         d["progress"] = info if state == "PROGRESS" and isinstance(info, dict) else None
-    body = {"workers": workers, "queue": queue, "queue_depth": depth, "active": downloads}
+    with app.connection_for_write() as conn:
+        conn.ensure_connection(max_retries=1)
+        depth = queue_depth(conn, queue, known.values())
+        client = backend_redis(app)
+        parked = records.parked_by_group(client) if client is not None else {}
+        shares = groups(conn, queue, known, downloads, parked)
+    body = {"workers": workers, "queue": queue, "queue_depth": depth, "active": downloads,
+            "groups": shares}  # fmt: skip
     held = scheduled(app, workers)
     return {
         **body,

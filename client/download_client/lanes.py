@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import re
 
+from download_client.groups import split_group
+
 URGENT, WOKEN = "urgent", "woken"
 LANES = (WOKEN, URGENT)
 
@@ -41,7 +43,8 @@ def home_queue(routing_key: str) -> str:
 
 
 def lane(queue: str, which: str) -> str:
-    return f"{home_queue(queue)}.{which}"
+    """A queue's lane; a group queue's lanes are its queue's (download_client/groups.py)."""
+    return f"{split_group(home_queue(queue))[0]}.{which}"
 
 
 def woken_lane(queue: str) -> str:

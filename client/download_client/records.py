@@ -11,13 +11,15 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from download_client.groups import DEFAULT_GROUP
+
 SUBMITTED_PREFIX = "downloads:submitted:"
 RETRY_PREFIX = "downloads:retry:"
-# The origins with parked downloads (a set), and each one's parked messages (two lists: the
-# others and the urgent ones), as the workers' ledger names them (docs/reliability.md,
+# The origins with parked downloads (a set), and each one's parked messages (a list per group,
+# and one of the urgent ones), as the workers' ledger names them (docs/reliability.md,
 # "Per-origin limits").
 PARKED_ORIGINS = "downloads:origins:parked"
-PARKED_LISTS = ("parked", "urgent")
+URGENT_LIST = "urgent"
 ORIGIN_PREFIX = "downloads:origin:"
 _READ_CHUNK = 1000  # keys a pipeline reads at once: bounded replies for any number of ids
 
@@ -78,17 +80,47 @@ def retrying_ids(client: Any, limit: int = 1000) -> list[str]:
 
 
 def parked(client: Any) -> dict[str, int]:
-    """Origin -> downloads parked there for a slot, read from the workers' lists in Redis (the
-    others and the urgent ones)."""
+    """Origin -> downloads parked there for a slot (urgent ones and every group's)."""
+    return {o: sum(lists.values()) for o, lists in parked_lists(client).items()}
+
+
+def parked_by_group(client: Any) -> dict[str, int]:
+    """Group -> downloads parked for a slot at any origin (urgent ones are in none)."""
+    out: dict[str, int] = {}
+    for lists in parked_lists(client).values():
+        for name, n in lists.items():
+            if name != URGENT_LIST:
+                out[name] = out.get(name, 0) + n
+    return out
+
+
+def parked_lists(client: Any) -> dict[str, dict[str, int]]:
+    """Origin -> its parked lists that hold any (`urgent`, and each group's), and how many each
+    holds, read from the workers' keys in Redis: the origins with any (a set), then per origin
+    its lists (the default group's, the urgent one, and the groups with any: a sorted set)."""
     origins = sorted(_text(o) for o in client.smembers(PARKED_ORIGINS))
     pipe = client.pipeline(transaction=False)
     for origin in origins:
-        for kind in PARKED_LISTS:
-            pipe.llen(f"{ORIGIN_PREFIX}{origin}:{kind}")
-    counts = [int(n) for n in pipe.execute()] if origins else []
-    each = len(PARKED_LISTS)
-    totals = (sum(counts[i : i + each]) for i in range(0, len(counts), each))
-    return {o: n for o, n in zip(origins, totals, strict=True) if n > 0}
+        base = f"{ORIGIN_PREFIX}{origin}"
+        pipe.llen(f"{base}:parked").llen(f"{base}:urgent").zrange(f"{base}:groups", 0, -1)
+    got = pipe.execute() if origins else []
+    out: dict[str, dict[str, int]] = {}
+    later: list[tuple[str, str]] = []
+    for i, origin in enumerate(origins):
+        default, urgent, groups = got[3 * i : 3 * i + 3]
+        out[origin] = {DEFAULT_GROUP: int(default), URGENT_LIST: int(urgent)}
+        later += [(origin, g) for g in map(_text, groups) if g != DEFAULT_GROUP]
+    for (origin, group), n in zip(later, _lengths(client, later), strict=True):
+        out[origin][group] = n
+    return {o: {k: n for k, n in lists.items() if n} for o, lists in out.items()
+            if any(lists.values())}  # fmt: skip
+
+
+def _lengths(client: Any, lists: list[tuple[str, str]]) -> list[int]:
+    pipe = client.pipeline(transaction=False)
+    for origin, group in lists:
+        pipe.llen(f"{ORIGIN_PREFIX}{origin}:parked:{group}")
+    return [int(n) for n in pipe.execute()] if lists else []
 
 
 def parse_note(value: Any) -> RetryNote | None:

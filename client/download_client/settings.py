@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
+from download_client.groups import GROUP_NAME
+
 T = TypeVar("T")
 
 
@@ -112,6 +114,28 @@ def _origin_limits(raw: str) -> tuple[tuple[str, int], ...]:
     return tuple(pairs)
 
 
+def _group_numbers(kind: Callable[[str], Any]) -> Callable[[str], tuple[tuple[str, Any], ...]]:
+    """`group=N` pairs, comma-separated, each N read by `kind`."""
+
+    def parse(raw: str) -> tuple[tuple[str, Any], ...]:
+        pairs = []
+        for item in (i.strip() for i in raw.split(",") if i.strip()):
+            group, sep, value = item.rpartition("=")
+            if not sep or not GROUP_NAME.fullmatch(group):
+                raise ValueError(f"{item!r}: expected group=N (a group name: a-z, 0-9, _ and -)")
+            pairs.append((group, kind(value)))
+        return tuple(pairs)
+
+    return parse
+
+
+def _weight(raw: str) -> float:
+    value = float(raw)
+    if not (0 < value <= 1000):
+        raise ValueError(f"{raw!r}: a weight is a number above 0, at most 1000")
+    return value
+
+
 REDIS_SCHEMES = ("redis", "rediss")
 RESULTS_DB = 1
 
@@ -186,6 +210,11 @@ class Settings:
     # 0: no limit. Overrides per origin: "https://cdn.example.com=32,http://10.0.0.5:8080=2".
     host_concurrency: int = _env("DOWNLOAD_HOST_CONCURRENCY", _non_negative_int, "8")
     host_limits: tuple[tuple[str, int], ...] = _env("DOWNLOAD_HOST_LIMITS", _origin_limits, "")
+    # Submitter groups' shares of the origins' slots, by slot time: "crawl=3,thumbs=1" (1 each by
+    # default, download_client/groups.py).
+    group_weights: tuple[tuple[str, float], ...] = _env(
+        "DOWNLOAD_GROUP_WEIGHTS", _group_numbers(_weight), ""
+    )
     # Completion callbacks: signed with the secret, sent only to hosts on the allowlist, retried
     # with backoff (doubling from 1 s, capped at 10 min) for DOWNLOAD_CALLBACK_GIVE_UP seconds.
     callback_secret: str = _env("DOWNLOAD_CALLBACK_SECRET", str, "")
@@ -216,6 +245,9 @@ class Settings:
         settings = cls(**values)
         settings.check()
         return settings
+
+    def group_weight(self, group: str) -> float:
+        return dict(self.group_weights).get(group, 1.0)
 
     def host_limit(self, origin: str) -> int:
         """The fleet-wide cap for one origin (scheme://host:port): an override, else the default."""

@@ -5,8 +5,9 @@ capacity for each scope (an origin, a group, a disk). A run holds a slot as a le
 thread per process renews every RENEW_S; a holder that dies stops renewing, and its slot comes
 back when the lease ends (LEASE_MS). A run that finds no slot parks its task message in Redis
 and leaves its worker process: releasing a slot (or the sweep, once a pause or a lease ends)
-reserves the slot for the head of the parked list and hands its message back to be published
-again, first come first served. A scope can be paused (Retry-After): nothing is granted there
+reserves the slot for a parked message and hands it back to be published again: first come
+first served within a submitter group, and between groups by their shares of the scope's slot
+time (tasks/core/ledger.py). A scope can be paused (Retry-After): nothing is granted there
 until the pause ends. A budget also parks messages until a time (a retry's wait after a fault):
 they sit in its due set, scored by when they are due, and the sweep hands each back to be
 published when its time comes. The keys and the scripts are the ledger's (tasks/core/ledger.py).
@@ -27,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from download_client.groups import DEFAULT_GROUP
 from tasks.core.ledger import Lease, Ledger
 
 LEASE_MS = 10_000
@@ -57,12 +59,15 @@ class Budget:
     cap_for: Callable[[str], int]
     lease_ms: int = LEASE_MS
 
-    def lease(self, scope: str, holder: str, task_id: str) -> Lease | None:
-        """The lease `holder` would hold in `scope`; None where the scope has no limit."""
+    def lease(
+        self, scope: str, holder: str, task_id: str, group: str = DEFAULT_GROUP, weight: float = 1
+    ) -> Lease | None:
+        """The lease `holder` would hold in `scope` (its time counted against `group`'s share
+        there); None where the scope has no limit."""
         cap = self.cap_for(scope)
         if cap == 0:
             return None
-        return Lease(self.kind, scope, holder, task_id, cap, self.lease_ms)
+        return Lease(self.kind, scope, holder, task_id, cap, self.lease_ms, group, weight)
 
     def sweep(self, ledger: Ledger, scan: bool = False) -> list[str]:
         """Messages to publish again: woken by a pause or a lease that ended, or stuck waking
@@ -102,6 +107,8 @@ class Seat:
     ledger: Ledger
     task_id: str
     parked_message: Callable[[], str]
+    group: str = DEFAULT_GROUP
+    weight: float = 1.0
     holder: str = ""
     held: Lease | None = None
     woken: list[str] = field(default_factory=list)
@@ -113,7 +120,7 @@ class Seat:
         """The slot to try for in the run's first round trip (parking nothing), if any."""
         if self.held is not None:
             return None
-        return self.budget.lease(scope, self.holder, self.task_id)
+        return self.budget.lease(scope, self.holder, self.task_id, self.group, self.weight)
 
     def granted(self, lease: Lease) -> None:
         """The slot tried for is held: keep its lease alive."""
@@ -125,7 +132,7 @@ class Seat:
         if self.held is not None and self.held.scope == scope:
             return
         self.leave()
-        lease = self.budget.lease(scope, self.holder, self.task_id)
+        lease = self.budget.lease(scope, self.holder, self.task_id, self.group, self.weight)
         if lease is None:
             return
         ok, paused_ms = self.ledger.acquire(lease, self.parked_message())

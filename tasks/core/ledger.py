@@ -13,8 +13,12 @@ The keys live in the result backend's Redis, beside Celery's results:
     downloads:metrics:bytes, :recycled    the fleet's running totals (worker/metrics.py)
     downloads:<kind>:<scope>:...          a fleet-wide budget (tasks/core/budgets.py): `slots`
                                           (leases), `paused`, `parked`, `waking`, `cap`,
-                                          `urgent` (parked urgent messages), `turn`; for
-                                          the origin slots, downloads:origin:<origin>:slots
+                                          `urgent` (parked urgent messages), `turn`,
+                                          `parked:<group>` (a submitter group's parked
+                                          messages; `parked` is the default group's),
+                                          `groups` (those with any), `vtime` (their slot
+                                          time), `held` (the slots' holders); for the
+                                          origin slots, downloads:origin:<origin>:slots
     downloads:<kind>s:parked              the scopes of a budget with parked messages
     downloads:<kind>s:waking              the scopes of a budget with woken messages not yet
                                           taken up (so the sweep never scans the keyspace)
@@ -106,7 +110,8 @@ class BudgetKeys:
         base = f"{PREFIX}{self.kind}:{self.scope}"
         scope = [f"{base}:{part}" for part in ("slots", "paused", "parked", "waking", "cap")]
         turns = [f"{base}:{part}" for part in ("urgent", "turn")]
-        return [*scope, self.parked_scopes, self.stats, self.waking_scopes, *turns]
+        shares = [f"{base}:{part}" for part in ("groups", "vtime", "held")]
+        return [*scope, self.parked_scopes, self.stats, self.waking_scopes, *turns, *shares]
 
 
 def _scopes(client: Any, kind: str, suffix: str) -> dict[str, str]:
@@ -193,32 +198,98 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local scope, lease = ARGV[1], tonumber(ARGV[3])
 local cap = tonumber(redis.call('GET', KEYS[5]) or ARGV[2])
 """
-# Hand free slots to the parked, head first: each gets a reserved lease and moves to `waking`.
-# Urgent messages wait in a list of their own (KEYS[9]) and take turns with the others: after an
+# Fair shares between submitter groups (download_client/groups.py), by slot time: each group has
+# a virtual time (`vtime`, KEYS[12]), the slot time its downloads held here divided by its
+# weight. A slot freed goes to the parked group with the least (`groups`, KEYS[11], a sorted set
+# of the groups with parked messages, scored by it); a group that had nothing parked joins at
+# the time of the last one served (`_clock`), so it neither lags behind nor banks credit. A
+# download is charged its group's mean slot time (`avg:<group>`) when its slot is reserved,
+# and the difference once it is released (`held`, KEYS[13]); so several slots freed at once do
+# not all go to one group.
+_GROUPS = """
+local function list_of(g)
+  if g == 'default' then return KEYS[3] end
+  return KEYS[3] .. ':' .. g
+end
+local function vtime(g) return tonumber(redis.call('HGET', KEYS[12], g) or '0') end
+local function charge(g, amount)
+  local v = vtime(g) + amount
+  redis.call('HSET', KEYS[12], g, v)
+  if redis.call('ZSCORE', KEYS[11], g) then redis.call('ZADD', KEYS[11], v, g) end
+  return amount
+end
+local function estimate(g, weight)
+  return tonumber(redis.call('HGET', KEYS[12], 'avg:' .. g) or '1000') / weight
+end
+local function joins(g)
+  if redis.call('ZSCORE', KEYS[11], g) then return end
+  local v = math.max(vtime(g), tonumber(redis.call('HGET', KEYS[12], '_clock') or '0'))
+  redis.call('HSET', KEYS[12], g, v)
+  redis.call('ZADD', KEYS[11], v, g)
+end
+local function hold(holder, g, weight, pre)
+  if not pre then pre = charge(g, estimate(g, weight)) end
+  redis.call('HSET', KEYS[13], holder, cjson.encode({at=now, g=g, w=weight, pre=pre}))
+  redis.call('PEXPIRE', KEYS[13], 86400000)
+end
+local function settle_held(holder)
+  local raw = redis.call('HGET', KEYS[13], holder)
+  if not raw then return end
+  redis.call('HDEL', KEYS[13], holder)
+  local e = cjson.decode(raw)
+  local ms = math.max(0, now - e.at)
+  local avg = tonumber(redis.call('HGET', KEYS[12], 'avg:' .. e.g) or ms)
+  redis.call('HSET', KEYS[12], 'avg:' .. e.g, avg * 0.8 + ms * 0.2)
+  charge(e.g, ms / e.w - e.pre)
+end
+"""
+# Hand free slots to the parked: each gets a reserved lease and moves to `waking`. Urgent
+# messages wait in a list of their own (KEYS[9]) and take turns with the others: after an
 # urgent one (`turn`, KEYS[10]) an ordinary one is woken if any waits, so neither kind stops
-# the other.
+# the other. Ordinary ones wait in their group's list and are woken by the groups' shares.
 _PARKED = """
 local function parked()
-  return redis.call('LLEN', KEYS[3]) + redis.call('LLEN', KEYS[9])
+  return redis.call('LLEN', KEYS[3]) + redis.call('LLEN', KEYS[9]) + redis.call('ZCARD', KEYS[11])
 end
 """
 _WAKE = (
     _PARKED
+    + _GROUPS
     + """
+local function ordinary()
+  if redis.call('LLEN', KEYS[3]) > 0 then joins('default') end  -- parked by an older worker
+  while true do
+    local first = redis.call('ZRANGE', KEYS[11], 0, 0, 'WITHSCORES')
+    if #first == 0 then return false end
+    local list = list_of(first[1])
+    local msg = redis.call('LPOP', list)
+    if redis.call('LLEN', list) == 0 then redis.call('ZREM', KEYS[11], first[1]) end
+    if msg then
+      redis.call('HSET', KEYS[12], '_clock', first[2])
+      return msg
+    end
+  end
+end
 local function next_parked()
+  local others = redis.call('LLEN', KEYS[3]) + redis.call('ZCARD', KEYS[11]) > 0
   local urgent = redis.call('LLEN', KEYS[9]) > 0 and
-    (redis.call('LLEN', KEYS[3]) == 0 or redis.call('GET', KEYS[10]) ~= 'urgent')
+    (not others or redis.call('GET', KEYS[10]) ~= 'urgent')
   redis.call('SET', KEYS[10], urgent and 'urgent' or 'other')
-  return redis.call('LPOP', urgent and KEYS[9] or KEYS[3])
+  if urgent then return redis.call('LPOP', KEYS[9]), nil end
+  local msg = ordinary()
+  if not msg then return false, nil end
+  local m = cjson.decode(msg)
+  return msg, charge(m.group or 'default', estimate(m.group or 'default', m.weight or 1))
 end
 local function wake()
   local woken = {}
   if redis.call('EXISTS', KEYS[2]) == 1 then return woken end
   while parked() > 0 and (cap == 0 or redis.call('ZCARD', KEYS[1]) < cap) do
-    local msg = next_parked()
+    local msg, pre = next_parked()
+    if not msg then break end
     local id = cjson.decode(msg).id
     redis.call('ZADD', KEYS[1], now + lease, 'woken:' .. id)
-    redis.call('HSET', KEYS[4], id, cjson.encode({at=now, msg=msg}))
+    redis.call('HSET', KEYS[4], id, cjson.encode({at=now, msg=msg, pre=pre}))
     redis.call('SADD', KEYS[8], scope)
     woken[#woken + 1] = msg
   end
@@ -230,33 +301,52 @@ local function wake()
 end
 """
 )
-# Park a message behind the others of its kind: urgent (its `lane`) or not.
+# Park a message behind the others of its kind: urgent (its `lane`), or of its group.
 _PARK = """
 local function park(msg)
-  redis.call('RPUSH', cjson.decode(msg).lane == 'urgent' and KEYS[9] or KEYS[3], msg)
+  local m = cjson.decode(msg)
+  if m.lane == 'urgent' then
+    redis.call('RPUSH', KEYS[9], msg)
+    return
+  end
+  local g = m.group or 'default'
+  redis.call('RPUSH', list_of(g), msg)
+  joins(g)
 end
 """
-# ARGV[4] holder token, ARGV[5] task id, ARGV[6] the message to park ('' = only try).
+# ARGV[4] holder token, ARGV[5] task id, ARGV[6] the message to park ('' = only try), ARGV[7]
+# the download's group, ARGV[8] its weight.
 # Returns {status, pttl}: 1 granted, 0 parked (or not granted), -1 parked behind a pause.
 _ACQUIRE = (
     _NOW
     + _PARKED
+    + _GROUPS
     + _PARK
     + """
-local holder, id = ARGV[4], ARGV[5]
+local holder, id, g, weight = ARGV[4], ARGV[5], ARGV[7], tonumber(ARGV[8])
 cap = tonumber(ARGV[2])
 redis.call('SET', KEYS[5], cap)
+local waking = redis.call('HGET', KEYS[4], id)
+local pre = nil
+if waking then
+  local ok, entry = pcall(cjson.decode, waking)
+  if ok and type(entry.pre) == 'number' then pre = entry.pre end
+end
 if redis.call('HDEL', KEYS[4], id) == 1 and redis.call('HLEN', KEYS[4]) == 0 then
   redis.call('SREM', KEYS[8], scope)
 end
-if redis.call('ZREM', KEYS[1], 'woken:' .. id) == 1 or redis.call('ZSCORE', KEYS[1], holder) then
+local reserved = redis.call('ZREM', KEYS[1], 'woken:' .. id) == 1
+local holding = redis.call('ZSCORE', KEYS[1], holder)
+if reserved or holding then
   redis.call('ZADD', KEYS[1], now + lease, holder)
+  if not holding then hold(holder, g, weight, pre) end
   return {1, 0}
 end
 local paused = redis.call('PTTL', KEYS[2])
 local full = cap > 0 and redis.call('ZCARD', KEYS[1]) >= cap
 if paused <= 0 and not full and parked() == 0 then
   redis.call('ZADD', KEYS[1], now + lease, holder)
+  hold(holder, g, weight, nil)
   return {1, 0}
 end
 if ARGV[6] == '' then return {0, 0} end
@@ -284,6 +374,7 @@ _RELEASE = (
     + _WAKE
     + """
 redis.call('ZREM', KEYS[1], ARGV[4])
+settle_held(ARGV[4])
 return wake()
 """
 )
@@ -293,6 +384,10 @@ _SWEEP = (
     _NOW
     + _WAKE
     + """
+local gone = redis.call('HKEYS', KEYS[13])
+for _, holder in ipairs(gone) do
+  if not redis.call('ZSCORE', KEYS[1], holder) then settle_held(holder) end
+end
 local out = wake()
 local all = redis.call('HGETALL', KEYS[4])
 for i = 1, #all, 2 do
@@ -302,7 +397,7 @@ for i = 1, #all, 2 do
     entry = {at=tonumber(string.sub(all[i + 1], 1, bar - 1)), msg=string.sub(all[i + 1], bar + 1)}
   end
   if now - entry.at > tonumber(ARGV[4]) then
-    redis.call('HSET', KEYS[4], all[i], cjson.encode({at=now, msg=entry.msg}))
+    redis.call('HSET', KEYS[4], all[i], cjson.encode({at=now, msg=entry.msg, pre=entry.pre}))
     out[#out + 1] = entry.msg
   end
 end
@@ -383,6 +478,8 @@ class Lease:
     task_id: str
     cap: int
     lease_ms: int
+    group: str = "default"  # the submitter group whose share the slot's time counts against
+    weight: float = 1.0
 
     @property
     def keys(self) -> BudgetKeys:
@@ -486,7 +583,8 @@ class Ledger:
         if started is not None:
             r.add("started", lambda p: _store(p, started))
         if lease is not None:
-            r.add("slot", lambda p: _budget(p, _ACQUIRE, lease, lease.holder, a.task_id, ""))
+            r.add("slot", lambda p: _budget(p, _ACQUIRE, lease, lease.holder, a.task_id, "",
+                                            lease.group, lease.weight))  # fmt: skip
         end = a.deadline
         if end is not None:
             # Kept until the deadline, and as long as results after it.
@@ -561,7 +659,8 @@ class Ledger:
 
     def acquire(self, lease: Lease, parked: str = "") -> tuple[bool, int]:
         """Take a slot, or park `parked` (a message) behind the others: (granted, pause ms)."""
-        status, left = _budget(self.client, _ACQUIRE, lease, lease.holder, lease.task_id, parked)
+        status, left = _budget(self.client, _ACQUIRE, lease, lease.holder, lease.task_id, parked,
+                               lease.group, lease.weight)  # fmt: skip
         return int(status) == 1, int(left)
 
     def renew(self, lease: Lease) -> bool:

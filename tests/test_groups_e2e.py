@@ -1,0 +1,72 @@
+"""Submitter groups against real workers and a real origin, counted at the origin: a group that
+submits behind another group's backlog takes turns with it instead of waiting behind it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import redis
+from celery import Celery
+
+from download_client.client import submit, submit_many
+from download_client.groups import group_queue
+from tests.harness import Worker, wait_for
+from tests.server import OriginServer, body_sha256
+
+BACKLOG = 3000
+SLOTS = 4
+# B's 20 downloads alternate with A's in the worker's round robin (20), plus the messages a
+# worker of 4 slots has already taken (its prefetch) and those running when B is submitted.
+INTERLEAVED_BOUND = 40
+
+
+def a_group_behind_a_backlog(
+    client: Celery, worker: Worker, origin: OriginServer, key: str, purge: Callable[[str], None]
+) -> int:
+    """Group A queues 3,000 downloads (50 ms each at the origin) on a worker of 4 slots, then
+    group B, new to the fleet, queues 20: how many of A's start between B's submission and B's
+    last request."""
+    a, b = f"a-{key[:8]}", f"b-{key[:8]}"
+    slow = f"{origin.url}/bytes/2000?stall=0.05&key={key}-a"
+    backlog = [{"url": f"{slow}{i}", "dest": f"groups/{key}-a{i}.bin"} for i in range(BACKLOG)]
+    submit_many(client, backlog, queue=worker.queue, group=a)
+    wait_for(lambda: len(origin.stats.started(f"{key}-a")) >= SLOTS, 60, "A's backlog running")
+    try:
+        sent = time.monotonic()
+        items = [{"url": f"{origin.url}/bytes/1000?seed={key}{i}&key={key}-b{i}",
+                  "dest": f"groups/{key}-b{i}.bin"} for i in range(20)]  # fmt: skip
+        results = submit_many(client, items, queue=worker.queue, group=b)
+        for i, r in enumerate(results):
+            assert r.get(timeout=120)["sha256"] == body_sha256(1000, f"{key}{i}")
+        last = max(origin.stats.for_key(f"{key}-b{i}")[0].at for i in range(20))
+        between = sum(sent <= at <= last for at in origin.stats.started(f"{key}-a"))
+        print(f"\n{between} of A's downloads started between B's submission and B's last request")
+        assert len(origin.stats.started(f"{key}-a")) < BACKLOG / 2  # A's backlog was still there
+        return between
+    finally:
+        purge(group_queue(worker.queue, a))
+
+
+def test_a_group_submitted_behind_another_groups_backlog_takes_turns_with_it(
+    client, start_worker, origin, key, redis_server
+):
+    w = start_worker(concurrency=SLOTS)
+    broker = redis.Redis(port=redis_server.port, db=0)
+    try:
+        between = a_group_behind_a_backlog(client, w, origin, key, broker.delete)
+    finally:
+        broker.close()
+    assert between <= INTERLEAVED_BOUND, f"{between} of A's started before B's last"
+
+
+def test_a_worker_started_after_a_group_was_announced_consumes_its_queue(
+    client, start_worker, origin, key
+):
+    """The group's announcement went out before this worker existed: it reads the group queues
+    from Redis when its consumer starts."""
+    queue = f"late-{key[:8]}"
+    url = f"{origin.url}/bytes/700?seed={key}"
+    res = submit(client, url, dest=f"groups/{key}.bin", queue=queue, group="late")
+    start_worker(queue=queue)
+    assert res.get(timeout=60)["sha256"] == body_sha256(700, key)
