@@ -48,6 +48,34 @@ def a_group_behind_a_backlog(
         purge(group_queue(worker.queue, a))
 
 
+def a_group_behind_a_parked_backlog(
+    client: Celery, workers: list[Worker], origin: OriginServer, key: str,
+    purge: Callable[[str], None],
+) -> int:  # fmt: skip
+    """3 workers of 16 slots against one origin answering in 1 s, 8 slots there fleet-wide (the
+    default cap): group A's 3,000 downloads park for it; then group B queues 20. How many of A's
+    requests arrive between B's submission and B's last request."""
+    a, b = f"a-{key[:8]}", f"b-{key[:8]}"
+    queue = workers[0].queue
+    slow = f"{origin.url}/bytes/2000?stall=1&key={key}-a"
+    backlog = [{"url": f"{slow}{i}", "dest": f"parked/{key}-a{i}.bin"} for i in range(BACKLOG)]
+    submit_many(client, backlog, queue=queue, group=a)
+    wait_for(lambda: len(origin.stats.started(f"{key}-a")) >= 8, 60, "A's backlog running")
+    try:
+        sent = time.monotonic()
+        items = [{"url": f"{origin.url}/bytes/1000?seed={key}{i}&stall=1&key={key}-b{i}",
+                  "dest": f"parked/{key}-b{i}.bin"} for i in range(20)]  # fmt: skip
+        results = submit_many(client, items, queue=queue, group=b)
+        for i, r in enumerate(results):
+            assert r.get(timeout=180)["sha256"] == body_sha256(1000, f"{key}{i}")
+        last = max(origin.stats.for_key(f"{key}-b{i}")[0].at for i in range(20))
+        between = sum(sent <= at <= last for at in origin.stats.started(f"{key}-a"))
+        print(f"\n{between} of A's requests arrived between B's submission and B's last request")
+        return between
+    finally:
+        purge(a)
+
+
 def test_a_group_submitted_behind_another_groups_backlog_takes_turns_with_it(
     client, start_worker, origin, key, redis_server
 ):
@@ -70,3 +98,32 @@ def test_a_worker_started_after_a_group_was_announced_consumes_its_queue(
     res = submit(client, url, dest=f"groups/{key}.bin", queue=queue, group="late")
     start_worker(queue=queue)
     assert res.get(timeout=60)["sha256"] == body_sha256(700, key)
+
+
+def test_a_group_parked_behind_another_groups_backlog_at_a_busy_origin_takes_turns(
+    client, start_worker, origin, key, redis_server
+):
+    cap = {"DOWNLOAD_HOST_CONCURRENCY": "8"}  # the default, which the other tests turn off
+    first = start_worker(concurrency=16, **cap)
+    workers = [first, *(start_worker(queue=first.queue, concurrency=16, **cap) for _ in range(2))]
+    broker = redis.Redis(port=redis_server.port, db=0)
+    ledger = redis.Redis(port=redis_server.port, db=1)
+
+    def purge(group: str) -> None:
+        broker.delete(group_queue(first.queue, group))
+        forget_parked(ledger, group)
+
+    try:
+        between = a_group_behind_a_parked_backlog(client, workers, origin, key, purge)
+    finally:
+        broker.close()
+        ledger.close()
+    assert between <= INTERLEAVED_BOUND, f"{between} of A's arrived before B's last"
+
+
+def forget_parked(ledger: redis.Redis, group: str) -> None:
+    """Drop a group's parked downloads at every origin (the test is done with them)."""
+    for key in ledger.scan_iter(match=f"downloads:origin:*:parked:{group}"):
+        ledger.delete(key)
+    for key in ledger.scan_iter(match="downloads:origin:*:groups"):
+        ledger.zrem(key, group)

@@ -21,6 +21,7 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 from download_client.brokers import rabbitmq_config
+from download_client.groups import group_queue
 from download_client.lanes import woken_lane
 from download_client.settings import Settings
 from tests import crowd
@@ -29,6 +30,12 @@ from tests.harness import ROOT, RedisServer, Worker, wait_for, worker_env
 from tests.rabbitmq import RabbitServer, installed
 from tests.server import body_sha256
 from tests.test_deadlines_e2e import AHEAD, due_ahead_of_a_backlog
+from tests.test_groups_e2e import (
+    INTERLEAVED_BOUND,
+    a_group_behind_a_backlog,
+    a_group_behind_a_parked_backlog,
+    forget_parked,
+)
 from tests.test_lanes_e2e import SLOTS, urgent_ahead_at_its_origin, urgent_ahead_of_a_backlog
 
 if not installed():
@@ -377,3 +384,52 @@ def test_an_urgent_downloads_retry_comes_back_through_the_delay_queues(
     res = submit_urgent(rclient, url, dest=f"{key}.bin", queue=rworker.queue, urgent=True)
     result = res.get(timeout=60)
     assert result["attempts"] == 2 and result["sha256"] == body_sha256(2000, key), result
+
+
+def _purge(rclient: Celery, queue: str) -> None:
+    with rclient.connection_for_write() as conn:
+        conn.default_channel.queue_purge(queue)
+
+
+def test_a_group_submitted_behind_another_groups_backlog_takes_turns_with_it(
+    rclient, start, origin, key
+):
+    """tests/test_groups_e2e.py's backlog on RabbitMQ: each group queue is a quorum queue with a
+    consumer of its own (and its own prefetch)."""
+    w = start("grouped", children=SLOTS)
+    between = a_group_behind_a_backlog(rclient, w, origin, key,
+                                       lambda q: _purge(rclient, q))  # fmt: skip
+    assert between <= INTERLEAVED_BOUND, f"{between} of A's started before B's last"
+
+
+def test_a_group_parked_behind_another_groups_backlog_at_a_busy_origin_takes_turns(
+    rclient, start, origin, key, redis_server
+):
+    cap = {"DOWNLOAD_HOST_CONCURRENCY": "8"}
+    workers = [start("grouped-parked", children=16, **cap) for _ in range(3)]
+    ledger = redis.Redis(port=redis_server.port, db=RESULTS_DB)
+
+    def purge(group: str) -> None:
+        _purge(rclient, group_queue(workers[0].queue, group))
+        forget_parked(ledger, group)
+
+    try:
+        between = a_group_behind_a_parked_backlog(rclient, workers, origin, key, purge)
+    finally:
+        ledger.close()
+    assert between <= INTERLEAVED_BOUND, f"{between} of A's arrived before B's last"
+
+
+def test_a_retry_of_a_group_added_while_the_worker_ran_comes_back_through_the_delay_queues(
+    rclient, rworker, origin, key
+):
+    """A group queue the worker began to consume after it started (the client's announcement)
+    is bound to native delayed delivery as its queue is: a countdown reaches it again."""
+    from download_client.client import submit as submit_grouped
+
+    url = f"{origin.url}/bytes/2000?seed={key}&key={key}&flaky=1"
+    group = f"late-{key[:8]}"
+    res = submit_grouped(rclient, url, dest=f"{key}.bin", queue=rworker.queue, group=group)
+    result = res.get(timeout=60)
+    assert result["attempts"] == 2 and result["sha256"] == body_sha256(2000, key), result
+    assert "not bound for native delayed delivery" not in rworker.log()
