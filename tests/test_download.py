@@ -131,6 +131,21 @@ def test_a_mismatch_is_kept_for_its_download_until_its_failure_is_stored(session
     assert in_progress_area(tmp_path) == []
 
 
+def test_a_mismatch_read_again_from_disk_is_still_its_and_goes_once_its_failure_is_stored(
+    session, tmp_path, origin
+):
+    """Reading the kept body again marks it in use (its mtime): its record follows, so a third
+    run still reads the verdict and, once the FAILURE is stored, the body goes."""
+    url = f"{origin.url}/bytes/3000?seed=r&key=mismatch-again"
+    request = DownloadRequest(url=url, dest="r.bin", sha256="0" * 64)
+    for _ in range(3):
+        with pytest.raises(PermanentError, match="sha256 mismatch"):
+            download(session, request, tmp_path, LIMITS, download_id="d1")
+    assert len(origin.stats.for_key("mismatch-again")) == 1
+    drop_mismatch(tmp_path, request)
+    assert in_progress_area(tmp_path) == []
+
+
 def test_matching_checksum_on_disk_skips_without_a_request(session, tmp_path, origin):
     url = f"{origin.url}/bytes/4000?seed=s"
     fetch(session, tmp_path, url)

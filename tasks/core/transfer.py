@@ -330,11 +330,13 @@ def _known_mismatch(
         target.discard()
         return
     f, hasher = target.open_partial(arrived.size or 0)
-    f.close()
-    if hasher.hexdigest() != arrived.sha256:
-        target.discard()
-        return
-    raise _Mismatch(f"sha256 mismatch: expected {request.sha256}, got {arrived.sha256}")
+    with f:
+        if hasher.hexdigest() == arrived.sha256:
+            # Opening marked it in use (a new mtime): the record must say so, or neither the
+            # next run nor drop_mismatch would take it for this verdict's body.
+            attach(f.fileno(), arrived)
+            raise _Mismatch(f"sha256 mismatch: expected {request.sha256}, got {arrived.sha256}")
+    target.discard()
 
 
 def drop_mismatch(root: Path, request: DownloadRequest) -> None:
