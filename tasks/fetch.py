@@ -103,7 +103,7 @@ class FetchTask(Task):  # type: ignore[misc]
         run.journey = run.journey.begun(time.time())
         last = run.last_attempt(time.time())
         progress = Progress(self, s.progress_interval)
-        if run.seat is None:  # no slot to wait for: the run begins here (else at its gate)
+        if not run.gated:  # no slot to wait for: the run begins here (else at its gate)
             run.running()
         try:
             return download(self.session(rt), run.request, rt.root, rt.limits, progress, last,
@@ -140,7 +140,7 @@ class FetchTask(Task):  # type: ignore[misc]
     def park(self, run: Run, busy: Busy) -> Ignore:
         """The message waits in Redis for a slot (tasks/parking.py); this run is not counted.
         The download is WAITING (tasks/waiting.py), not RETRY: a wait is not a fault."""
-        run.park(busy.scope)
+        run.park(busy)
         return Ignore()
 
     def wait(self, run: Run, holder: str | None, why: DownloadError) -> Ignore:

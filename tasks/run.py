@@ -17,9 +17,9 @@ from download_client.contract import WAITING
 from download_client.errors import PermanentError
 from download_client.settings import Settings
 from tasks import counters, deliveries, messages, parking, waiting
-from tasks.core import claims, origins
-from tasks.core.budgets import Seat
-from tasks.core.ledger import Admit, Admitted, Ledger, Settle, Settled, State
+from tasks.core import claims, group_slots, origins
+from tasks.core.budgets import Busy, Seat
+from tasks.core.ledger import Admit, Admitted, Lease, Ledger, Settle, Settled, State
 from tasks.deliveries import REDIS_ERRORS
 from tasks.retries import Journey
 
@@ -72,11 +72,17 @@ class Run:
         self.given_deadline = request.deadline or (Deadline(seconds=s.deadline) if s.deadline
                                                    else None)  # fmt: skip
         self.deadline: float | None = None  # epoch seconds, once admitted
-        self.seat: Seat | None = None
+        message = lambda: parking.message(task)  # noqa: E731
+        weight = s.group_weight(request.group)
+        self.seat: Seat | None = None  # at each hop's origin
         if s.host_concurrency or s.host_limits:
-            message = lambda: parking.message(task)  # noqa: E731
             self.seat = Seat(origins.budget(s.host_limit), self.ledger, task.request.id, message,
-                             request.group, s.group_weight(request.group))  # fmt: skip
+                             request.group, weight)  # fmt: skip
+        # Of a capped group: taken first, given back before parking for an origin slot.
+        self.group_seat: Seat | None = None
+        if s.group_limit(request.group):
+            self.group_seat = Seat(group_slots.budget(s.group_limit), self.ledger,
+                                   task.request.id, message, request.group, weight)  # fmt: skip
 
     def admit(self) -> Admitted:
         """Take the destination's claim, count this delivery (the poison guard), store STARTED
@@ -85,8 +91,7 @@ class Run:
         req = self.task.request
         meta = {"pid": os.getpid(), "hostname": req.hostname}
         started = self.backend.state(req.id, meta, states.STARTED, req)
-        scope = origins.origin_of(self.request.url)
-        lease = self.seat.trying(scope) if self.seat is not None else None
+        lease = self._first_try()
         stored = None if self.after_wait else started
         now = time.time()
         end = self.given_deadline.end(now) if self.given_deadline is not None else None
@@ -100,8 +105,9 @@ class Run:
             self.deadline = end
             return Admitted(None, 0, req.retries + 1, False, end)
         self.deadline = admitted.deadline
-        if admitted.granted and self.seat is not None and lease is not None:
-            self.seat.granted(lease)
+        seat = self.group_seat or self.seat  # the one `lease` is of
+        if admitted.granted and lease is not None and seat is not None:
+            seat.granted(lease)
         try:
             deliveries.check(admitted.delivered, self.settings.max_deliveries)
             if admitted.deadline_fixed_now and end is not None and end <= now:
@@ -126,15 +132,31 @@ class Run:
         message = parking.message(self.task, journey.headers(self.task), retry=True)
         origins.budget(self.settings.host_limit).park_until(self.ledger, message, delay)
 
+    def _first_try(self) -> Lease | None:
+        """The slot tried for in the admission's round trip: the group's when it is capped (it
+        comes first), else the first origin's."""
+        if self.group_seat is not None:
+            return self.group_seat.trying(self.request.group)
+        if self.seat is not None:
+            return self.seat.trying(origins.origin_of(self.request.url))
+        return None
+
+    @property
+    def gated(self) -> bool:
+        return self.seat is not None or self.group_seat is not None
+
     def gate(self) -> Callable[[str], None] | None:
-        """What each hop passes before its request: a slot at the hop's origin (or Busy), and
-        then the run really runs."""
-        seat = self.seat
-        if seat is None:
+        """What each hop passes before its request: its group's slot (a capped group's, first),
+        a slot at the hop's origin (or Busy), and then the run really runs."""
+        if not self.gated:
             return None
+        seat, group = self.seat, self.group_seat
 
         def enter(url: str) -> None:
-            seat.enter(origins.origin_of(url))
+            if group is not None:
+                group.enter(self.request.group)
+            if seat is not None:
+                seat.enter(origins.origin_of(url))
             self.running()
 
         return enter
@@ -168,14 +190,29 @@ class Run:
         it took go back."""
         self._settle(Settle(release=self._letting_go(), uncount=self._this_delivery()))
 
-    def park(self, origin: str) -> None:
+    def park(self, busy: Busy) -> None:
         """The message waits in Redis for a slot: this run is not counted, it holds nothing
-        while it waits, and WAITING is stored in the same round trip."""
-        meta = waiting.for_origin(origin)
+        while it waits (parked for its group, not even the slot its origin kept for it if it
+        was woken for one), and WAITING is stored in the same round trip."""
         req = self.task.request
+        release = self._letting_go()
+        if busy.kind == group_slots.KIND:
+            meta = waiting.for_group(busy.scope)
+            release += self._origin_reservation()
+        else:
+            meta = waiting.for_origin(busy.scope)
         final = self.backend.state(req.id, meta, WAITING, req)
-        self._settle(Settle(final=final, release=self._letting_go(), uncount=self._this_delivery()))
+        self._settle(Settle(final=final, release=release, uncount=self._this_delivery()))
         waiting.announce(self.task, meta)
+
+    def _origin_reservation(self) -> tuple[Lease, ...]:
+        """The slot an origin keeps for this download when it woke it (`woken:<id>`)."""
+        if self.seat is None:
+            return ()
+        req = self.task.request
+        lease = self.seat.budget.lease(origins.origin_of(self.request.url), f"woken:{req.id}",
+                                       req.id)  # fmt: skip
+        return (lease,) if lease is not None else ()
 
     def wait(self, dest: str) -> None:
         """The run ends waiting for a busy destination (its message is sent again with a
@@ -192,8 +229,10 @@ class Run:
         """The run ends without a result: the slot goes back, and the claim too when `claim`."""
         self._settle(Settle(claim=self.claim if claim else None, release=self._letting_go()))
 
-    def _letting_go(self) -> Any:
-        return self.seat.letting_go() if self.seat is not None else None
+    def _letting_go(self) -> tuple[Lease, ...]:
+        seats = (self.seat, self.group_seat)
+        return tuple(lease for seat in seats if seat is not None
+                     for lease in [seat.letting_go()] if lease is not None)  # fmt: skip
 
     def _this_delivery(self) -> tuple[str, int]:
         return self.task.request.id, self.task.request.retries
@@ -209,7 +248,8 @@ class Run:
     def _woke(self, settled: Settled) -> None:
         """Publish the parked messages this run's releases woke."""
         woken = settled.woken
-        if self.seat is not None:
-            woken, self.seat.woken = [*self.seat.woken, *woken], []
+        for seat in (self.seat, self.group_seat):
+            if seat is not None:
+                woken, seat.woken = [*seat.woken, *woken], []
         if woken:
             parking.publish(self.task.app, woken)

@@ -17,7 +17,7 @@ from typing import Any
 
 from celery import Task
 
-from download_client.contract import WAITING_DESTINATION, WAITING_ORIGIN
+from download_client.contract import WAITING_DESTINATION, WAITING_GROUP, WAITING_ORIGIN
 from tasks.deliveries import REDIS_ERRORS
 from tasks.progress import progress_text
 
@@ -28,6 +28,10 @@ def for_origin(origin: str) -> dict[str, Any]:
     return {"reason": WAITING_ORIGIN, "since": round(time.time(), 3), "origin": origin}
 
 
+def for_group(group: str) -> dict[str, Any]:
+    return {"reason": WAITING_GROUP, "since": round(time.time(), 3), "group": group}
+
+
 def for_destination(dest: str) -> dict[str, Any]:
     return {"reason": WAITING_DESTINATION, "since": round(time.time(), 3), "dest": dest}
 
@@ -36,6 +40,8 @@ def text(meta: dict[str, Any]) -> str:
     """One line for people: `waiting for a slot at https://files.example:443`."""
     if meta.get("reason") == WAITING_ORIGIN:
         return f"waiting for a slot at {meta.get('origin')}"
+    if meta.get("reason") == WAITING_GROUP:
+        return f"waiting for a slot of group {meta.get('group')} (DOWNLOAD_GROUP_LIMITS)"
     return f"waiting for {meta.get('dest')}, which another download is writing"
 
 
@@ -47,7 +53,7 @@ def announce(task: Task, meta: dict[str, Any]) -> None:
     fields = {
         "reason": meta.get("reason"),
         "since": meta.get("since"),
-        "waiting_for": meta.get("origin") or meta.get("dest"),
+        "waiting_for": meta.get("origin") or meta.get("group") or meta.get("dest"),
         "result": json.dumps({"waiting": text(meta), **meta}),
     }
     try:

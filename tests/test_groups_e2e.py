@@ -3,6 +3,8 @@ submits behind another group's backlog takes turns with it instead of waiting be
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Callable
 
@@ -11,6 +13,8 @@ from celery import Celery
 
 from download_client.client import submit, submit_many
 from download_client.groups import group_queue
+from tests.conftest import active_pid
+from tests.conftest import submit as send
 from tests.harness import Worker, wait_for
 from tests.server import OriginServer, body_sha256
 
@@ -127,3 +131,52 @@ def forget_parked(ledger: redis.Redis, group: str) -> None:
         ledger.delete(key)
     for key in ledger.scan_iter(match="downloads:origin:*:groups"):
         ledger.zrem(key, group)
+
+
+def test_a_groups_cap_holds_across_the_fleet_and_other_groups_run_meanwhile(
+    start_worker, client, origin, key
+):
+    """DOWNLOAD_GROUP_LIMITS of 2 for one group, 3 workers of 2 slots: counted at the origin, at
+    most 2 of its downloads at once; another group's download is not held back."""
+    group = f"capped-{key[:8]}"
+    env = {"DOWNLOAD_GROUP_LIMITS": f"{group}=2"}
+    fleet = [start_worker(queue=f"gcap-{key[:8]}", **env) for _ in range(3)]
+    slow = [
+        send(client, fleet[i % 3], group=group, dest=f"{key}/{i}.bin",
+               url=f"{origin.url}/bytes/40000?seed={key}{i}&key={key}-{i}&rate=40000")
+        for i in range(8)
+    ]  # fmt: skip
+    other = send(client, fleet[0], group="other", dest=f"{key}/other.bin",
+                   url=f"{origin.url}/bytes/100?seed=o")  # fmt: skip
+    assert other.get(timeout=30)["waited_s"] == 0
+    results = [r.get(timeout=120) for r in slow]
+    assert origin.stats.most_at_once(f"{key}-") == 2
+    assert all(r["attempts"] == 1 for r in results)  # waiting is not an attempt
+    assert sum(1 for r in results if r["waited_s"] > 0) >= 5
+    assert all(r["sha256"] == body_sha256(40000, f"{key}{i}") for i, r in enumerate(results))
+
+
+def test_a_killed_child_gives_its_group_slot_back(start_worker, client, origin, key):
+    group = f"one-{key[:8]}"
+    # One delivery: the killed holder is not run again, so only its lease can give the slot back.
+    fleet = [start_worker(queue=f"gkill-{key[:8]}", DOWNLOAD_GROUP_LIMITS=f"{group}=1",
+                          DOWNLOAD_MAX_DELIVERIES="1") for _ in range(2)]  # fmt: skip
+    holder = send(client, fleet[0], group=group, dest=f"{key}/h.bin",
+                    url=f"{origin.url}/bytes/400000?seed={key}&key={key}-h&rate=20000")  # fmt: skip
+    wait_for(lambda: holder.state == "PROGRESS", 30, "the holder to run")
+    waiter = send(client, fleet[1], group=group, dest=f"{key}/w.bin",
+                    url=f"{origin.url}/bytes/100?seed={key}&key={key}-w")  # fmt: skip
+    wait_for(lambda: waiter.state == "WAITING", 30, "the waiter to park")
+    assert waiter.info["reason"] == "group" and waiter.info["group"] == group
+    runner = next(w for w in fleet if holder.id in _active(client, w))
+    os.kill(active_pid(client, runner, holder.id), signal.SIGKILL)
+    killed = time.monotonic()
+    assert waiter.get(timeout=60)["size"] == 100  # back by the lease (10 s) and the sweep
+    [asked] = origin.stats.for_key(f"{key}-w")
+    assert asked.at > killed  # not before the holder died
+    wait_for(lambda: holder.state == "FAILURE", 30, "the holder to fail: one delivery only")
+
+
+def _active(client: Celery, worker: Worker) -> list[str]:
+    replies = client.control.inspect([worker.hostname], timeout=1).active() or {}
+    return [t["id"] for t in replies.get(worker.hostname, [])]

@@ -11,6 +11,7 @@ import importlib
 import inspect
 import re
 import socket
+import sys
 import time
 import uuid
 import weakref
@@ -444,6 +445,17 @@ def _names_upstream_classes_know(classes: list[type]) -> set[str]:
     return known
 
 
+def _class_tree(cls: type) -> ast.AST:
+    """A product class's definition. Found by name in its module: a Celery bootstep's metaclass
+    sets `__qualname__` to the dotted path, where inspect.getsource cannot find the class."""
+    module = ast.parse(inspect.getsource(sys.modules[cls.__module__]))
+    return next(
+        node
+        for node in ast.walk(module)
+        if isinstance(node, ast.ClassDef) and node.name == cls.__name__
+    )
+
+
 def _overrides_and_inherited_uses() -> dict[str, set[str]]:
     """For each product class built on an upstream class: the private names its product classes
     (it and its product mixins) define or reach that an upstream class of its MRO knows."""
@@ -459,7 +471,7 @@ def _overrides_and_inherited_uses() -> dict[str, set[str]]:
                 continue
             known = _names_upstream_classes_know(upstream)
             for mine in (c for c in cls.__mro__ if c.__module__.split(".")[0] in PRODUCT):
-                source = ast.parse(inspect.getsource(mine))
+                source = _class_tree(mine)
                 names = {n.attr for n in ast.walk(source) if isinstance(n, ast.Attribute)}
                 names |= {
                     n.name for n in ast.walk(source) if isinstance(n, ast.FunctionDef)

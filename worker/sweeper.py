@@ -15,7 +15,7 @@ from celery.signals import worker_ready, worker_shutdown
 from download_client.arguments import PARTIAL_DIR
 from download_client.settings import Settings
 from tasks import parking
-from tasks.core import origins
+from tasks.core import group_slots, origins
 from tasks.core.sweep import sweep_partials
 from worker.backend import ledger_of
 
@@ -66,6 +66,7 @@ def wake_until(app: Celery, settings: Settings, stop: threading.Event) -> None:
     and those whose next attempt after a fault is due."""
     limited = bool(settings.host_concurrency or settings.host_limits)
     slots = origins.budget(settings.host_limit)
+    groups = group_slots.budget(settings.group_limit) if settings.group_limits else None
     scan_at = 0.0
     while not stop.wait(ORIGIN_SWEEP_S):
         try:
@@ -77,6 +78,8 @@ def wake_until(app: Celery, settings: Settings, stop: threading.Event) -> None:
                 parking.publish(app, slots.sweep(ledger, scan))
                 if scan:
                     scan_at = time.monotonic() + UNINDEXED_SCAN_S
+            if groups is not None:
+                parking.publish(app, groups.sweep(ledger))
             slots.due(ledger, lambda message: parking.publish_one(app, message))
         except Exception as exc:  # Redis away: next second
             log.debug("origin sweep skipped (%s)", exc)

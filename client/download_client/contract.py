@@ -13,6 +13,7 @@ TASK_NAME = "downloads.fetch"
 WAITING = "WAITING"
 WAITING_ORIGIN = "origin"
 WAITING_DESTINATION = "destination"
+WAITING_GROUP = "group"
 
 
 class DownloadResult(TypedDict):

@@ -215,6 +215,10 @@ class Settings:
     group_weights: tuple[tuple[str, float], ...] = _env(
         "DOWNLOAD_GROUP_WEIGHTS", _group_numbers(_weight), ""
     )
+    # Downloads of one group running at once across the fleet: "crawl=16" (none by default).
+    group_limits: tuple[tuple[str, int], ...] = _env(
+        "DOWNLOAD_GROUP_LIMITS", _group_numbers(_non_negative_int), ""
+    )
     # Completion callbacks: signed with the secret, sent only to hosts on the allowlist, retried
     # with backoff (doubling from 1 s, capped at 10 min) for DOWNLOAD_CALLBACK_GIVE_UP seconds.
     callback_secret: str = _env("DOWNLOAD_CALLBACK_SECRET", str, "")
@@ -248,6 +252,10 @@ class Settings:
 
     def group_weight(self, group: str) -> float:
         return dict(self.group_weights).get(group, 1.0)
+
+    def group_limit(self, group: str) -> int:
+        """The fleet-wide cap on a group's downloads running at once (0: none)."""
+        return dict(self.group_limits).get(group, 0)
 
     def host_limit(self, origin: str) -> int:
         """The fleet-wide cap for one origin (scheme://host:port): an override, else the default."""

@@ -520,7 +520,7 @@ class Settle:
     final: State | None = None
     claim: Claim | None = None
     left: dict[str, Any] | None = None
-    release: Lease | None = None
+    release: tuple[Lease, ...] = ()  # the slots given back (a group's, an origin's)
     bytes_for: tuple[str, int] | None = None
     uncount: tuple[str, int] | None = None
 
@@ -601,13 +601,13 @@ class Ledger:
 
     def settle(self, s: Settle) -> Settled:
         r = _Round(self.client)
-        final, claim, lease = s.final, s.claim, s.release
+        final, claim = s.final, s.claim
         if final is not None:
             r.add("stored", lambda p: _store(p, final))
         if claim is not None:
             r.add("claim", lambda p: _unclaim(p, claim, s.left))
-        if lease is not None:
-            r.add("woken", lambda p: _budget(p, _RELEASE, lease, lease.holder))
+        for i, lease in enumerate(s.release):
+            r.add(f"woken {i}", _releasing(lease))
         if s.bytes_for is not None:
             worker, n = s.bytes_for
             r.add("bytes", lambda p: p.hincrby(BYTES, worker, n))
@@ -616,7 +616,8 @@ class Ledger:
             key, attempts = deliveries_key(task_id, retries), attempts_key(task_id)
             r.add("uncount", lambda p: p.decr(key).decr(attempts))
         got = r.run()
-        return Settled(bool(got.get("stored")), _texts(got.get("woken") or []))
+        woken = [m for i in range(len(s.release)) for m in _texts(got[f"woken {i}"] or [])]
+        return Settled(bool(got.get("stored")), woken)
 
     # Results and notes.
 
@@ -722,6 +723,10 @@ class Ledger:
         for name in counts:  # a scope seen before and idle now shows 0, not nothing
             flight.setdefault(name.split(" ", 1)[1], 0)
         return {"in_flight": flight, "counts": counts}
+
+
+def _releasing(lease: Lease) -> Callable[[Any], Any]:
+    return lambda pipe: _budget(pipe, _RELEASE, lease, lease.holder)
 
 
 def _store(pipe: Any, state: State) -> Any:
