@@ -563,7 +563,7 @@ def test_submit_group_sends_to_the_groups_queue_and_status_counts_it(
     assert groups["thumbs"] == {"queued": 3, "parked": 0, "running": 0}
     assert json.loads(shown.stdout)["queue_depth"] == 3
     text = cli(env, "status", "--queue", queue).stdout
-    assert "group thumbs: 3 queued, 0 parked for an origin slot, 0 running" in text
+    assert "group thumbs: 3 queued, 0 parked, 0 running" in text
     refused = cli(env, "submit", "--queue", queue, "--group", "Thumbs", f"{origin.url}/bytes/1")
     assert refused.returncode == 2 and "group: 'Thumbs' is not a group name" in refused.stderr
     w = start_worker(queue=queue)  # reads the known group queues when it starts

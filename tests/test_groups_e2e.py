@@ -180,3 +180,26 @@ def test_a_killed_child_gives_its_group_slot_back(start_worker, client, origin, 
 def _active(client: Celery, worker: Worker) -> list[str]:
     replies = client.control.inspect([worker.hostname], timeout=1).active() or {}
     return [t["id"] for t in replies.get(worker.hostname, [])]
+
+
+def test_each_groups_queued_parked_and_running_downloads_are_on_flowers_metrics(
+    flower, start_worker, client, origin, key
+):
+    """A capped group (1 at once) with one running and two parked, and a group whose queue no
+    worker serves yet with three queued: /metrics counts each, per group."""
+    group, idle = f"m-{key[:8]}", f"idle-{key[:8]}"
+    w = start_worker(queue=f"gm-{key[:8]}", DOWNLOAD_GROUP_LIMITS=f"{group}=1")
+    holder = send(client, w, group=group, dest=f"{key}/h.bin",
+                  url=f"{origin.url}/bytes/400000?seed={key}&key={key}-h&rate=40000")  # fmt: skip
+    wait_for(lambda: holder.state == "PROGRESS", 30, "the holder to run")
+    waiters = [send(client, w, group=group, dest=f"{key}/w{i}.bin",
+                    url=f"{origin.url}/bytes/100?seed={key}{i}") for i in range(2)]  # fmt: skip
+    wait_for(lambda: all(r.state == "WAITING" for r in waiters), 30, "the waiters to park")
+    submit_many(client, [f"{origin.url}/bytes/1?n={i}" for i in range(3)],
+                queue=f"nobody-{key[:8]}", group=idle)  # fmt: skip
+    assert flower.metric("downloads_group_running", group=group) == 1
+    assert flower.metric("downloads_group_parked", group=group) == 2
+    assert flower.metric("downloads_group_queued", group=idle) == 3
+    for r in [holder, *waiters]:
+        r.get(timeout=60)
+    assert flower.metric("downloads_group_parked", group=group) in (0, None)

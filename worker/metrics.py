@@ -30,9 +30,11 @@ from prometheus_client.registry import Collector
 from redis.exceptions import RedisError
 
 from download_client import records
+from download_client.fleet import messages_in, queue_depth
+from download_client.groups import DEFAULT_GROUP, KNOWN_GROUPS, split_group
 from download_client.settings import Settings
 from tasks.core import origins
-from tasks.core.ledger import Ledger
+from tasks.core.ledger import Ledger, running_by_group
 from worker.backend import ledger_of
 
 log = logging.getLogger(__name__)
@@ -55,7 +57,7 @@ def connect(app: Celery, settings: Settings) -> None:
     # Registered once a process: a second app's collector names the same series, which the
     # registry refuses (DuplicateTimeseries, a ValueError).
     with contextlib.suppress(ValueError):
-        REGISTRY.register(DownloadsCollector(ledger))
+        REGISTRY.register(DownloadsCollector(ledger, lambda: queued_by_group(app)))
 
 
 def _count_recycled(ledger: Ledger, worker: str) -> None:
@@ -68,8 +70,10 @@ def _count_recycled(ledger: Ledger, worker: str) -> None:
 class DownloadsCollector(Collector):
     """Reads the counters from Redis at each scrape (one round trip)."""
 
-    def __init__(self, ledger: Callable[[], Ledger]) -> None:
-        self.ledger = ledger
+    def __init__(
+        self, ledger: Callable[[], Ledger], queued: Callable[[], dict[str, int]] = dict
+    ) -> None:
+        self.ledger, self.queued = ledger, queued
 
     def _families(self) -> tuple[CounterMetricFamily, CounterMetricFamily]:
         return (
@@ -101,6 +105,7 @@ class DownloadsCollector(Collector):
                 family.add_metric([_text(worker)], float(value))
             yield family
         yield from _origin_families(ledger)
+        yield from _group_families(ledger, self.queued)
 
 
 def _origin_families(ledger: Ledger) -> Iterator[Any]:
@@ -137,6 +142,44 @@ def _origin_families(ledger: Ledger) -> Iterator[Any]:
             if key.startswith(kind + " "):
                 family.add_metric([key.split(" ", 1)[1]], float(n))
         yield family
+
+
+def _group_families(ledger: Ledger, queued: Callable[[], dict[str, int]]) -> Iterator[Any]:
+    """Per submitter group: downloads queued (in its group queues), parked (for an origin slot
+    or its cap) and running (holding a slot: download_client/groups.py)."""
+    readers = (
+        ("queued", "queued in the group's queues", queued),
+        ("parked", "WAITING for a slot at an origin or of their group's cap (parked)",
+         lambda: records.parked_by_group(ledger.client)),
+        ("running", "running (holding a slot at an origin or of the group's cap)",
+         lambda: running_by_group(ledger.client)),
+    )  # fmt: skip
+    for name, text, read in readers:
+        try:
+            counts = read()
+        except (RedisError, OSError) as exc:  # a broker or Redis away: this family waits
+            log.warning("group metrics (%s) unavailable: %s", name, exc)
+            continue
+        family = GaugeMetricFamily(f"downloads_group_{name}", f"Downloads {text}", labels=["group"])
+        for group, n in sorted(counts.items()):
+            family.add_metric([group], float(n))
+        yield family
+
+
+def queued_by_group(app: Celery) -> dict[str, int]:
+    """Group -> messages in its group queues (every queue's), on the app's broker; the default
+    group's are those of the queues the groups are of and of the default queue, lanes included."""
+    client = ledger_of(app).client
+    names = [_text(n) for n in client.smembers(KNOWN_GROUPS)]
+    homes = {split_group(n)[0] for n in names} | {app.conf.task_default_queue}
+    counts: dict[str, int] = {}
+    with app.connection_for_read() as conn:
+        conn.ensure_connection(max_retries=1)
+        for name in names:
+            group = split_group(name)[1]
+            counts[group] = counts.get(group, 0) + messages_in(conn, name)
+        counts[DEFAULT_GROUP] = sum(queue_depth(conn, home) for home in sorted(homes))
+    return counts
 
 
 def _text(value: bytes | str) -> str:

@@ -335,8 +335,8 @@ def _write_status(body: dict[str, Any], out: TextIO) -> None:
     out.write(f"queue {body['queue']!r}: {body['queue_depth']} queued\n")
     if len(body["groups"]) > 1:
         for group, n in body["groups"].items():
-            out.write(f"  group {group}: {n['queued']} queued, {n['parked']} parked for an "
-                      f"origin slot, {n['running']} running\n")  # fmt: skip
+            out.write(f"  group {group}: {n['queued']} queued, {n['parked']} parked, "
+                      f"{n['running']} running\n")  # fmt: skip
     retrying = body["retrying"]
     out.write(f"active downloads: {len(body['active'])}\n")
     for d in body["active"]:

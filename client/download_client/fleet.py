@@ -26,7 +26,7 @@ def queue_depth(conn: Any, queue: str, group_queues: Iterable[str] = ()) -> int:
     a queue not declared yet holds none."""
     home = home_queue(queue)
     names = (home, *(lane(home, w) for w in LANES), *group_queues)
-    return sum(_depth(conn, name) for name in names)
+    return sum(messages_in(conn, name) for name in names)
 
 
 def group_queues(app: Celery, queue: str) -> dict[str, str]:
@@ -50,11 +50,11 @@ def groups(
     parked: dict[str, int],
 ) -> dict[str, dict[str, int]]:
     """Per group: downloads queued (in its group queue; the default group's are in the queue
-    itself and its lanes), parked for an origin slot (at any origin: `parked` is fleet-wide)
+    itself and its lanes), parked (for an origin slot or its cap, fleet-wide)
     and running (among `active`)."""
     out = {DEFAULT_GROUP: {"queued": queue_depth(conn, queue)}}
     for group, name in known.items():
-        out[group] = {"queued": _depth(conn, name)}
+        out[group] = {"queued": messages_in(conn, name)}
     for group, figures in out.items():
         figures.update(parked=parked.get(group, 0), running=0)
     for d in active:
@@ -65,7 +65,8 @@ def groups(
     return out
 
 
-def _depth(conn: Any, queue: str) -> int:
+def messages_in(conn: Any, queue: str) -> int:
+    """Messages waiting in one queue (0 where it is not declared yet)."""
     # RabbitMQ closes a channel that asks for a queue it does not have: a channel of its own.
     try:
         with conn.channel() as channel:

@@ -4,7 +4,7 @@ A download of group `g` (the `group` argument) is sent to its queue's group queu
 `<queue>.group-<g>`; the default group's is the queue itself. Workers consume every group queue
 of the queues they serve, taking from them in turn as from the lanes (download_client/lanes.py),
 so a group with a backlog does not hold another group's downloads behind it. A group's queue is
-made known once, in Redis (`downloads:groups`, the set of group queues ever used) and by a
+made known once, in Redis (`downloads:group-queues`, the set of group queues ever used) and by a
 broadcast that tells running workers to consume it (worker/groups.py)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 from download_client.errors import PermanentError
 
 DEFAULT_GROUP = "default"
-KNOWN_GROUPS = "downloads:groups"
+KNOWN_GROUPS = "downloads:group-queues"
 CONSUME_COMMAND = "downloads_consume_group"
 GROUP_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,39}")
 _INFIX = ".group-"

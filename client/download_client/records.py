@@ -20,6 +20,9 @@ RETRY_PREFIX = "downloads:retry:"
 # "Per-origin limits").
 PARKED_ORIGINS = "downloads:origins:parked"
 URGENT_LIST = "urgent"
+# The same for a group's cap (DOWNLOAD_GROUP_LIMITS): the groups with downloads parked for it.
+PARKED_GROUPS = "downloads:groups:parked"
+GROUP_PREFIX = "downloads:group:"
 ORIGIN_PREFIX = "downloads:origin:"
 _READ_CHUNK = 1000  # keys a pipeline reads at once: bounded replies for any number of ids
 
@@ -85,12 +88,21 @@ def parked(client: Any) -> dict[str, int]:
 
 
 def parked_by_group(client: Any) -> dict[str, int]:
-    """Group -> downloads parked for a slot at any origin (urgent ones are in none)."""
+    """Group -> downloads parked for a slot at any origin (urgent ones are in no group's
+    count) or of their group's cap."""
     out: dict[str, int] = {}
     for lists in parked_lists(client).values():
         for name, n in lists.items():
             if name != URGENT_LIST:
                 out[name] = out.get(name, 0) + n
+    capped = sorted(_text(g) for g in client.smembers(PARKED_GROUPS))
+    pipe = client.pipeline(transaction=False)
+    for group in capped:
+        own = "" if group == DEFAULT_GROUP else f":{group}"
+        pipe.llen(f"{GROUP_PREFIX}{group}:parked{own}")
+    for group, n in zip(capped, pipe.execute() if capped else [], strict=True):
+        if n:
+            out[group] = out.get(group, 0) + int(n)
     return out
 
 

@@ -729,6 +729,30 @@ def _releasing(lease: Lease) -> Callable[[Any], Any]:
     return lambda pipe: _budget(pipe, _RELEASE, lease, lease.holder)
 
 
+def running_by_group(client: Any) -> dict[str, int]:
+    """Group -> downloads running: holding a live slot at an origin or of their group's cap (a
+    download of a capped group holds both: the larger count stands). Downloads that need
+    neither kind of slot (no per-origin cap, no group cap) are not counted."""
+    seconds, micros = client.time()
+    now_ms = seconds * 1000 + micros // 1000
+    by_kind = [_held_by_group(client, kind, now_ms) for kind in ("origin", "group")]
+    groups = {g for counts in by_kind for g in counts}
+    return {g: max(counts.get(g, 0) for counts in by_kind) for g in sorted(groups)}
+
+
+def _held_by_group(client: Any, kind: str, now_ms: int) -> dict[str, int]:
+    """Group -> holders of a live lease in one budget, from each scope's `held` entries."""
+    counts: dict[str, int] = {}
+    for scope in _scopes(client, kind, "held"):
+        keys = BudgetKeys(kind, scope).names
+        live = set(_texts(client.zrangebyscore(keys[0], now_ms, "+inf")))
+        for holder, raw in client.hgetall(keys[12]).items():
+            if _texts([holder])[0] in live:
+                group = str(json.loads(raw).get("g") or "default")
+                counts[group] = counts.get(group, 0) + 1
+    return counts
+
+
 def _store(pipe: Any, state: State) -> Any:
     return _eval(pipe, _STORE, [state.key], state.value, state.expires)
 
