@@ -1,6 +1,7 @@
 """`python -m bench` (or `make bench`): measure everything and write docs/benchmarks.md.
 `python -m bench report` redraws the report from docs/benchmarks.json without measuring;
-`python -m bench lanes` measures part 8 (the express lane) alone into it and redraws it.
+`python -m bench lanes` measures part 8 (the express lane) alone into it and redraws it, and
+`python -m bench groups` part 9 (fair shares between groups).
 BENCH_QUICK=1 makes a smoke run of about two minutes; BENCH_TMP picks where files are written."""
 
 from __future__ import annotations
@@ -11,10 +12,23 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import lanes, large, latency, live_view, machine, memory, profile, report, seed, small
+from bench import (
+    groups,
+    lanes,
+    large,
+    latency,
+    live_view,
+    machine,
+    memory,
+    profile,
+    report,
+    seed,
+    small,
+)
 from bench.config import KIB, MIB, Config
 from bench.stack import Nginx, Stack, make_files
 
@@ -22,10 +36,12 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
 def main(argv: list[str]) -> int:
-    if argv[:1] in (["report"], ["lanes"]):
+    if argv[:1] in (["report"], ["lanes"], ["groups"]):
         results = json.loads((DOCS / "benchmarks.json").read_text())
         if argv[:1] == ["lanes"]:
-            results["lanes"] = _lanes_alone(Config.from_env())
+            results["lanes"] = _alone(lanes.run, Config.from_env())
+        if argv[:1] == ["groups"]:
+            results["groups"] = _alone(groups.run, Config.from_env())
         print(f"wrote {report.write(results, DOCS)}")
         return 0
     missing = [tool for tool in ("redis-server", "nginx") if not shutil.which(tool)]
@@ -74,16 +90,19 @@ def measure(cfg: Config, work: Path) -> dict[str, Any]:
         results["seed"] = seed.run(stack, cfg)
         _step("part 8: the express lane's share")
         results["lanes"] = lanes.run(stack, cfg)
+        _step("part 9: fair shares between groups")
+        results["groups"] = groups.run(stack, cfg)
     results["load_at_end"] = machine.load()
     results["duration_s"] = time.monotonic() - started
     return results
 
 
-def _lanes_alone(cfg: Config) -> dict[str, Any]:
+def _alone(part: Callable[[Stack, Config], dict[str, Any]], cfg: Config) -> dict[str, Any]:
+    """One part measured on its own stack (the rest of the report is kept as it was)."""
     work = Path(tempfile.mkdtemp(prefix="bench-", dir=os.environ.get("BENCH_TMP")))
     try:
         with Stack(work) as stack:
-            return {**lanes.run(stack, cfg), "alone": True}
+            return {**part(stack, cfg), "alone": True}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

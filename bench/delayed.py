@@ -1,6 +1,8 @@
 """An origin that waits before answering (time to first byte), in a process of its own so that
 it does not share the benchmark's interpreter with what is measured: `python -m bench.delayed`
-serves GET /<ms>/<bytes>/<name> with <bytes> bytes after <ms> milliseconds, keep-alive."""
+serves GET /<ms>/<bytes>/<name> with <bytes> bytes after <ms> milliseconds, keep-alive. With a
+second argument, a file, it appends each request's `<name> <start> <end>` (Unix seconds) there:
+how long each held a connection, counted at the origin."""
 
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from typing import Any
 from tests.harness import free_port, wait_for
 
 _BODIES: dict[int, bytes] = {}
+_LOG: list[Any] = []
+_LOCK = threading.Lock()
 
 
 class _Delayed(BaseHTTPRequestHandler):
@@ -23,7 +27,8 @@ class _Delayed(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self) -> None:
-        _, ms, size, *_ = self.path.split("/", 3)
+        start = time.time()
+        _, ms, size, *rest = self.path.split("/", 3)
         time.sleep(int(ms) / 1000)
         n = int(size)
         body = _BODIES.setdefault(n, b"\0" * n)
@@ -32,6 +37,10 @@ class _Delayed(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/octet-stream")
         self.end_headers()
         self.wfile.write(body)
+        if _LOG:
+            with _LOCK:
+                _LOG[0].write(f"{(rest or ['-'])[0]} {start:.6f} {time.time():.6f}\n")
+                _LOG[0].flush()
 
 
 class _Server(ThreadingHTTPServer):
@@ -42,10 +51,10 @@ class _Server(ThreadingHTTPServer):
 class DelayedOrigin:
     """`python -m bench.delayed PORT` as a child process, on a free loopback port."""
 
-    def __init__(self) -> None:
+    def __init__(self, log: str | None = None) -> None:
         self.port = free_port()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.delayed", str(self.port)],
+            [sys.executable, "-m", "bench.delayed", str(self.port), *([log] if log else [])],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -72,6 +81,8 @@ class DelayedOrigin:
 
 
 def main() -> None:
+    if len(sys.argv) > 2:
+        _LOG.append(open(sys.argv[2], "a"))  # noqa: SIM115 (open for the process's life)
     server = _Server(("127.0.0.1", int(sys.argv[1])), _Delayed)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     threading.Event().wait()

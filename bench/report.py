@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from bench import lanes, latency, live_view, seed
+from bench import groups, lanes, latency, live_view, seed
 from bench.large import DEFAULT_CHUNK, chunk_label
 from bench.stats import fmt, ratios
 
@@ -50,6 +50,8 @@ def render(r: Mapping[str, Any], plotted: bool = True) -> str:
         parts.append(seed.render(r["seed"]))
     if "lanes" in r:
         parts.append(lanes.render(r["lanes"]))
+    if "groups" in r:
+        parts.append(groups.render(r["groups"]))
     return "\n".join(parts)
 
 

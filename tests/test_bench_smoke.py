@@ -253,3 +253,12 @@ def test_targets_of_the_cpu_seed_and_32_slots() -> None:
     assert "| 32 slots: PSS a slot, idle | <= 11 MiB | 10.5 MiB | met |" in text
     assert "| 32 slots: PSS a slot, after the runs | <= 13 MiB | 13.5 MiB | **missed** |" in text
     assert "curl --parallel-max 8 | >= 0.8 x | 0.80 x | met |" in text
+
+
+def test_the_groups_part_renders_each_fleets_split():
+    from bench import groups
+
+    text = groups.render({"slots": 16, "cap": 8, "window_s": 60, "rounds": 2, "heavy_to_light": {
+        "weights 3:1": _s(2.9, 3.1), "equal weights (peer)": _s(0.9, 1.1)}})  # fmt: skip
+    assert "| weights 3:1 | 3.00 (2.90-3.10) |" in text, text
+    assert "| equal weights (peer) | 1.00 (0.90-1.10) |" in text, text
