@@ -203,3 +203,5 @@ def test_each_groups_queued_parked_and_running_downloads_are_on_flowers_metrics(
     for r in [holder, *waiters]:
         r.get(timeout=60)
     assert flower.metric("downloads_group_parked", group=group) in (0, None)
+    shown = flower.wait_state(holder.id, "SUCCESS")  # Flower shows the group with the arguments
+    assert f"'group': '{group}'" in shown["kwargs"], shown["kwargs"]
