@@ -76,7 +76,7 @@ def _purge(app: Celery, w: Worker) -> None:
         for name in (HEAVY[0], LIGHT[0]):
             conn.default_channel.queue_purge(f"{w.queue}.group-{name}")
     client = app.backend.client
-    for key in client.scan_iter(match="downloads:origin:*:parked:*"):
+    for key in client.scan_iter(match="downloads:origin:*:parked-*"):
         client.delete(key)
     for key in client.scan_iter(match="downloads:origin:*:groups"):
         client.delete(key)

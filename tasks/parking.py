@@ -17,8 +17,13 @@ from download_client.lanes import WOKEN, home_queue, lane, lane_of
 from tasks import runtime
 from tasks.retries import publish_policy
 
+# The header of a delivery woken for a slot: the scope that keeps the slot for it.
+WOKEN_FOR = "download_woken_for"
 
-def message(task: Task, headers: dict[str, Any] | None = None, retry: bool = False) -> str:
+
+def message(
+    task: Task, headers: dict[str, Any] | None = None, retry: bool = False, scope: str = ""
+) -> str:
     """What publishing the task again needs, as JSON: as it came (a wait for a slot), or as its
     next attempt after a fault (`retry`: one more Celery retry, and these journey `headers`)."""
     req = task.request
@@ -39,6 +44,9 @@ def message(task: Task, headers: dict[str, Any] | None = None, retry: bool = Fal
             # Its group's list and share where it waits for a slot (tasks/core/ledger.py).
             "group": group,
             "weight": runtime.configured().group_weight(group),
+            # Where it waits for a slot: woken there, its run gives that slot back if it does
+            # not take it (WOKEN_FOR).
+            "scope": scope,
         }
     )
 
@@ -58,6 +66,8 @@ def publish_one(app: Any, raw: str) -> None:
         waited = float(headers.get("download_waited_s", 0.0))
         waited += max(0.0, time.time() - float(m["parked_at"]))
         headers = {**headers, "download_waited_s": round(waited, 3)}
+        if m.get("scope"):
+            headers[WOKEN_FOR] = m["scope"]
     app.send_task(
         TASK_NAME,
         args=m["args"],

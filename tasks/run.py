@@ -72,17 +72,23 @@ class Run:
         self.given_deadline = request.deadline or (Deadline(seconds=s.deadline) if s.deadline
                                                    else None)  # fmt: skip
         self.deadline: float | None = None  # epoch seconds, once admitted
-        message = lambda: parking.message(task)  # noqa: E731
+        message = lambda scope: parking.message(task, scope=scope)  # noqa: E731
         weight = s.group_weight(request.group)
+        # Woken for a slot: the budget and scope that keep it for this run.
+        woken_for = str((task.request.headers or {}).get(parking.WOKEN_FOR) or "")
+        kind, _, kept = woken_for.partition(" ")
         self.seat: Seat | None = None  # at each hop's origin
         if s.host_concurrency or s.host_limits:
+            reserved = kept if kind == origins.KIND else None
             self.seat = Seat(origins.budget(s.host_limit), self.ledger, task.request.id, message,
-                             request.group, weight)  # fmt: skip
-        # Of a capped group: taken first, given back before parking for an origin slot.
+                             request.group, weight, reserved)  # fmt: skip
+        # Of a capped group: taken first, given back right after parking for an origin slot.
         self.group_seat: Seat | None = None
         if s.group_limit(request.group):
+            reserved = kept if kind == group_slots.KIND else None
             self.group_seat = Seat(group_slots.budget(s.group_limit), self.ledger,
-                                   task.request.id, message, request.group, weight)  # fmt: skip
+                                   task.request.id, message, request.group, weight,
+                                   reserved)  # fmt: skip
 
     def admit(self) -> Admitted:
         """Take the destination's claim, count this delivery (the poison guard), store STARTED
@@ -191,28 +197,18 @@ class Run:
         self._settle(Settle(release=self._letting_go(), uncount=self._this_delivery()))
 
     def park(self, busy: Busy) -> None:
-        """The message waits in Redis for a slot: this run is not counted, it holds nothing
-        while it waits (parked for its group, not even the slot its origin kept for it if it
-        was woken for one), and WAITING is stored in the same round trip."""
+        """The message waits in Redis for a slot: this run is not counted, and it gives back in
+        the same round trip what it holds (a group's slot, and the slot its origin kept for it
+        if it was woken there and parks for its group instead); WAITING is stored with them."""
         req = self.task.request
         release = self._letting_go()
         if busy.kind == group_slots.KIND:
             meta = waiting.for_group(busy.scope)
-            release += self._origin_reservation()
         else:
             meta = waiting.for_origin(busy.scope)
         final = self.backend.state(req.id, meta, WAITING, req)
         self._settle(Settle(final=final, release=release, uncount=self._this_delivery()))
         waiting.announce(self.task, meta)
-
-    def _origin_reservation(self) -> tuple[Lease, ...]:
-        """The slot an origin keeps for this download when it woke it (`woken:<id>`)."""
-        if self.seat is None:
-            return ()
-        req = self.task.request
-        lease = self.seat.budget.lease(origins.origin_of(self.request.url), f"woken:{req.id}",
-                                       req.id)  # fmt: skip
-        return (lease,) if lease is not None else ()
 
     def wait(self, dest: str) -> None:
         """The run ends waiting for a busy destination (its message is sent again with a
@@ -231,8 +227,7 @@ class Run:
 
     def _letting_go(self) -> tuple[Lease, ...]:
         seats = (self.seat, self.group_seat)
-        return tuple(lease for seat in seats if seat is not None
-                     for lease in [seat.letting_go()] if lease is not None)  # fmt: skip
+        return tuple(lease for seat in seats if seat is not None for lease in seat.letting_go())
 
     def _this_delivery(self) -> tuple[str, int]:
         return self.task.request.id, self.task.request.retries

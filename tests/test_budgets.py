@@ -40,7 +40,7 @@ def _message(task_id: str, lane: str | None = None) -> str:
 
 
 def _seat(budget: Budget, ledger: Ledger, task_id: str, lane: str | None = None) -> Seat:
-    return Seat(budget, ledger, task_id, lambda: _message(task_id, lane))
+    return Seat(budget, ledger, task_id, lambda scope: _message(task_id, lane))
 
 
 def _ids(messages: list[str]) -> list[str]:
@@ -191,7 +191,7 @@ def test_a_sigkilled_holders_lease_comes_back_and_wakes_the_parked(ledger, redis
         from tasks.core.ledger import Ledger
         budgets.RENEW_S = 0.2
         ledger = Ledger(redis.Redis.from_url("{redis_server.url}/{DB}"))
-        seat = Seat(Budget("disk", lambda s: 1, {lease_ms}), ledger, "holder", lambda: "")
+        seat = Seat(Budget("disk", lambda s: 1, {lease_ms}), ledger, "holder", lambda scope: "")
         seat.enter("/data")
         print("held", flush=True)
         time.sleep(600)
@@ -277,7 +277,7 @@ def _member(task_id: str, group: str, weight: float = 1.0) -> str:
 
 
 def _group_seat(disk: Budget, ledger: Ledger, task_id: str, group: str, w: float = 1.0) -> Seat:
-    return Seat(disk, ledger, task_id, lambda: _member(task_id, group, w), group, w)
+    return Seat(disk, ledger, task_id, lambda scope: _member(task_id, group, w), group, w)
 
 
 def _held_for(ledger: Ledger, seat: Seat, ms: int) -> None:
@@ -352,3 +352,34 @@ def test_a_group_that_had_nothing_parked_joins_at_the_current_turn_without_credi
 def _park_member(disk: Budget, ledger: Ledger, task_id: str, group: str, w: float = 1.0) -> None:
     with pytest.raises(Busy):
         _group_seat(disk, ledger, task_id, group, w).enter("/data")
+
+
+def test_a_woken_run_that_does_not_take_the_slot_kept_for_it_gives_it_back_for_good(ledger):
+    """Woken for a slot it then does not take (it parks for its group's cap, or another run has
+    its destination): the slot comes back, and the message is not woken again from `waking`."""
+    disk = _disk(cap=1)
+    holder = _seat(disk, ledger, "h")
+    holder.enter("/data")
+    _park(disk, ledger, "p")
+    holder.leave()
+    assert _ids(holder.woken) == ["p"]
+    woken = Seat(disk, ledger, "p", lambda scope: _message("p"), reserved="/data")
+    for lease in woken.letting_go():
+        woken.took_back(ledger.release(lease))
+    _seat(disk, ledger, "n").enter("/data")  # the slot is free again
+    assert ledger.sweep("disk", lambda scope: 1, 0, budgets.LEASE_MS) == []  # nothing stale
+    assert woken.letting_go() == []  # given back once
+
+
+def test_groups_named_like_the_ledgers_keys_are_groups_like_any_other(ledger):
+    """A group called `waking`, `turn` or `held` gets a list of its own that no scan of the
+    ledger's keys mistakes for a scope, and the sweep goes on."""
+    disk = _disk(cap=1)
+    holder = _group_seat(disk, ledger, "h", "default")
+    holder.enter("/data")
+    names = ("waking", "turn", "held", "slots")
+    for g in names:
+        _park_member(disk, ledger, f"{g}0", g)
+    assert ledger.sweep("disk", lambda scope: 1, 30_000, budgets.LEASE_MS, scan=True) == []
+    order, _ = _serve(disk, ledger, holder, {}, {}, len(names))
+    assert sorted(order) == sorted(f"{g}0" for g in names)

@@ -127,7 +127,7 @@ def test_a_group_parked_behind_another_groups_backlog_at_a_busy_origin_takes_tur
 
 def forget_parked(ledger: redis.Redis, group: str) -> None:
     """Drop a group's parked downloads at every origin (the test is done with them)."""
-    for key in ledger.scan_iter(match=f"downloads:origin:*:parked:{group}"):
+    for key in ledger.scan_iter(match=f"downloads:origin:*:parked-{group}"):
         ledger.delete(key)
     for key in ledger.scan_iter(match="downloads:origin:*:groups"):
         ledger.zrem(key, group)

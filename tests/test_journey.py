@@ -101,16 +101,24 @@ def test_a_parked_message_is_published_again_as_it_was_with_its_wait_added(setti
     assert set(sent["headers"]) == {"download_waits", "download_waited_s"}
     waited = sent["headers"]["download_waited_s"]
     assert 1.5 <= waited <= 1.5 + (time.time() - parked_at) + 0.01
+    # Parked for a slot somewhere, it says where: that slot is kept for it once it is woken.
+    parking.publish(app, [parking.message(_task(headers), scope="origin http://a:80")])
+    assert app.sent[-1]["headers"][parking.WOKEN_FOR] == "origin http://a:80"
 
 
 def test_parked_downloads_are_woken_in_order_and_published_by_whoever_released(settings, ledger):
     slots = origins.budget(lambda origin: 1)
     origin = origins.origin_of("HTTP://Example.com/x")
     assert origin == "http://example.com:80"
-    holder = Seat(slots, ledger, "h", lambda: parking.message(_task(id="h")))
+    holder = Seat(slots, ledger, "h", lambda scope: parking.message(_task(id="h")))
     holder.enter(origin)
     for i in range(3):
-        seat = Seat(slots, ledger, f"p{i}", lambda i=i: parking.message(_task(id=f"p{i}")))
+        seat = Seat(
+            slots,
+            ledger,
+            f"p{i}",
+            lambda scope, i=i: parking.message(_task(id=f"p{i}"), scope=scope),
+        )
         with pytest.raises(Busy):
             seat.enter(origin)
     app = Recorder()

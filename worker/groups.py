@@ -65,7 +65,7 @@ def consume_group(state: Any, queue: str) -> dict[str, str]:
 
 def served(consumer: Any) -> set[str]:
     """The queues this worker serves: those it consumes that are neither lanes nor groups."""
-    names = consumer.app.amqp.queues.consume_from
+    names = list(consumer.app.amqp.queues.consume_from)  # a copy: the loop may add to it
     return {n for n in names if not is_lane(n) and not is_group_queue(n)}
 
 
@@ -106,11 +106,13 @@ class GroupQueues(bootsteps.StartStopStep):  # type: ignore[misc]
     def _refresh(self, c: Any, stop: threading.Event) -> None:
         client = c.app.backend.client
         while True:
-            known = _known(client)
-            homes = served(c)
-            for name in sorted(known):
-                if is_group_queue(name) and split_group(name)[0] in homes:
-                    c.call_soon(consume, c, name)
+            try:
+                homes = served(c)
+                for name in sorted(_known(client)):
+                    if is_group_queue(name) and split_group(name)[0] in homes:
+                        c.call_soon(consume, c, name)
+            except Exception:  # the refresh must outlive one bad pass
+                log.exception("group queues not refreshed; trying again")
             if stop.wait(GROUPS_REFRESH_S):
                 return
 

@@ -157,7 +157,7 @@ def _group_families(ledger: Ledger, queued: Callable[[], dict[str, int]]) -> Ite
     for name, text, read in readers:
         try:
             counts = read()
-        except (RedisError, OSError) as exc:  # a broker or Redis away: this family waits
+        except Exception as exc:  # a broker or Redis away: this family waits, the rest is served
             log.warning("group metrics (%s) unavailable: %s", name, exc)
             continue
         family = GaugeMetricFamily(f"downloads_group_{name}", f"Downloads {text}", labels=["group"])

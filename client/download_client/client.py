@@ -23,6 +23,7 @@ from download_client.groups import (
     check_group,
     group_queue,
     is_group_queue,
+    split_group,
 )
 from download_client.lanes import is_lane, urgent_lane
 from download_client.redact import add_secret_params, redact_kwargs
@@ -171,9 +172,10 @@ def _publish_chunk(
 def _target(queue: str, group: Any) -> str:
     """A download's queue: its group's queue of `queue`, unless it is urgent (an express lane
     is no group's)."""
-    if is_lane(queue) or group is None:
+    if group is None or is_lane(queue):
+        check_group(group)  # refused here, not only by the worker
         return queue
-    return group_queue(queue, check_group(group))
+    return group_queue(split_group(queue)[0], check_group(group))
 
 
 def _pipelined(producer: Any) -> AbstractContextManager[Any]:

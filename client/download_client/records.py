@@ -98,11 +98,13 @@ def parked_by_group(client: Any) -> dict[str, int]:
     capped = sorted(_text(g) for g in client.smembers(PARKED_GROUPS))
     pipe = client.pipeline(transaction=False)
     for group in capped:
-        own = "" if group == DEFAULT_GROUP else f":{group}"
-        pipe.llen(f"{GROUP_PREFIX}{group}:parked{own}")
-    for group, n in zip(capped, pipe.execute() if capped else [], strict=True):
+        own = "" if group == DEFAULT_GROUP else f"-{group}"
+        pipe.llen(f"{GROUP_PREFIX}{group}:parked{own}").llen(f"{GROUP_PREFIX}{group}:urgent")
+    counts = pipe.execute() if capped else []
+    for i, group in enumerate(capped):
+        n = int(counts[2 * i]) + int(counts[2 * i + 1])
         if n:
-            out[group] = out.get(group, 0) + int(n)
+            out[group] = out.get(group, 0) + n
     return out
 
 
@@ -131,7 +133,7 @@ def parked_lists(client: Any) -> dict[str, dict[str, int]]:
 def _lengths(client: Any, lists: list[tuple[str, str]]) -> list[int]:
     pipe = client.pipeline(transaction=False)
     for origin, group in lists:
-        pipe.llen(f"{ORIGIN_PREFIX}{origin}:parked:{group}")
+        pipe.llen(f"{ORIGIN_PREFIX}{origin}:parked-{group}")
     return [int(n) for n in pipe.execute()] if lists else []
 
 

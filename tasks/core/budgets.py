@@ -32,6 +32,7 @@ from download_client.groups import DEFAULT_GROUP
 from tasks.core.ledger import Lease, Ledger
 
 LEASE_MS = 10_000
+WOKEN = "woken:"  # a slot kept for a woken message: `woken:<task id>` (tasks/core/ledger.py)
 RENEW_S = 3.0
 # A woken message not started this long after it was woken (its publisher died) is woken again.
 WAKING_STALE_MS = 30_000
@@ -106,9 +107,11 @@ class Seat:
     budget: Budget
     ledger: Ledger
     task_id: str
-    parked_message: Callable[[], str]
+    parked_message: Callable[[str], str]  # the message to park, for the scope it parks at
     group: str = DEFAULT_GROUP
     weight: float = 1.0
+    # The scope that keeps a slot for this run (it was woken there) until the run takes it.
+    reserved: str | None = None
     holder: str = ""
     held: Lease | None = None
     woken: list[str] = field(default_factory=list)
@@ -125,6 +128,8 @@ class Seat:
     def granted(self, lease: Lease) -> None:
         """The slot tried for is held: keep its lease alive."""
         self.held = lease
+        if lease.scope == self.reserved:
+            self.reserved = None  # the slot kept for it is the one it holds
         _renewer.hold(self.ledger, lease)
 
     def enter(self, scope: str) -> None:
@@ -135,25 +140,38 @@ class Seat:
         lease = self.budget.lease(scope, self.holder, self.task_id, self.group, self.weight)
         if lease is None:
             return
-        ok, paused_ms = self.ledger.acquire(lease, self.parked_message())
+        ok, paused_ms = self.ledger.acquire(
+            lease, self.parked_message(f"{self.budget.kind} {scope}")
+        )
         if not ok:
             raise Busy(self.budget.kind, scope, paused_ms)
         self.granted(lease)
 
-    def letting_go(self) -> Lease | None:
-        """The lease to release in the run's last round trip (it is no longer renewed); the
-        messages that release wakes go to `woken` through `took_back`."""
+    def letting_go(self) -> list[Lease]:
+        """The leases to release in the run's last round trip: the slot it holds (no longer
+        renewed) and the one kept for it where it was woken, if it never took that one. The
+        messages the releases wake go to `woken` through `took_back`."""
+        lease = self._drop_held()
+        out = [lease] if lease is not None else []
+        if self.reserved is not None:
+            kept = self.budget.lease(self.reserved, f"{WOKEN}{self.task_id}", self.task_id)
+            self.reserved = None
+            out += [kept] if kept is not None else []
+        return out
+
+    def took_back(self, woken: list[str]) -> None:
+        self.woken += woken
+
+    def _drop_held(self) -> Lease | None:
         lease, self.held = self.held, None
         if lease is not None:
             _renewer.drop(lease)
         return lease
 
-    def took_back(self, woken: list[str]) -> None:
-        self.woken += woken
-
     def leave(self) -> None:
-        """Give the slot back now, on its own round trip."""
-        lease = self.letting_go()
+        """Give the slot back now, on its own round trip (not the one kept for it elsewhere:
+        a later hop may still take that one)."""
+        lease = self._drop_held()
         if lease is not None:
             self.took_back(self.ledger.release(lease))
 

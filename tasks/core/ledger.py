@@ -14,7 +14,7 @@ The keys live in the result backend's Redis, beside Celery's results:
     downloads:<kind>:<scope>:...          a fleet-wide budget (tasks/core/budgets.py): `slots`
                                           (leases), `paused`, `parked`, `waking`, `cap`,
                                           `urgent` (parked urgent messages), `turn`,
-                                          `parked:<group>` (a submitter group's parked
+                                          `parked-<group>` (a submitter group's parked
                                           messages; `parked` is the default group's),
                                           `groups` (those with any), `vtime` (their slot
                                           time), `held` (the slots' holders); for the
@@ -207,14 +207,15 @@ local cap = tonumber(redis.call('GET', KEYS[5]) or ARGV[2])
 # and the difference once it is released (`held`, KEYS[13]); so several slots freed at once do
 # not all go to one group.
 _GROUPS = """
-local function list_of(g)
+local function list_of(g)  -- `parked-<group>`: no group name can look like another key's suffix
   if g == 'default' then return KEYS[3] end
-  return KEYS[3] .. ':' .. g
+  return KEYS[3] .. '-' .. g
 end
 local function vtime(g) return tonumber(redis.call('HGET', KEYS[12], g) or '0') end
 local function charge(g, amount)
   local v = vtime(g) + amount
   redis.call('HSET', KEYS[12], g, v)
+  redis.call('PEXPIRE', KEYS[12], 604800000)  -- a scope idle for a week starts afresh
   if redis.call('ZSCORE', KEYS[11], g) then redis.call('ZADD', KEYS[11], v, g) end
   return amount
 end
@@ -232,10 +233,13 @@ local function hold(holder, g, weight, pre)
   redis.call('HSET', KEYS[13], holder, cjson.encode({at=now, g=g, w=weight, pre=pre}))
   redis.call('PEXPIRE', KEYS[13], 86400000)
 end
-local function settle_held(holder)
+local function settle_held(holder, lost)
   local raw = redis.call('HGET', KEYS[13], holder)
   if not raw then return end
   redis.call('HDEL', KEYS[13], holder)
+  -- A holder whose lease ended (it died) keeps the estimate it was charged: when it died is
+  -- not known, and the sweep may find it long after.
+  if lost then return end
   local e = cjson.decode(raw)
   local ms = math.max(0, now - e.at)
   local avg = tonumber(redis.call('HGET', KEYS[12], 'avg:' .. e.g) or ms)
@@ -374,7 +378,13 @@ _RELEASE = (
     + _WAKE
     + """
 redis.call('ZREM', KEYS[1], ARGV[4])
-settle_held(ARGV[4])
+settle_held(ARGV[4], false)
+if string.sub(ARGV[4], 1, 6) == 'woken:' then  -- a slot kept for a run that did not take it
+  if redis.call('HDEL', KEYS[4], string.sub(ARGV[4], 7)) == 1 and
+      redis.call('HLEN', KEYS[4]) == 0 then
+    redis.call('SREM', KEYS[8], scope)
+  end
+end
 return wake()
 """
 )
@@ -386,7 +396,7 @@ _SWEEP = (
     + """
 local gone = redis.call('HKEYS', KEYS[13])
 for _, holder in ipairs(gone) do
-  if not redis.call('ZSCORE', KEYS[1], holder) then settle_held(holder) end
+  if not redis.call('ZSCORE', KEYS[1], holder) then settle_held(holder, true) end
 end
 local out = wake()
 local all = redis.call('HGETALL', KEYS[4])
