@@ -15,6 +15,10 @@ from celery import Celery
 from tests.harness import RedisServer, Worker
 from tests.rabbitmq import RabbitServer
 
+# A worker restarted while Redis comes and goes may take minutes to answer: Celery's reconnect
+# backoff grows to 30 s between tries, and each try can fall in an outage.
+READY_WITHIN_S = 300.0
+
 
 @dataclass
 class Event:
@@ -93,7 +97,7 @@ class Chaos:
         event = self.record("worker restarted (SIGTERM)", worker.name)
         code = worker.stop(signal.SIGTERM, timeout=self.stop_timeout)
         event.detail += f", exit {code}"
-        worker.start(self.client)
+        worker.start(self.client, READY_WITHIN_S)
         event.end = time.monotonic()
 
     def redis_outage(self, rng: random.Random | None = None) -> None:
@@ -101,8 +105,19 @@ class Chaos:
         event = self.record("Redis SIGKILLed", f"{seconds:.1f} s")
         self.redis.kill()
         time.sleep(seconds)  # the outage itself
-        self.redis.start()
+        self._start_redis()
         event.end = time.monotonic()
+
+    def _start_redis(self, tries: int = 5) -> None:
+        """Start Redis again; one that does not answer in time (a loaded machine) is killed and
+        started once more, so an outage never outlives the soak's faults by accident."""
+        for _ in range(tries - 1):
+            try:
+                self.redis.start()
+                return
+            except AssertionError:
+                self.redis.kill()
+        self.redis.start()
 
     def node_outage(self) -> None:
         assert self.node is not None
@@ -120,4 +135,4 @@ class Chaos:
                 code = worker.proc.returncode
                 worker.stop()
                 self.record("worker died on its own", f"{worker.name}, exit {code}")
-                worker.start(self.client)
+                worker.start(self.client, READY_WITHIN_S)

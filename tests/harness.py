@@ -146,7 +146,7 @@ class Worker:
         self.proc: subprocess.Popen[bytes] | None = None
         self.hostname = f"{name}@{socket.gethostname()}"
 
-    def start(self, client: Celery) -> Worker:
+    def start(self, client: Celery, ready_within: float = 60) -> Worker:
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             self.cmd,
@@ -156,7 +156,7 @@ class Worker:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        wait_for(lambda: self._ready(client), 60, f"worker {self.name} to answer ping")
+        wait_for(lambda: self._ready(client), ready_within, f"worker {self.name} to answer ping")
         return self
 
     def _ready(self, client: Celery) -> bool:
