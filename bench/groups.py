@@ -1,6 +1,6 @@
 """Fair shares between submitter groups: a worker of 16 slots against one origin with 8 slots
 (the default cap), both groups backlogged. Group `heavy` holds a slot ten times as long as group
-`light` (640 KiB after 1 s against 64 KiB after 100 ms). Slot time is counted at the origin:
+`light` (640 KiB after 2.5 s against 64 KiB after 250 ms). Slot time is counted at the origin:
 each request's span, clipped to a window that starts once both groups wait for its slots. With
 DOWNLOAD_GROUP_WEIGHTS=heavy=3,light=1 the split should be 3:1; the peer, in the same run, is
 the same fleet with equal weights (1:1). `python -m bench groups` measures this part alone and
@@ -23,7 +23,7 @@ from download_client.client import submit_many
 from tests.harness import Worker, wait_for
 
 SLOTS = 16
-HEAVY, LIGHT = ("heavy", 1000, 640 * KIB), ("light", 100, 64 * KIB)
+HEAVY, LIGHT = ("heavy", 2500, 640 * KIB), ("light", 250, 64 * KIB)
 MODES = {"weights 3:1": "heavy=3,light=1", "equal weights (peer)": ""}
 ALONE = " Measured on its own (`python -m bench groups`), after the run of the parts above."
 
@@ -51,7 +51,10 @@ def _ratio(
 ) -> float:
     """Slot time heavy : light over `window` seconds, once both have waited `warmup`."""
     # Enough of each to stay backlogged through the window: all 8 slots for heavy, half for light.
-    n = {HEAVY[0]: int((warmup + window) * 8) + 50, LIGHT[0]: int((warmup + window) * 4 / 0.1)}
+    n = {
+        HEAVY[0]: int((warmup + window) * 8 / 2.5) + 50,
+        LIGHT[0]: int((warmup + window) * 4 / 0.25),
+    }
     for name, ms, size in (HEAVY, LIGHT):
         base = origin.url(ms, size)
         items = [{"url": f"{base}/{name}-{r}-{i}", "dest": f"groups/{name}{r}/{i}"}
@@ -88,7 +91,7 @@ def render(groups: Mapping[str, Any]) -> str:
         "",
         f"A worker of {groups['slots']} slots against one origin with {groups['cap']} slots (the "
         "default cap), two groups both backlogged: `heavy` holds a slot ten times as long as "
-        f"`light` (640 KiB after 1 s against 64 KiB after 100 ms). Slot time heavy : light, "
+        f"`light` (640 KiB after 2.5 s against 64 KiB after 250 ms). Slot time heavy : light, "
         f"counted at the origin over {groups['window_s']} s once both wait for its slots, with "
         "`DOWNLOAD_GROUP_WEIGHTS=heavy=3,light=1` and, the peer, with equal weights. Medians "
         f"(min-max) of {groups['rounds']} rounds.{ALONE if groups.get('alone') else ''}",

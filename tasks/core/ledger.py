@@ -205,7 +205,8 @@ local cap = tonumber(redis.call('GET', KEYS[5]) or ARGV[2])
 # the time of the last one served (`_clock`), so it neither lags behind nor banks credit. A
 # download is charged its group's mean slot time (`avg:<group>`) when its slot is reserved,
 # and the difference once it is released (`held`, KEYS[13]); so several slots freed at once do
-# not all go to one group.
+# not all go to one group. A woken download's slot time runs from its wake-up: the slot was
+# kept for it from then on.
 _GROUPS = """
 local function list_of(g)  -- `parked-<group>`: no group name can look like another key's suffix
   if g == 'default' then return KEYS[3] end
@@ -228,9 +229,9 @@ local function joins(g)
   redis.call('HSET', KEYS[12], g, v)
   redis.call('ZADD', KEYS[11], v, g)
 end
-local function hold(holder, g, weight, pre)
+local function hold(holder, g, weight, pre, since)
   if not pre then pre = charge(g, estimate(g, weight)) end
-  redis.call('HSET', KEYS[13], holder, cjson.encode({at=now, g=g, w=weight, pre=pre}))
+  redis.call('HSET', KEYS[13], holder, cjson.encode({at=since or now, g=g, w=weight, pre=pre}))
   redis.call('PEXPIRE', KEYS[13], 86400000)
 end
 local function settle_held(holder, lost)
@@ -331,10 +332,10 @@ local holder, id, g, weight = ARGV[4], ARGV[5], ARGV[7], tonumber(ARGV[8])
 cap = tonumber(ARGV[2])
 redis.call('SET', KEYS[5], cap)
 local waking = redis.call('HGET', KEYS[4], id)
-local pre = nil
+local pre, since = nil, nil
 if waking then
   local ok, entry = pcall(cjson.decode, waking)
-  if ok and type(entry.pre) == 'number' then pre = entry.pre end
+  if ok and type(entry.pre) == 'number' then pre, since = entry.pre, entry.at end
 end
 if redis.call('HDEL', KEYS[4], id) == 1 and redis.call('HLEN', KEYS[4]) == 0 then
   redis.call('SREM', KEYS[8], scope)
@@ -343,7 +344,8 @@ local reserved = redis.call('ZREM', KEYS[1], 'woken:' .. id) == 1
 local holding = redis.call('ZSCORE', KEYS[1], holder)
 if reserved or holding then
   redis.call('ZADD', KEYS[1], now + lease, holder)
-  if not holding then hold(holder, g, weight, pre) end
+  -- Its slot time counts from when the slot was kept for it: nobody else could have it since.
+  if not holding then hold(holder, g, weight, pre, since) end
   return {1, 0}
 end
 local paused = redis.call('PTTL', KEYS[2])
