@@ -101,4 +101,11 @@ def render(groups: Mapping[str, Any]) -> str:
     ]
     for mode, s in groups["heavy_to_light"].items():
         lines.append(f"| {mode} | {fmt(s, 2)} |")
+    lines += [
+        "",
+        "An equal split would read 1.00 for the peer: where it reads more, the light group's "
+        "downloads did not fill their share of the origin's slots (the slot time the ledger "
+        "charges runs from a download's wake-up to its release; the origin counts only its "
+        "requests).",
+    ]
     return "\n".join(lines) + "\n"
