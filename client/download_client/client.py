@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
+from amqp.exceptions import MessageNacked  # type: ignore[import-untyped]
 from celery import Celery
 from celery.result import AsyncResult
 
@@ -34,6 +35,7 @@ ProgressHook = Callable[[AsyncResult, str, Any], None]
 # Messages published per Redis round trip when submitting many (with one round trip more for
 # their records): big enough to amortise the round trips, small enough to keep memory flat.
 CHUNK = 1000
+NACK_TRIES = 6  # about a second in all
 
 
 def connect(settings: Settings | None = None) -> Celery:
@@ -164,9 +166,22 @@ def _publish_chunk(
                 create_sent_event=announce,
                 reply_to=app.thread_oid,
             )
-            # A failed publish is reported, not retried: the caller knows which ids were queued.
-            amqp.send_task_message(producer, TASK_NAME, message, declare=[], retry=False, **route)
+            _send(amqp, producer, message, route)
     return sent
+
+
+def _send(amqp: Any, producer: Any, message: Any, route: dict[str, Any]) -> None:
+    """Publish one message. A failed publish is reported, not retried (the caller knows which
+    ids were queued), but for a nack: RabbitMQ nacks what reaches a quorum queue in the moment
+    before its leader is elected (a group queue just declared), and takes it when sent again."""
+    for attempt in range(NACK_TRIES):
+        try:
+            amqp.send_task_message(producer, TASK_NAME, message, declare=[], retry=False, **route)
+            return
+        except MessageNacked:
+            if attempt == NACK_TRIES - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))
 
 
 def _target(queue: str, group: Any) -> str:
