@@ -29,7 +29,8 @@ ALONE = " Measured on its own (`python -m bench groups`), after the run of the p
 
 
 def run(stack: Stack, cfg: Config) -> dict[str, Any]:
-    warmup, window, rounds = (10, 20, 1) if cfg.quick else (15, 60, 2)
+    # The warm-up lets the worker park both backlogs first (thousands of messages on two cores).
+    warmup, window, rounds = (15, 20, 1) if cfg.quick else (30, 60, 2)
     shares: dict[str, list[float]] = {mode: [] for mode in MODES}
     for r in range(rounds):
         for mode, weights in MODES.items():
@@ -50,11 +51,10 @@ def _ratio(
     app: Celery, w: Worker, origin: DelayedOrigin, log: Path, warmup: float, window: float, r: int
 ) -> float:
     """Slot time heavy : light over `window` seconds, once both have waited `warmup`."""
-    # Enough of each to stay backlogged through the window: all 8 slots for heavy, half for light.
-    n = {
-        HEAVY[0]: int((warmup + window) * 8 / 2.5) + 50,
-        LIGHT[0]: int((warmup + window) * 4 / 0.25),
-    }
+    # Enough of each to stay backlogged through the window at an equal share or heavy's 3:1, and
+    # no more: every message beyond parks, and parking costs the same two cores.
+    span = warmup + window
+    n = {HEAVY[0]: int(span * 6 / 2.5) + 20, LIGHT[0]: int(span * 4 / 0.25 * 1.1)}
     for name, ms, size in (HEAVY, LIGHT):
         base = origin.url(ms, size)
         items = [{"url": f"{base}/{name}-{r}-{i}", "dest": f"groups/{name}{r}/{i}"}
