@@ -141,7 +141,7 @@ def _publish_chunk(
     shown = [redact_kwargs(dict(k)) for k in chunk]  # what events (Flower) and the caller see
     sent = [(str(uuid.uuid4()), s["url"]) for s in shown]
     home = queue or app.conf.task_default_queue
-    targets = [_target(home, k.get("group")) for k in chunk]
+    targets = _targets(home, chunk)
     # First: every queued id has its record, and every group queue its workers, never the other
     # way round.
     _record(app, sent, {t for t in targets if is_group_queue(t)})
@@ -184,13 +184,19 @@ def _send(amqp: Any, producer: Any, message: Any, route: dict[str, Any]) -> None
             time.sleep(0.05 * (attempt + 1))
 
 
-def _target(queue: str, group: Any) -> str:
-    """A download's queue: its group's queue of `queue`, unless it is urgent (an express lane
-    is no group's)."""
-    if group is None or is_lane(queue):
-        check_group(group)  # refused here, not only by the worker
-        return queue
-    return group_queue(split_group(queue)[0], check_group(group))
+def _targets(queue: str, chunk: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Each download's queue: its group's queue of `queue`, unless `queue` is an express lane
+    (no group's). What `queue` is, is worked out once a chunk, not once a download."""
+    urgent, base = is_lane(queue), split_group(queue)[0]
+    out = []
+    for kwargs in chunk:
+        group = kwargs.get("group")
+        if group is None or urgent:
+            check_group(group)  # refused here, not only by the worker
+            out.append(queue)
+        else:
+            out.append(group_queue(base, check_group(group)))
+    return out
 
 
 def _pipelined(producer: Any) -> AbstractContextManager[Any]:
