@@ -30,7 +30,11 @@ class FreezingProxy:
                 client, _ = self.listener.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(("127.0.0.1", self.redis_port))
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.redis_port))
+            except OSError:  # Redis is down (the test killed it): the client sees a closed link
+                _close(client)
+                continue
             self.sockets += [client, upstream]
             armed = threading.Event()
             threading.Thread(target=self._up, args=(client, upstream, armed), daemon=True).start()
