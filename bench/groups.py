@@ -39,7 +39,7 @@ def run(stack: Stack, cfg: Config) -> dict[str, Any]:
             w = stack.worker("groups", WORKER_CONCURRENCY=str(SLOTS),
                              DOWNLOAD_GROUP_WEIGHTS=weights)  # fmt: skip
             try:
-                shares[mode].append(_ratio(stack.client, w, origin, log, warmup, window, r))
+                shares[mode].append(_ratio(stack.client, w, origin, log, warmup, window))
             finally:
                 stack.stop_worker(w)
                 origin.stop()
@@ -48,16 +48,18 @@ def run(stack: Stack, cfg: Config) -> dict[str, Any]:
 
 
 def _ratio(
-    app: Celery, w: Worker, origin: DelayedOrigin, log: Path, warmup: float, window: float, r: int
+    app: Celery, w: Worker, origin: DelayedOrigin, log: Path, warmup: float, window: float
 ) -> float:
-    """Slot time heavy : light over `window` seconds, once both have waited `warmup`."""
+    """Slot time heavy : light over `window` seconds, once both have waited `warmup`. Each run
+    downloads to destinations of its own: a purged download keeps its destination's claim until
+    the claim's lease ends, and a later download to it would wait for that."""
     # Enough of each to stay backlogged through the window at an equal share or heavy's 3:1, and
     # no more: every message beyond parks, and parking costs the same two cores.
     span = warmup + window
     n = {HEAVY[0]: int(span * 6 / 2.5) + 20, LIGHT[0]: int(span * 4 / 0.25 * 1.1)}
     for name, ms, size in (HEAVY, LIGHT):
         base = origin.url(ms, size)
-        items = [{"url": f"{base}/{name}-{r}-{i}", "dest": f"groups/{name}{r}/{i}"}
+        items = [{"url": f"{base}/{name}-{i}", "dest": f"groups/{log.stem}/{name}/{i}"}
                  for i in range(n[name])]  # fmt: skip
         submit_many(app, items, queue=w.queue, group=name)
     start = time.time() + warmup
@@ -103,9 +105,8 @@ def render(groups: Mapping[str, Any]) -> str:
         lines.append(f"| {mode} | {fmt(s, 2)} |")
     lines += [
         "",
-        "An equal split would read 1.00 for the peer: where it reads more, the light group's "
-        "downloads did not fill their share of the origin's slots (the slot time the ledger "
-        "charges runs from a download's wake-up to its release; the origin counts only its "
-        "requests).",
+        "The split follows the weights, not the bodies: with equal weights `light` starts ten "
+        "downloads for each of `heavy`'s and both hold the origin's slots about as long; with "
+        "3:1, `heavy` holds them three times as long.",
     ]
     return "\n".join(lines) + "\n"
