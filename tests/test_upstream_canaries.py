@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import importlib
 import inspect
+import os
 import re
 import socket
 import sys
@@ -16,17 +17,20 @@ import time
 import uuid
 import weakref
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import celery
 import kombu
 import pytest
 import urllib3
-from celery import states
+from celery import concurrency, states
 from celery.backends.redis import RedisBackend
+from celery.concurrency import asynpool, prefork
 from celery.events.state import State
 from kombu import Connection, Exchange, Queue
 from kombu import transport as kombu_transport
+from kombu.asynchronous import Hub
 from kombu.transport import redis as kombu_redis
 from urllib3.connection import HTTPConnection
 
@@ -42,7 +46,13 @@ URLLIB3 = f"urllib3 {urllib3.__version__}"
 # Each door and the upstream names it holds. A new private name goes behind one of these doors,
 # with a comment naming the upstream code and a canary below.
 DOORS = {
-    "worker/celery_internals.py": {"_get_result_meta", "active_requests", "PRECEDENCE_LOOKUP"},
+    "worker/celery_internals.py": {
+        "_get_result_meta",
+        "active_requests",
+        "PRECEDENCE_LOOKUP",
+        "_track_child_process",
+        "_sentinel_poll",
+    },
     "worker/redis_transport.py": {
         "TRANSPORT_ALIASES",
         "_transport_cache",
@@ -132,6 +142,33 @@ def test_celery_active_requests_holds_what_the_pool_runs():
     assert isinstance(state.active_requests, weakref.WeakSet), (
         f"{CELERY}: celery.worker.state.active_requests is now a {type(state.active_requests)}"
     )
+
+
+def test_celery_prefork_watches_a_child_by_its_sentinel_poll_until_it_has_exited(app):
+    """AsynPool._track_child_process hands a child's `_sentinel_poll` to the hub, and
+    _untrack_child_process sets it to None once the child has exited. The stock method hands
+    that None to the hub too (the ValueError that ends a worker whose consumer registers the
+    pool again after a lost broker connection); the worker's pool leaves such a child alone.
+    The day the stock method stops raising, the guard can go."""
+    pool_cls = concurrency.get_implementation(app.conf.worker_pool)
+    assert issubclass(pool_cls, prefork.TaskPool), f"{CELERY}: the worker's pool is {pool_cls}"
+    hub, (read, write) = Hub(), os.pipe()
+    child = SimpleNamespace(_sentinel_poll=read)
+    ours, stock = object.__new__(pool_cls.Pool), object.__new__(asynpool.AsynPool)
+    try:
+        ours._track_child_process(child, hub)
+        assert read in hub.readers, f"{CELERY}: _track_child_process no longer watches it"
+        ours._untrack_child_process(child, hub)
+        assert child._sentinel_poll is None and read not in hub.readers, (
+            f"{CELERY}: _untrack_child_process no longer sets _sentinel_poll to None"
+        )
+        with pytest.raises(ValueError):
+            stock._track_child_process(child, hub)
+        ours._track_child_process(child, hub)
+        assert not hub.readers, f"{CELERY}: an exited child is watched again"
+    finally:
+        os.close(write)
+        hub.close()
 
 
 def test_celery_precedence_lookup_ranks_a_custom_state_for_event_monitors():

@@ -72,6 +72,9 @@ def celery_config(s: Settings) -> dict[str, Any]:
         # Refused messages: one line in the log (never their content) and a FAILURE for their
         # producer, stored only where no state exists (worker/refusals.py).
         "worker_consumer": "worker.refusals:Consumer",
+        # Celery's prefork pool, which survives a child that exits while the broker reconnects
+        # (worker/celery_internals.py); another `celery worker --pool` (solo, threads) still wins.
+        "worker_pool": "worker.celery_internals:PreforkPool",
         "broker_connection_max_retries": None,
         **rabbitmq_config(s),
     }

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery import states
+from celery.concurrency import asynpool, prefork
 from celery.worker import state as worker_state
 
 
@@ -49,3 +50,27 @@ def rank_state_between(custom: str, higher: str, lower: str) -> None:
     STARTED. Celery has no setting or hook for a custom state's rank."""
     rank = (states.precedence(higher) + states.precedence(lower)) / 2
     states.PRECEDENCE_LOOKUP.setdefault(custom, rank)
+
+
+class _ChildTrackingPool(asynpool.AsynPool):  # type: ignore[misc]
+    """Celery's prefork pool, minus one crash: a child that exited, and whose exit the pool has
+    handled, is not watched again when the consumer registers the pool anew.
+
+    celery/concurrency/asynpool.py, `AsynPool._track_child_process` (read in 5.7.0): it watches
+    a child's `_sentinel_poll`, the fd `_untrack_child_process` sets to None once the child has
+    exited. `register_with_event_loop` tracks every child still in the pool's list, and after a
+    lost broker connection the consumer registers the pool again: a child that exited in between
+    (recycled, or killed) is still in the list until `maintain_pool` reaps it, and its None
+    reaches `hub.add_reader`, whose ValueError (not the OSError `iterate_file_descriptors_safely`
+    forgives) ends the worker."""
+
+    def _track_child_process(self, proc: Any, hub: Any) -> None:
+        if getattr(proc, "_sentinel_poll", 0) is None:
+            return  # exited and untracked: maintain_pool replaces it
+        super()._track_child_process(proc, hub)
+
+
+class PreforkPool(prefork.TaskPool):  # type: ignore[misc]
+    """The worker's pool (`worker_pool`): Celery's prefork, with the pool class above."""
+
+    Pool = _ChildTrackingPool
