@@ -9,11 +9,11 @@ import time
 from typing import Any
 
 import requests
-from celery import Task
+from celery import Task, states
 from celery.exceptions import Ignore, Retry, SoftTimeLimitExceeded
 
 from download_client import arguments
-from download_client.arguments import utc_text
+from download_client.arguments import DownloadRequest, utc_text
 from download_client.contract import TASK_NAME, DownloadResult
 from download_client.errors import (
     DestinationBusyError,
@@ -76,20 +76,14 @@ class FetchTask(Task):  # type: ignore[misc]
     def on_failure(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
         """Called once FAILURE is stored: what a permanent failure kept for the runs before it
         was stored goes (a body that is not the one asked for, tasks/core/transfer.py)."""
-        if not isinstance(exc, PermanentError):
-            return
-        try:
-            drop_mismatch(runtime.current().root, arguments.parse(args, kwargs))
-        except (DownloadError, OSError) as err:  # the sweep removes it later
-            log.warning("kept body not removed (%s)", err)
+        if isinstance(exc, PermanentError):
+            _drop_kept(arguments.parse(args, kwargs))
 
     def not_mine(self, run: Run, held: Held, started: float) -> DownloadResult:
         """Another run has the destination: take its result, or wait for it."""
         run.step_aside()
         if held.self_done:
-            # A redelivered copy of a download that already succeeded: its process may have died
-            # before the callback was queued, so queue it again (receivers dedupe by task id).
-            self._call_back_again()
+            self._ended_already(run)
             raise Ignore()
         if held.done is not None:
             shared = {**held.done, "skipped": True, "elapsed_s": _since(started)}
@@ -188,9 +182,14 @@ class FetchTask(Task):  # type: ignore[misc]
             retry_policy=publish_policy(s),
         )  # fmt: skip
 
-    def _call_back_again(self) -> None:
+    def _ended_already(self, run: Run) -> None:
+        """A copy delivered again (its acknowledgement was lost) of a download whose end is
+        stored: its process may have died before the callback was queued, so queue it again
+        (receivers dedupe by task id), or, after a FAILURE, before its kept body went."""
+        meta = self.backend.get_task_meta(self.request.id)
+        if meta["status"] == states.FAILURE:
+            _drop_kept(run.request)
         if callback.callback_url_of(self.request) is not None:
-            meta = self.backend.get_task_meta(self.request.id)
             callback.enqueue(
                 self.app, self.request.id, meta["status"], meta["result"], self.request
             )
@@ -198,6 +197,13 @@ class FetchTask(Task):  # type: ignore[misc]
     def session(self, rt: Runtime) -> requests.Session:
         """The process's one shared session (a benchmark's anti-pattern task overrides this)."""
         return rt.session
+
+
+def _drop_kept(request: DownloadRequest) -> None:
+    try:
+        drop_mismatch(runtime.current().root, request)
+    except (DownloadError, OSError) as err:  # the sweep removes it later
+        log.warning("kept body not removed (%s)", err)
 
 
 def _check_callback(s: Settings, url: str | None) -> None:

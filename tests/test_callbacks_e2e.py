@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import failure, submit
+from tests.conftest import TASK, failure, submit
 from tests.harness import ROOT, free_port, wait_for
 from tests.receiver import Receiver
 from tests.server import body_sha256
@@ -57,6 +57,24 @@ def test_a_failure_is_called_back_with_its_error(client, hooked, origin, receive
         res.get(timeout=30)
     body = _one(receiver, res.id)
     assert body["state"] == "FAILURE" and "HTTP 404" in body["error"]
+
+
+def test_a_failed_download_delivered_again_is_not_fetched_again(
+    client, hooked, origin, receiver, key
+):
+    """A copy delivered again of a download whose FAILURE is stored (its acknowledgement lost,
+    as in a broker crash): no request, the FAILURE stays, and its callback is queued again
+    (receivers dedupe by task id)."""
+    kwargs = {"url": f"{origin.url}/bytes/3000?key={key}", "dest": f"{key}.bin",
+              "sha256": "0" * 64, "callback_url": receiver.url}  # fmt: skip
+    res = client.send_task(TASK, kwargs=kwargs, queue=hooked.queue)
+    with pytest.raises(Exception, match="sha256 mismatch"):
+        res.get(timeout=30)
+    _one(receiver, res.id)
+    client.send_task(TASK, kwargs=kwargs, queue=hooked.queue, task_id=res.id)
+    wait_for(lambda: receiver.book.attempts(res.id) >= 2, 30, "the callback queued again")
+    assert len(origin.stats.for_key(key)) == 1, "fetched again"
+    assert res.state == "FAILURE"
 
 
 def test_a_revoked_download_is_called_back_from_the_main_process(client, hooked, origin, receiver):

@@ -65,13 +65,16 @@ def test_a_run_of_the_holder_again_keeps_its_claim_and_counts_each_delivery(ledg
     assert (retried.delivered, retried.attempts) == (1, 3)
 
 
-def test_a_stored_success_is_read_as_json_whatever_its_spacing(ledger, client):
+def test_a_stored_end_is_read_as_json_whatever_its_spacing(ledger, client):
     for compact in (False, True):
         task_id = f"done-{compact}"
         client.set(f"meta-{task_id}", _meta("SUCCESS", compact))
         assert ledger.admit(_admit(task_id, dest=task_id)).holder == Held(task_id, self_done=True)
-    client.set("meta-failed", _meta("FAILURE", compact=True))
-    assert ledger.admit(_admit("failed", dest="failed")).holder is None
+    for end in ("FAILURE", "REVOKED"):  # final too: a copy delivered again does not run
+        client.set(f"meta-{end}", _meta(end, compact=True))
+        assert ledger.admit(_admit(end, dest=end)).holder == Held(end, self_done=True)
+    client.set("meta-retried", _meta("RETRY", compact=True))
+    assert ledger.admit(_admit("retried", dest="retried")).holder is None
 
 
 def test_a_waiter_takes_the_result_its_holder_left_and_only_for_the_same_download(ledger):

@@ -129,12 +129,14 @@ def _scopes(client: Any, kind: str, suffix: str) -> dict[str, str]:
 
 # KEYS: claim, this task's result (Celery's key), the result left by the holder waited for.
 # ARGV: me, flight key, ttl ms. Returns nil when the claim is now mine, else a JSON object: who
-# holds it, what the holder waited for left, or this task's own stored success.
+# holds it, what the holder waited for left, or this task's own stored end (SUCCESS, FAILURE or
+# REVOKED: final, never replaced by a run, _STORE).
 _CLAIM = """
 local meta = redis.call('GET', KEYS[2])
 if meta then
   local ok, stored = pcall(cjson.decode, meta)
-  if ok and type(stored) == 'table' and stored['status'] == 'SUCCESS' then
+  local was = ok and type(stored) == 'table' and stored['status']
+  if was == 'SUCCESS' or was == 'FAILURE' or was == 'REVOKED' then
     return cjson.encode({task=ARGV[1], self_done=true})
   end
 end
@@ -463,7 +465,7 @@ class Claim:
 
 @dataclass(frozen=True)
 class Held:
-    """Someone else's claim (`done` is None while it runs), or this task's own earlier success."""
+    """Someone else's claim (`done` is None while it runs), or this task's own earlier end."""
 
     task: str
     done: dict[str, Any] | None = None
