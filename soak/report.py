@@ -41,6 +41,7 @@ def judge(
     unaccounted: list[str] = []
     extra_causes: Counter[str] = Counter()
     doubles: list[str] = []
+    needless_detail: list[dict[str, Any]] = []
     served = expected = 0
     for tid, d in books.accepted.items():
         end = books.ended.get(tid)
@@ -52,6 +53,8 @@ def judge(
         doubles += [f"{d.key}: {w}" for w in _double_writers(transfers)]
         for cause in _extra_transfers(d, transfers, events):
             extra_causes[cause] += 1
+            if cause.startswith("needless"):
+                needless_detail.append(_needless_detail(d, end, transfers, events))
         served += sum(t.body_bytes for t in transfers)
         expected += d.size if end is not None and end.state == "SUCCESS" else 0
     growth = {pid: (s[-1] - s[0]) / MiB for pid, s in rss.items() if len(s) >= 2}
@@ -68,6 +71,7 @@ def judge(
         "double_writers": doubles[:50],
         "extra_full_transfers": dict(extra_causes.most_common()),
         "needless": needless,
+        "needless_detail": needless_detail[:20],
         "bytes_served_over_stored": served / expected if expected else 0.0,
         "partial_left": partial_left[:50],
         "faults": dict(Counter(e.kind for e in events)),
@@ -141,6 +145,31 @@ def _extra_transfers(d: Any, transfers: list[Transfer], events: list[Any]) -> li
         first = prev is before[0]
         causes.append(f"{_why_cut(d, prev, events, first)}; {_why_whole(d, t, prev)}")
     return causes
+
+
+def _needless_detail(
+    d: Any, end: Any, transfers: list[Transfer], events: list[Any]
+) -> dict[str, Any]:
+    """What the report knows of a download fetched whole twice: its transfers and the faults
+    around them, times in seconds from its first transfer."""
+    t0 = transfers[0].start
+    first, last = t0 - 5, max(t.end for t in transfers) + 5
+    return {
+        "download": d.key,
+        "case": d.case.name,
+        "ended": None if end is None else end.state,
+        "attempts": None if end is None else (end.result or {}).get("attempts"),
+        "transfers": [
+            f"{t.start - t0:.2f}-{t.end - t0:.2f} s: {t.status}, {t.body_bytes} of {t.length}"
+            f"{'' if t.range_start is None else f' from {t.range_start}'}"
+            for t in transfers
+        ],
+        "faults": [
+            f"{e.at - t0:.2f} s: {e.kind} {e.detail}".strip()
+            for e in events
+            if first <= e.at <= last or first <= (e.end or e.at) <= last
+        ],
+    }
 
 
 def _why_cut(d: Any, prev: Transfer, events: list[Any], first: bool) -> str:
@@ -266,9 +295,10 @@ def markdown(f: dict[str, Any], runs: list[str] | None = None) -> str:
         *[f"| {k} | {v} |" for k, v in f["extra_full_transfers"].items()],
         "",
     ]
-    if f["unaccounted"] or f["double_writers"] or f["partial_left"] or f["worker_deaths"]:
+    findings = ("unaccounted", "double_writers", "partial_left", "worker_deaths", "needless_detail")
+    if any(f.get(name) for name in findings):
         lines += ["## Findings", ""]
-        for name in ("unaccounted", "double_writers", "partial_left", "worker_deaths"):
-            lines += [f"- {name}: {x}" for x in f[name]]
+        for name in findings:
+            lines += [f"- {name}: {x}" for x in f.get(name, [])]
         lines.append("")
     return "\n".join([*lines, *(runs or [])])

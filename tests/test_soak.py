@@ -46,6 +46,13 @@ def test_the_judge_calls_a_second_whole_body_needless():
     ok = Outcome("SUCCESS", {}, file_ok=True)
     figures = _judge({"t0": ok}, [_transfer(0, 1, 1000), _transfer(2, 3, 1000)])
     assert figures["needless"] == 1 and not figures["ok"]
+    # What the report keeps to find out why: the download and each of its transfers.
+    [detail] = figures["needless_detail"]
+    assert detail["case"] == PLAIN.name and detail["ended"] == "SUCCESS"
+    assert detail["transfers"] == [
+        "0.00-1.00 s: 200, 1000 of 1000",
+        "2.00-3.00 s: 200, 1000 of 1000",
+    ]
 
 
 def test_the_judge_names_the_cause_of_a_transfer_after_a_cut():
