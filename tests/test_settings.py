@@ -39,6 +39,20 @@ def test_every_setting_is_in_the_settings_table_with_its_default():
         ({"DOWNLOAD_ALLOW_PRIVATE": "maybe"}, "expected true/false"),
         ({"DOWNLOAD_SOFT_TIME_LIMIT": "100", "DOWNLOAD_TIME_LIMIT": "50"}, "below"),
         ({"DOWNLOAD_VISIBILITY_TIMEOUT": "3000"}, "VISIBILITY_TIMEOUT must exceed"),
+        ({"DOWNLOAD_GROUP_WEIGHTS": "crawl"}, "'crawl': expected group=N"),
+        ({"DOWNLOAD_GROUP_WEIGHTS": "Crawl!=2"}, "'Crawl!=2': expected group=N (a group name"),
+        ({"DOWNLOAD_GROUP_WEIGHTS": "crawl=0"}, "a weight is a number above 0"),
+        ({"DOWNLOAD_GROUP_WEIGHTS": "crawl=x"}, "'x': a weight is a number above 0"),
+        ({"DOWNLOAD_GROUP_WEIGHTS": "crawl=nan"}, "'nan': a weight is a number above 0"),
+        (
+            {"DOWNLOAD_GROUP_WEIGHTS": "a=1,a=2"},
+            "DOWNLOAD_GROUP_WEIGHTS='a=1,a=2': 'a' is given twice",
+        ),
+        (
+            {"DOWNLOAD_GROUP_LIMITS": "crawl=-1"},
+            "DOWNLOAD_GROUP_LIMITS='crawl=-1': must be 0 or more",
+        ),
+        ({"DOWNLOAD_GROUP_LIMITS": "crawl=1.5"}, "expected a whole number"),
     ],
 )
 def test_bad_values_are_refused_naming_the_variable(env, message):

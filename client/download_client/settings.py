@@ -123,6 +123,8 @@ def _group_numbers(kind: Callable[[str], Any]) -> Callable[[str], tuple[tuple[st
             group, sep, value = item.rpartition("=")
             if not sep or not GROUP_NAME.fullmatch(group):
                 raise ValueError(f"{item!r}: expected group=N (a group name: a-z, 0-9, _ and -)")
+            if group in dict(pairs):
+                raise ValueError(f"{group!r} is given twice")
             pairs.append((group, kind(value)))
         return tuple(pairs)
 
@@ -130,7 +132,10 @@ def _group_numbers(kind: Callable[[str], Any]) -> Callable[[str], tuple[tuple[st
 
 
 def _weight(raw: str) -> float:
-    value = float(raw)
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{raw!r}: a weight is a number above 0, at most 1000") from None
     if not (0 < value <= 1000):
         raise ValueError(f"{raw!r}: a weight is a number above 0, at most 1000")
     return value
