@@ -1,6 +1,7 @@
 """Producers nobody here wrote submit downloads and read what they get back: a bare Celery app, the
 `celery call` command, celery-node in task protocols 2 and 1, and a protocol 1 message published
-by hand with kombu (so protocol 1 is tested even where node is missing)."""
+by hand with kombu (so protocol 1 is tested even where node is missing); the first two also to a
+submitter group's queue."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import pytest
 from kombu import Connection, Producer
 
 from download_client import RESULT_KEYS
+from download_client.client import submit
+from download_client.groups import group_queue
 from tests.harness import wait_for
 from tests.server import body_sha256
 from tests.third_party import bare_producer, celery_call, celery_node
@@ -107,3 +110,25 @@ def test_celery_node_hears_why_a_download_failed(redis_server, worker, origin, p
     assert seen["status"] == "FAILURE"
     assert seen["result"]["exc_type"] == "PermanentError"
     assert "unknown argument 'colour'" in seen["result"]["exc_message"][0]
+
+
+def test_producers_of_their_own_send_to_a_known_groups_queue(
+    redis_server, client, worker, origin, key
+):
+    """A group the client has made known: a bare Celery app and celery-node send to
+    `<queue>.group-<name>` with the group as an argument, as the contract says, and the worker
+    runs them."""
+    group = f"ext-{key[:8]}"
+    first = submit(client, f"{origin.url}/bytes/100?seed={key}", dest=f"g/{key}-0.bin",
+                   queue=worker.queue, group=group)  # fmt: skip
+    first.get(timeout=60)
+    broker, backend = _urls(redis_server)
+    queue = group_queue(worker.queue, group)
+    bare = bare_producer(broker, backend, queue, url=f"{origin.url}/bytes/700?seed={key}",
+                         dest=f"g/{key}-bare.bin", group=group)  # fmt: skip
+    assert bare["states"][-1] == "SUCCESS", bare
+    _check_file(worker, bare["result"], 700, key)
+    node = celery_node(broker, backend, queue, 2, url=f"{origin.url}/bytes/900?seed={key}",
+                       dest=f"g/{key}-node.bin", group=group)  # fmt: skip
+    assert node["status"] == "SUCCESS", node
+    _check_file(worker, node["result"], 900, key)
