@@ -118,7 +118,7 @@ def _group_numbers(kind: Callable[[str], Any]) -> Callable[[str], tuple[tuple[st
     """`group=N` pairs, comma-separated, each N read by `kind`."""
 
     def parse(raw: str) -> tuple[tuple[str, Any], ...]:
-        pairs = []
+        pairs: list[tuple[str, Any]] = []
         for item in (i.strip() for i in raw.split(",") if i.strip()):
             group, sep, value = item.rpartition("=")
             if not sep or not GROUP_NAME.fullmatch(group):
