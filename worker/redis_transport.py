@@ -258,9 +258,11 @@ class Channel(kombu_redis.Channel):
 
     # kombu/transport/redis.py, `Channel._connparams` (read in 5.7.0): where every connection
     # pool of the channel gets its parameters, reading `connection.client` (None once the
-    # transport is released). The one place to raise kombu's connection error before that read.
+    # transport is released; `connection` itself is None once the channel is closed, and a
+    # producer may still publish through it). The one place to raise kombu's connection error
+    # before that read.
     def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
-        if self.connection.client is None:
+        if self.connection is None or self.connection.client is None:
             raise redis.ConnectionError("the broker connection is already closed")
         params: dict[str, Any] = super()._connparams(asynchronous)  # type: ignore[no-untyped-call]
         return params
