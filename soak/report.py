@@ -5,7 +5,10 @@
 - never two writers: no transfer of a download began while another of its transfers was still
   sending a body that then completed (read at the origin, per download's own URL path).
 - no needless transfer: full bodies (200 with body bytes) per download beyond the first, each
-  with the cause read off the transfer before it; a full body after a complete one is needless.
+  with the cause read off the transfer before it; a full body after a complete one is needless,
+  unless a child was SIGKILLed between that one's start and half a second after its end (a
+  body can leave the origin whole and die in a socket buffer, or before the worker has written
+  and checked it: then nothing on disk could be published).
 - nothing left: no file under .partial/ once the fleet is idle.
 - memory flat: each worker child's RSS at its last sample against its first.
 - an origin down for minutes: each download of the case with a deadline (`down=1`, down longer
@@ -140,11 +143,27 @@ def _extra_transfers(d: Any, transfers: list[Transfer], events: list[Any]) -> li
         before = [p for p in transfers[:i] if p.status in (200, 206) and p.body_bytes]
         prev = before[-1]
         if prev.complete:
-            causes.append(f"needless: the body before it had arrived whole ({d.case.name})")
+            if _killed_as_it_arrived(prev, events):
+                causes.append("cut by the chaos (a child SIGKILLed as the body left the origin, "
+                              "before it could be on disk whole)")  # fmt: skip
+            else:
+                causes.append(f"needless: the body before it had arrived whole ({d.case.name})")
             continue
         first = prev is before[0]
         causes.append(f"{_why_cut(d, prev, events, first)}; {_why_whole(d, t, prev)}")
     return causes
+
+
+# How long after a body has left the origin its worker may still be reading, writing and
+# hashing it, before the record that lets the next run publish it is on the file: a child
+# SIGKILLed in that window leaves nothing to publish, whatever the origin sent.
+ARRIVING_S = 0.5
+
+
+def _killed_as_it_arrived(prev: Transfer, events: list[Any]) -> bool:
+    return any(
+        e.kind == "child SIGKILLed" and prev.start <= e.at <= prev.end + ARRIVING_S for e in events
+    )
 
 
 def _needless_detail(

@@ -16,14 +16,19 @@ from soak.run import MiB, Outcome, Size, main
 PLAIN = CASES[0]
 
 
-def _judge(ended: dict[str, Outcome], transfers: list[Transfer], d: Download | None = None) -> dict:
+def _judge(
+    ended: dict[str, Outcome],
+    transfers: list[Transfer],
+    d: Download | None = None,
+    events: list | None = None,
+) -> dict:
     d = d or Download(0, PLAIN, 1000)
     ledger = Ledger()
     for t in transfers:
         ledger.add(t)
     books = SimpleNamespace(accepted={"t0": d}, ended=ended, submit_retries=0)
     size = SimpleNamespace(downloads=1, big=MiB)
-    return judge(books=books, ledger=ledger, events=[], rss={}, partial_left=[],
+    return judge(books=books, ledger=ledger, events=events or [], rss={}, partial_left=[],
                  timings={"chaos_s": 0, "drain_s": 0}, size=size, seed=0)  # fmt: skip
 
 
@@ -53,6 +58,15 @@ def test_the_judge_calls_a_second_whole_body_needless():
         "0.00-1.00 s: 200, 1000 of 1000",
         "2.00-3.00 s: 200, 1000 of 1000",
     ]
+
+
+def test_a_whole_body_fetched_again_after_its_child_was_killed_as_it_arrived_is_not_needless():
+    ok = Outcome("SUCCESS", {}, file_ok=True)
+    transfers = [_transfer(0, 1, 1000), _transfer(2, 3, 1000)]
+    for at, needless in ((1.2, 0), (0.5, 0), (2.5, 1)):  # within 0.5 s of its end, or not
+        kill = SimpleNamespace(at=at, kind="child SIGKILLed", end=0.0, detail="w pid 1")
+        figures = _judge({"t0": ok}, transfers, events=[kill])
+        assert figures["needless"] == needless, at
 
 
 def test_the_judge_names_the_cause_of_a_transfer_after_a_cut():
