@@ -27,6 +27,14 @@ from soak.origin import Ledger, Transfer
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1024 * 1024
+# How long after a body has left the origin its worker may still be reading, writing and
+# hashing it, before the record that lets the next run publish it is on the file: a child
+# SIGKILLed in that window leaves nothing to publish, whatever the origin sent.
+ARRIVING_S = 0.5
+KILLED_AS_IT_ARRIVED = (
+    "cut by the chaos (a child SIGKILLed as the body left the origin, before it could be on disk "
+    "whole)"
+)
 
 
 def judge(
@@ -45,6 +53,7 @@ def judge(
     extra_causes: Counter[str] = Counter()
     doubles: list[str] = []
     needless_detail: list[dict[str, Any]] = []
+    arrived_detail: list[dict[str, Any]] = []  # whole bodies whose child was killed as they came
     served = expected = 0
     for tid, d in books.accepted.items():
         end = books.ended.get(tid)
@@ -58,6 +67,8 @@ def judge(
             extra_causes[cause] += 1
             if cause.startswith("needless"):
                 needless_detail.append(_needless_detail(d, end, transfers, events))
+            elif cause.startswith(KILLED_AS_IT_ARRIVED):
+                arrived_detail.append(_needless_detail(d, end, transfers, events))
         served += sum(t.body_bytes for t in transfers)
         expected += d.size if end is not None and end.state == "SUCCESS" else 0
     growth = {pid: (s[-1] - s[0]) / MiB for pid, s in rss.items() if len(s) >= 2}
@@ -75,6 +86,7 @@ def judge(
         "extra_full_transfers": dict(extra_causes.most_common()),
         "needless": needless,
         "needless_detail": needless_detail[:20],
+        "killed_as_it_arrived_detail": arrived_detail[:20],
         "bytes_served_over_stored": served / expected if expected else 0.0,
         "partial_left": partial_left[:50],
         "faults": dict(Counter(e.kind for e in events)),
@@ -144,20 +156,13 @@ def _extra_transfers(d: Any, transfers: list[Transfer], events: list[Any]) -> li
         prev = before[-1]
         if prev.complete:
             if _killed_as_it_arrived(prev, events):
-                causes.append("cut by the chaos (a child SIGKILLed as the body left the origin, "
-                              "before it could be on disk whole)")  # fmt: skip
+                causes.append(KILLED_AS_IT_ARRIVED)
             else:
                 causes.append(f"needless: the body before it had arrived whole ({d.case.name})")
             continue
         first = prev is before[0]
         causes.append(f"{_why_cut(d, prev, events, first)}; {_why_whole(d, t, prev)}")
     return causes
-
-
-# How long after a body has left the origin its worker may still be reading, writing and
-# hashing it, before the record that lets the next run publish it is on the file: a child
-# SIGKILLed in that window leaves nothing to publish, whatever the origin sent.
-ARRIVING_S = 0.5
 
 
 def _killed_as_it_arrived(prev: Transfer, events: list[Any]) -> bool:
@@ -314,7 +319,8 @@ def markdown(f: dict[str, Any], runs: list[str] | None = None) -> str:
         *[f"| {k} | {v} |" for k, v in f["extra_full_transfers"].items()],
         "",
     ]
-    findings = ("unaccounted", "double_writers", "partial_left", "worker_deaths", "needless_detail")
+    findings = ("unaccounted", "double_writers", "partial_left", "worker_deaths", "needless_detail",
+                "killed_as_it_arrived_detail")  # fmt: skip
     if any(f.get(name) for name in findings):
         lines += ["## Findings", ""]
         for name in findings:

@@ -67,6 +67,9 @@ def test_a_whole_body_fetched_again_after_its_child_was_killed_as_it_arrived_is_
         kill = SimpleNamespace(at=at, kind="child SIGKILLed", end=0.0, detail="w pid 1")
         figures = _judge({"t0": ok}, transfers, events=[kill])
         assert figures["needless"] == needless, at
+        # Either way the report names the download, to be checked by hand.
+        listed = figures["needless_detail"] or figures["killed_as_it_arrived_detail"]
+        assert [x["case"] for x in listed] == [PLAIN.name]
 
 
 def test_the_judge_names_the_cause_of_a_transfer_after_a_cut():
