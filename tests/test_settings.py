@@ -72,6 +72,7 @@ def test_celery_configuration_is_safe_by_construction():
     assert conf["accept_content"] == ["json"] and conf["task_serializer"] == "json"
     assert conf["task_acks_late"] and conf["task_reject_on_worker_lost"]
     assert conf["worker_prefetch_multiplier"] == 1
+    assert conf["worker_proc_alive_timeout"] >= 30  # a slow child start is not killed
     assert conf["worker_send_task_events"] and conf["task_track_started"]
     vt = conf["broker_transport_options"]["visibility_timeout"]
     assert vt == conf["result_backend_transport_options"]["visibility_timeout"]

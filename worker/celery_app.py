@@ -68,6 +68,10 @@ def celery_config(s: Settings) -> dict[str, Any]:
         "worker_concurrency": s.concurrency,
         "worker_max_tasks_per_child": s.max_tasks_per_child or None,
         "worker_max_memory_per_child": s.max_memory_per_child or None,
+        # Celery kills a new child that has not said it is up within 4 s; on two busy cores a
+        # child's start took longer ("Timed out waiting for UP message" in the chaos soak), and
+        # each kill costs another fork.
+        "worker_proc_alive_timeout": 30,
         "worker_hijack_root_logger": False,
         # Refused messages: one line in the log (never their content) and a FAILURE for their
         # producer, stored only where no state exists (worker/refusals.py).
