@@ -66,9 +66,9 @@ def judge(
         for cause in _extra_transfers(d, transfers, events):
             extra_causes[cause] += 1
             if cause.startswith("needless"):
-                needless_detail.append(_needless_detail(d, end, transfers, events))
+                needless_detail.append(_transfer_detail(d, end, transfers, events))
             elif cause.startswith(KILLED_AS_IT_ARRIVED):
-                arrived_detail.append(_needless_detail(d, end, transfers, events))
+                arrived_detail.append(_transfer_detail(d, end, transfers, events))
         served += sum(t.body_bytes for t in transfers)
         expected += d.size if end is not None and end.state == "SUCCESS" else 0
     growth = {pid: (s[-1] - s[0]) / MiB for pid, s in rss.items() if len(s) >= 2}
@@ -171,11 +171,12 @@ def _killed_as_it_arrived(prev: Transfer, events: list[Any]) -> bool:
     )
 
 
-def _needless_detail(
+def _transfer_detail(
     d: Any, end: Any, transfers: list[Transfer], events: list[Any]
 ) -> dict[str, Any]:
-    """What the report knows of a download fetched whole twice: its transfers and the faults
-    around them, times in seconds from its first transfer."""
+    """What the report knows of a download fetched whole twice (needless, or after its child was
+    killed as the body came): its transfers and the faults around them, times in seconds from
+    its first transfer."""
     t0 = transfers[0].start
     first, last = t0 - 5, max(t.end for t in transfers) + 5
     return {

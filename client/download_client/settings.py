@@ -4,6 +4,7 @@ producers read the broker, the backend and the visibility timeout."""
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -118,15 +119,15 @@ def _group_numbers(kind: Callable[[str], Any]) -> Callable[[str], tuple[tuple[st
     """`group=N` pairs, comma-separated, each N read by `kind`."""
 
     def parse(raw: str) -> tuple[tuple[str, Any], ...]:
-        pairs: list[tuple[str, Any]] = []
+        pairs: dict[str, Any] = {}
         for item in (i.strip() for i in raw.split(",") if i.strip()):
             group, sep, value = item.rpartition("=")
             if not sep or not GROUP_NAME.fullmatch(group):
                 raise ValueError(f"{item!r}: expected group=N (a group name: a-z, 0-9, _ and -)")
-            if group in dict(pairs):
+            if group in pairs:
                 raise ValueError(f"{group!r} is given twice")
-            pairs.append((group, kind(value)))
-        return tuple(pairs)
+            pairs[group] = kind(value)
+        return tuple(pairs.items())
 
     return parse
 
@@ -135,7 +136,7 @@ def _weight(raw: str) -> float:
     try:
         value = float(raw)
     except ValueError:
-        raise ValueError(f"{raw!r}: a weight is a number above 0, at most 1000") from None
+        value = math.nan  # refused below, with the same words
     if not (0 < value <= 1000):
         raise ValueError(f"{raw!r}: a weight is a number above 0, at most 1000")
     return value
