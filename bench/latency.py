@@ -13,12 +13,13 @@ from typing import Any
 from bench.config import KIB, Config
 from bench.delayed import DelayedOrigin
 from bench.small import _aria2, _celery, _curl
-from bench.stack import Stack, available, rotated
+from bench.stack import Stack, available, rotated, send_all, wait_all
 from bench.stats import fmt, ratios, summary
 from download_client.contract import TASK_NAME
 from tests.harness import Worker
 
 TTFB_MS = (20, 100, 300)
+NOOP_HOLD_S = 0.1
 PLOT = "bench-latency.png"
 
 
@@ -55,7 +56,25 @@ def run(stack: Stack, cfg: Config) -> dict[str, Any]:
             table[str(slots)] = _slots(stack, origin, slots, rounds, waves)
     finally:
         origin.stop()
-    return {"rounds": rounds, "ttfb_ms": list(TTFB_MS), "by_slots": table}
+    most = slot_counts[-1]
+    tasks = table[str(most)]["downloads_done"]
+    noop = {"slots": most, "tasks": tasks, **_noop_memory(stack, most, tasks)}
+    return {"rounds": rounds, "ttfb_ms": list(TTFB_MS), "by_slots": table, "noop": noop}
+
+
+def _noop_memory(stack: Stack, slots: int, tasks: int) -> dict[str, Any]:
+    """The same memory figures for Celery's own work alone: a worker of as many slots running as
+    many no-op tasks, each holding its child for NOOP_HOLD_S so that every child runs its share
+    (a no-op that returns at once is taken by whichever child is free first)."""
+    w = stack.worker(f"latnoop{slots}", include=["bench.tasks"], WORKER_CONCURRENCY=str(slots))
+    try:
+        time.sleep(2)  # the children finish starting, as for the downloads' worker
+        idle = memory_of(w, slots)
+        kwargs = ({"hold_s": NOOP_HOLD_S, "n": i} for i in range(tasks))
+        wait_all(send_all(stack.client, "bench.noop_as_long", w.queue, kwargs), timeout=600)
+        return {"idle": idle, "after": memory_of(w, slots)}
+    finally:
+        stack.stop_worker(w)
 
 
 def _slots(
@@ -143,6 +162,17 @@ def render(lat: Mapping[str, Any]) -> str:
                 f"| {fmt(rates['worker'], 1)} | {fmt(rates['curl --parallel'], 1)} "
                 f"| {fmt(cell['worker_vs_curl'], 2)} |"
             )
+    noop = lat.get("noop")
+    if noop:
+        lines += [
+            "",
+            f"The no-op peer (`bench.noop_as_long`, each task asleep {NOOP_HOLD_S * 1000:.0f} ms "
+            f"in its child so that every child runs its share): {noop['slots']} slots, "
+            f"{noop['tasks']:,} tasks, PSS a slot {_mem(noop, 'pss_per_slot_mib')} MiB, USS a "
+            f"child {_mem(noop, 'uss_per_child_mib')} MiB, Private_Dirty a child "
+            f"{_mem(noop, 'private_dirty_per_child_mib')} MiB: what a child of Celery alone "
+            "writes into pages it shared with the main process by running tasks.",
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -7,6 +7,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 from bench.config import Config
@@ -27,6 +28,17 @@ from download_client.contract import TASK_NAME
 from tests.harness import Worker
 
 Client = Callable[[Path, int], float]  # (new output directory, run number) -> seconds
+AS_LONG = "no-op task, as long as a download"
+CALIBRATION = 200  # downloads whose median time in the child the long no-op sleeps
+
+
+def held_for(stack: Stack, w: Worker, urls: list[str]) -> float:
+    """The median seconds a 16 KiB download holds its child (its result's `elapsed_s`), from
+    downloads made before the timed runs (not timed themselves)."""
+    kwargs = ({"url": u, "dest": f"p3/hold/{i}.bin"} for i, u in enumerate(urls))
+    results = send_all(stack.client, TASK_NAME, w.queue, kwargs)
+    wait_all(results, timeout=600)
+    return float(median(r.result["elapsed_s"] for r in results))
 
 
 def run(stack: Stack, cfg: Config, nginx: Nginx) -> dict[str, Any]:
@@ -39,9 +51,13 @@ def run(stack: Stack, cfg: Config, nginx: Nginx) -> dict[str, Any]:
     # Workers with production settings (recycling after 1,000 tasks included); the no-op runs on
     # the same worker, so configuration, broker and concurrency are the same by construction.
     w = stack.worker("small", include=["bench.tasks"])
+    hold = held_for(stack, w, urls[:CALIBRATION])
     clients: dict[str, Client] = {
         "worker": lambda out, r: _celery(stack, w, TASK_NAME, urls, f"p3/{r}", n),
         "no-op task": lambda out, r: _celery(stack, w, "bench.noop", urls, f"p3/noop-{r}", n),
+        AS_LONG: lambda out, r: _celery(
+            stack, w, "bench.noop_as_long", urls, f"p3/long-{r}", n, hold_s=hold
+        ),
     }
     peers: dict[str, tuple[str, Client]] = {
         "curl (one invocation)": ("curl", lambda out, r: _curl(out, urls, names)),
@@ -66,7 +82,7 @@ def run(stack: Stack, cfg: Config, nginx: Nginx) -> dict[str, Any]:
         "redis": lambda: cpu_seconds([redis]),
     }
     cpu: dict[str, dict[str, list[float]]] = {
-        name: {part: [] for part in parts} for name in ("worker", "no-op task")
+        name: {part: [] for part in parts} for name in ("worker", "no-op task", AS_LONG)
     }
     order = list(clients)
     try:
@@ -99,15 +115,21 @@ def run(stack: Stack, cfg: Config, nginx: Nginx) -> dict[str, Any]:
         "cpu_vs_noop": {
             part: ratios(cpu["worker"][part], cpu["no-op task"][part]) for part in parts
         },
+        "hold_s": hold,
+        "cpu_vs_noop_as_long": {
+            part: ratios(cpu["worker"][part], cpu[AS_LONG][part]) for part in parts
+        },
         "worker_vs": {k: ratios(rates["worker"], v) for k, v in rates.items() if k != "worker"},
         "raw": rates,
     }
 
 
-def _celery(stack: Stack, w: Worker, task: str, urls: list[str], prefix: str, n: int) -> float:
+def _celery(
+    stack: Stack, w: Worker, task: str, urls: list[str], prefix: str, n: int, **extra: Any
+) -> float:
     """Submit `n` tasks in a loop as a producer would; seconds from the first send until the
     worker stored the last result."""
-    kwargs = ({"url": u, "dest": f"{prefix}/{i}.bin"} for i, u in enumerate(urls[:n]))
+    kwargs = ({"url": u, "dest": f"{prefix}/{i}.bin", **extra} for i, u in enumerate(urls[:n]))
     started = time.time()
     results = send_all(stack.client, task, w.queue, kwargs)
     wait_all(results, timeout=600)

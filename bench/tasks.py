@@ -4,10 +4,13 @@ only that difference is measured.
 
   bench.session_per_download  the anti-pattern: a new requests.Session for every download
   bench.noop                  Celery's own ceiling: same configuration, same arguments, no work
+  bench.noop_as_long          the no-op holding its child as long as a download does (`hold_s`,
+                              asleep: no CPU), so the main process sees the same pace of tasks
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import requests
@@ -29,6 +32,13 @@ class SessionPerDownload(FetchTask):
 @app.task(name="bench.noop", typing=False)
 def noop(**kwargs: Any) -> dict[str, Any]:
     """Returns its arguments, so the stored result is about the size of a download's."""
+    return dict(kwargs)
+
+
+@app.task(name="bench.noop_as_long", typing=False)
+def noop_as_long(hold_s: float = 0.0, **kwargs: Any) -> dict[str, Any]:
+    """The no-op, returning after `hold_s` seconds asleep."""
+    time.sleep(hold_s)
     return dict(kwargs)
 
 

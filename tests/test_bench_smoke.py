@@ -262,3 +262,29 @@ def test_the_groups_part_renders_each_fleets_split():
         "weights 3:1": _s(2.9, 3.1), "equal weights (peer)": _s(0.9, 1.1)}})  # fmt: skip
     assert "| weights 3:1 | 3.00 (2.90-3.10) |" in text, text
     assert "| equal weights (peer) | 1.00 (0.90-1.10) |" in text, text
+
+
+def test_the_main_process_and_memory_are_read_against_the_long_no_op() -> None:
+    results = fake_results()
+    small = results["small"]
+    long = "no-op task, as long as a download"
+    small["cpu_ms_per_task"][long] = {"child": _s(1.1), "main": _s(1.9), "redis": _s(0.35)}
+    small["hold_s"] = 0.004
+    small["cpu_vs_noop_as_long"] = {
+        "child": ratios([2.5], [1.1]),
+        "main": ratios([2.0], [1.9]),
+        "redis": ratios([0.4], [0.35]),
+    }
+    results["latency"]["noop"] = {
+        "slots": 8,
+        "tasks": 480,
+        "idle": _memory_of(6.0),
+        "after": _memory_of(6.5),
+    }
+    text = report.render(results, plotted=False)
+    assert "| main | 2.00 | 2.00 | 1.00 | 1.90 | 1.05 |" in text
+    assert "sleeps 4.00 ms in its child" in text
+    assert "download / that no-op: 1.05 x" in text
+    assert "the no-op's 6.0 -> 6.5 MiB" in text
+    assert "The no-op peer (`bench.noop_as_long`" in text and "8 slots, 480 tasks" in text
+
