@@ -1,7 +1,8 @@
 """`python -m bench` (or `make bench`): measure everything and write docs/benchmarks.md.
 `python -m bench report` redraws the report from docs/benchmarks.json without measuring;
 `python -m bench lanes` measures part 8 (the express lane) alone into it and redraws it, and
-`python -m bench groups` part 9 (fair shares between groups).
+`python -m bench groups` part 9 (fair shares between groups), `python -m bench bandwidth` part 10
+(bandwidth budgets).
 BENCH_QUICK=1 makes a smoke run of about two minutes; BENCH_TMP picks where files are written."""
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import (
+    bandwidth,
     groups,
     lanes,
     large,
@@ -36,12 +38,11 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
 def main(argv: list[str]) -> int:
-    if argv[:1] in (["report"], ["lanes"], ["groups"]):
+    alone = {"lanes": lanes.run, "groups": groups.run, "bandwidth": bandwidth.run}
+    if argv[:1] == ["report"] or (argv[:1] and argv[0] in alone):
         results = json.loads((DOCS / "benchmarks.json").read_text())
-        if argv[:1] == ["lanes"]:
-            results["lanes"] = _alone(lanes.run, Config.from_env())
-        if argv[:1] == ["groups"]:
-            results["groups"] = _alone(groups.run, Config.from_env())
+        if argv[0] in alone:
+            results[argv[0]] = _alone(alone[argv[0]], Config.from_env())
         print(f"wrote {report.write(results, DOCS)}")
         return 0
     missing = [tool for tool in ("redis-server", "nginx") if not shutil.which(tool)]
@@ -92,6 +93,8 @@ def measure(cfg: Config, work: Path) -> dict[str, Any]:
         results["lanes"] = lanes.run(stack, cfg)
         _step("part 9: fair shares between groups")
         results["groups"] = groups.run(stack, cfg)
+        _step("part 10: bandwidth budgets")
+        results["bandwidth"] = bandwidth.run(stack, cfg)
     results["load_at_end"] = machine.load()
     results["duration_s"] = time.monotonic() - started
     return results

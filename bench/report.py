@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from bench import groups, lanes, latency, live_view, seed
+from bench import bandwidth, groups, lanes, latency, live_view, seed
 from bench.large import DEFAULT_CHUNK, chunk_label
 from bench.small import AS_LONG
 from bench.stats import fmt, ratios
@@ -53,6 +53,8 @@ def render(r: Mapping[str, Any], plotted: bool = True) -> str:
         parts.append(lanes.render(r["lanes"]))
     if "groups" in r:
         parts.append(groups.render(r["groups"]))
+    if "bandwidth" in r:
+        parts.append(bandwidth.render(r["bandwidth"]))
     return "\n".join(parts)
 
 
@@ -166,6 +168,8 @@ def _targets(r: Mapping[str, Any]) -> str:
                 v["median"] >= SEED_TARGET,
             )
         )
+    if "bandwidth" in r:
+        rows.append(bandwidth.target_row(r["bandwidth"]))
     view = r.get("live_view")
     if view:
         share = view["terminal"]["cpu_share"]

@@ -160,14 +160,16 @@ class Stack:
         assert self.app is not None
         return self.app
 
-    def worker(self, name: str, include: Sequence[str] = (), **overrides: str) -> Worker:
-        """A worker on its own queue and its own download directory: 2 prefork children unless
-        WORKER_CONCURRENCY is among the overrides."""
+    def worker(
+        self, name: str, include: Sequence[str] = (), queue: str = "", **overrides: str
+    ) -> Worker:
+        """A worker on its own queue (or `queue`, shared with others) and its own download
+        directory: 2 prefork children unless WORKER_CONCURRENCY is among the overrides."""
         ddir = self.work / f"downloads-{name}"
         settings = {"WORKER_CONCURRENCY": "2", **BENCH_SETTINGS, **overrides}
         env = worker_env(self.redis.url, ddir, **settings)
         extra = [f"--include={','.join(include)}"] if include else []
-        queue = f"{name}-{uuid.uuid4().hex[:6]}"
+        queue = queue or f"{name}-{uuid.uuid4().hex[:6]}"
         w = Worker(env, name, queue, self.work / f"{name}.log", ddir, extra)
         self.workers.append(w)
         return w.start(self.client)

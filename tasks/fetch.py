@@ -101,7 +101,7 @@ class FetchTask(Task):  # type: ignore[misc]
             run.running()
         try:
             return download(self.session(rt), run.request, rt.root, rt.limits, progress, last,
-                            run.gate(), self.request.id)  # fmt: skip
+                            run.gate(), self.request.id, run.pacing())  # fmt: skip
         except DestinationBusyError as exc:
             run.let_go(claim=False)
             raise self.wait(run, run.journey.waiting_for, exc) from None
@@ -237,6 +237,7 @@ def _result(
         waited_s=round(run.journey.waited_s, 3),
         retried_s=round(run.journey.retried_s, 3),
         deadline=None if run.deadline is None else round(run.deadline, 3),
+        throttled_s=outcome.throttled_s,
     )
 
 

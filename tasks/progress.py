@@ -24,12 +24,15 @@ def size_text(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def progress_text(done: int, total: int | None) -> str:
-    """One line for Flower's task list: "1.2 MiB of 4.8 MiB (25%)". The percentage rounds down,
-    so 100% means every byte has arrived."""
+def progress_text(done: int, total: int | None, held_s: float = 0.0) -> str:
+    """One line for Flower's task list: "1.2 MiB of 4.8 MiB (25%)", and "held back 3.2 s by a
+    bandwidth budget" when it was. The percentage rounds down, so 100% means every byte has
+    arrived."""
     if not total:
-        return f"{size_text(done)} (size unknown)"
-    return f"{size_text(done)} of {size_text(total)} ({100 * min(done, total) // total}%)"
+        text = f"{size_text(done)} (size unknown)"
+    else:
+        text = f"{size_text(done)} of {size_text(total)} ({100 * min(done, total) // total}%)"
+    return f"{text}, held back {held_s:.1f} s by a bandwidth budget" if held_s else text
 
 
 class Progress:
@@ -40,18 +43,23 @@ class Progress:
         self.task, self.interval = task, interval
         self.next = time.monotonic() + interval
 
-    def __call__(self, done: int, total: int | None) -> None:
+    def __call__(self, done: int, total: int | None, held_s: float = 0.0) -> None:
         now = time.monotonic()
         if now < self.next:
             return
         self.next = now + self.interval
+        # `throttled_s` only once a bandwidth budget held the download back: the figures of a
+        # download without budgets stay as they were.
+        held = {"throttled_s": round(held_s, 3)} if held_s else {}
         try:
-            self.task.update_state(state="PROGRESS", meta={"bytes": done, "total": total})
+            self.task.update_state(state="PROGRESS", meta={"bytes": done, "total": total, **held})
             # `result` is the one field Flower keeps and shows (the task list's Result column,
             # the task page, /api/task/info): JSON text that leads with a line for people and
             # keeps the figures for machines reading Flower's API.
-            line = {"progress": progress_text(done, total), "bytes": done, "total": total}
-            self.task.send_event("task-progress", bytes=done, total=total, result=json.dumps(line))
+            line = {"progress": progress_text(done, total, held_s), "bytes": done,
+                    "total": total, **held}  # fmt: skip
+            self.task.send_event("task-progress", bytes=done, total=total, result=json.dumps(line),
+                                 **held)  # fmt: skip
         except REDIS_ERRORS as exc:
             # Progress is a courtesy: a Redis outage must not fail the download itself.
             log.warning("progress not reported (%s); the download goes on", exc)

@@ -17,7 +17,7 @@ from download_client.contract import WAITING
 from download_client.errors import PermanentError
 from download_client.settings import Settings
 from tasks import counters, deliveries, messages, parking, waiting
-from tasks.core import claims, group_slots, origins
+from tasks.core import bandwidth, claims, group_slots, origins
 from tasks.core.budgets import Busy, Seat
 from tasks.core.ledger import Admit, Admitted, Lease, Ledger, Settle, Settled, State
 from tasks.deliveries import REDIS_ERRORS
@@ -166,6 +166,21 @@ class Run:
             self.running()
 
         return enter
+
+    def pacing(self) -> Callable[[str], bandwidth.Pacer | None] | None:
+        """The bandwidth budgets of the URL a body comes from (its origin's, this worker's
+        total), or None where there are none at all."""
+        s = self.settings
+        if not (s.host_rate or s.host_rates or s.worker_rate):
+            return None
+        worker = str(self.task.request.hostname or "unknown")
+
+        def budgets(url: str) -> bandwidth.Pacer | None:
+            origin = origins.origin_of(url)
+            found = bandwidth.scopes(origin, s.rate_limit(origin), worker, s.worker_rate)
+            return bandwidth.pacer(self.ledger, found)
+
+        return budgets
 
     def running(self) -> None:
         """The run's first request is about to go out: after a wait, say so, once

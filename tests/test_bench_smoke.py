@@ -288,3 +288,27 @@ def test_the_main_process_and_memory_are_read_against_the_long_no_op() -> None:
     assert "the no-op's 6.0 -> 6.5 MiB" in text
     assert "The no-op peer (`bench.noop_as_long`" in text and "8 slots, 480 tasks" in text
 
+
+def test_the_bandwidth_part_renders_the_rate_against_the_budget() -> None:
+    results = fake_results()
+    results["bandwidth"] = {
+        "budget": 5_000_000,
+        "workers": 3,
+        "slots": 4,
+        "downloads": 12,
+        "size": 20 * 2**20,
+        "warm_s": 10.0,
+        "window_s": 20.0,
+        "rounds": 2,
+        "origin_mb_per_s": _s(5.1, 5.2),
+        "rate_vs_budget": _s(1.02, 1.04),
+        "other_size": 64 * 2**20,
+        "other_mb_per_s": {"alone": _s(400, 420), "during": _s(390, 410)},
+        "other_during_vs_alone": ratios([390, 410], [400, 420]),
+    }
+    text = report.render(results, plotted=False)
+    assert "## 10. Bandwidth budgets" in text
+    assert "| the origin's rate / the budget | 1.030 (1.020-1.040) |" in text
+    assert "the origin's rate against it | within 10% | 1.030 (1.020-1.040) x | met |" in text
+    results["bandwidth"]["rate_vs_budget"] = _s(1.02, 1.15)  # one round over: not met
+    assert "1.085 (1.020-1.150) x | **missed** |" in report.render(results, plotted=False)

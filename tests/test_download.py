@@ -65,7 +65,8 @@ def test_streams_the_body_to_its_destination(session, tmp_path, origin: OriginSe
 def test_reports_progress_with_the_total(session, tmp_path, origin):
     seen: list[tuple[int, int | None]] = []
     request = DownloadRequest(url=f"{origin.url}/bytes/200000", dest="p.bin")
-    download(session, request, tmp_path, LIMITS, lambda done, total: seen.append((done, total)))
+    progress = lambda done, total, held: seen.append((done, total))  # noqa: E731
+    download(session, request, tmp_path, LIMITS, progress)
     assert seen[-1] == (200000, 200000)
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)
 

@@ -53,11 +53,36 @@ def test_every_setting_is_in_the_settings_table_with_its_default():
             "DOWNLOAD_GROUP_LIMITS='crawl=-1': must be 0 or more",
         ),
         ({"DOWNLOAD_GROUP_LIMITS": "crawl=1.5"}, "expected a whole number"),
+        ({"DOWNLOAD_HOST_RATE": "fast"}, "DOWNLOAD_HOST_RATE='fast': 'fast': expected bytes per"),
+        ({"DOWNLOAD_HOST_RATE": "5T"}, "expected bytes per second, e.g. 5000000, 5M or 4Mi"),
+        ({"DOWNLOAD_WORKER_RATE": "-5M"}, "DOWNLOAD_WORKER_RATE='-5M'"),
+        ({"DOWNLOAD_WORKER_RATE": "100"}, "a rate is at least 1024 bytes per second"),
+        ({"DOWNLOAD_HOST_RATES": "cdn.example=5M"}, "expected scheme://host[:port]=RATE"),
+        (
+            {"DOWNLOAD_HOST_RATES": "http://a.example=1M,http://a.example:80=2M"},
+            "'http://a.example:80' is given twice",
+        ),
+        ({"DOWNLOAD_HOST_LIMITS": "http://a=1,http://a:80=2"}, "'http://a:80' is given twice"),
     ],
 )
 def test_bad_values_are_refused_naming_the_variable(env, message):
     with pytest.raises(SettingsError, match=re.escape(message)):
         Settings.from_env(env)
+
+
+def test_bandwidth_budgets_parse_with_units():
+    s = Settings.from_env(
+        {
+            "DOWNLOAD_HOST_RATE": "5M",
+            "DOWNLOAD_HOST_RATES": "https://CDN.example.com=20MB, http://10.0.0.5:8080=512Ki",
+            "DOWNLOAD_WORKER_RATE": "1.5G",
+        }
+    )
+    assert s.rate_limit("http://other.example:80") == 5_000_000
+    assert s.rate_limit("https://cdn.example.com:443") == 20_000_000
+    assert s.rate_limit("http://10.0.0.5:8080") == 512 * 1024
+    assert s.worker_rate == 1_500_000_000
+    assert Settings.from_env({}).rate_limit("http://a:80") == 0  # none by default
 
 
 def test_booleans_and_numbers_parse():
@@ -104,6 +129,7 @@ def test_the_public_task_name_and_result_keys_are_pinned():
         "waited_s",
         "retried_s",
         "deadline",
+        "throttled_s",
     )
 
 

@@ -12,7 +12,8 @@ the app registers a collector in prometheus_client's default registry, so Flower
     downloads_worker_children_recycled_total{worker="celery@host"}
 
 and, per origin, the downloads holding a slot there and those WAITING for one (parked), with
-deferrals and pauses so far (docs/metrics.md).
+deferrals and pauses so far; per bandwidth budget, its rate, the bytes through it and how far
+ahead it is booked (docs/metrics.md).
 """
 
 from __future__ import annotations
@@ -106,6 +107,7 @@ class DownloadsCollector(Collector):
             yield family
         yield from _origin_families(ledger)
         yield from _group_families(ledger, self.queued)
+        yield from _bandwidth_families(ledger)
 
 
 def _origin_families(ledger: Ledger) -> Iterator[Any]:
@@ -141,6 +143,30 @@ def _origin_families(ledger: Ledger) -> Iterator[Any]:
         for key, n in sorted(seen["counts"].items()):
             if key.startswith(kind + " "):
                 family.add_metric([key.split(" ", 1)[1]], float(n))
+        yield family
+
+
+def _bandwidth_families(ledger: Ledger) -> Iterator[Any]:
+    """Per bandwidth budget used so far (an origin, or `worker <hostname>`): its rate, the
+    bytes it let through, and how far ahead of now it is booked (above 0.25 s it is holding
+    downloads back)."""
+    try:
+        rates = records.bandwidth(ledger.client)
+    except RedisError as exc:
+        log.warning("bandwidth metrics unavailable: %s", exc)
+        return
+    families = (
+        (GaugeMetricFamily, "rate", "downloads_bandwidth_limit_bytes_per_second",
+         "The budget's rate (DOWNLOAD_HOST_RATE, DOWNLOAD_HOST_RATES, DOWNLOAD_WORKER_RATE)"),
+        (CounterMetricFamily, "bytes", "downloads_bandwidth_bytes",
+         "Bytes the budget let through"),
+        (GaugeMetricFamily, "ahead_s", "downloads_bandwidth_booked_ahead_seconds",
+         "How far ahead of now the budget is booked; above 0.25 it holds downloads back"),
+    )  # fmt: skip
+    for kind, field, name, text in families:
+        family = kind(name, text, labels=["scope"])
+        for scope, figures in rates.items():
+            family.add_metric([scope], float(figures.get(field, 0.0)))
         yield family
 
 

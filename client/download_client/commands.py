@@ -358,3 +358,19 @@ def _write_status(body: dict[str, Any], out: TextIO) -> None:
     now = time.time()
     for r in retrying:
         out.write(f"  {r['id']}  {r['worker'] or ''}  {tables.retry_text(r, now)}\n")
+    _write_bandwidth(body.get("bandwidth") or {}, out)
+
+
+def _write_bandwidth(rates: dict[str, dict[str, float]], out: TextIO) -> None:
+    """One line per bandwidth budget used so far: its rate, the bytes through it, and whether
+    it holds downloads back now (its clock runs ahead of now by more than its tolerance)."""
+    if not rates:
+        return
+    out.write("bandwidth budgets:\n")
+    for scope, r in rates.items():
+        ahead = r.get("ahead_s", 0.0)
+        now = "not holding any back now"
+        if ahead > records.RATE_TOLERANCE_S:
+            now = f"holding downloads back ({ahead:.1f} s booked ahead)"
+        out.write(f"  {scope}: {tables.size(r.get('rate', 0))}/s, "
+                  f"{tables.size(r.get('bytes', 0))} so far, {now}\n")  # fmt: skip

@@ -35,6 +35,7 @@ class DownloadResult(TypedDict):
     waited_s: float
     retried_s: float
     deadline: float | None
+    throttled_s: float
 
 
 RESULT_KEYS = tuple(DownloadResult.__annotations__)

@@ -107,8 +107,9 @@ def status(app: Celery, queue: str) -> dict[str, Any]:
         client = backend_redis(app)
         parked = records.parked_by_group(client) if client is not None else {}
         shares = groups(conn, queue, known, downloads, parked)
+        rates = records.bandwidth(client) if client is not None else {}
     body = {"workers": workers, "queue": queue, "queue_depth": depth, "active": downloads,
-            "groups": shares}  # fmt: skip
+            "groups": shares, "bandwidth": rates}  # fmt: skip
     held = scheduled(app, workers)
     return {
         **body,

@@ -24,6 +24,12 @@ URGENT_LIST = "urgent"
 PARKED_GROUPS = "downloads:groups:parked"
 GROUP_PREFIX = "downloads:group:"
 ORIGIN_PREFIX = "downloads:origin:"
+# Bandwidth budgets: each scope's clock, and per scope its rate, bytes and last use (a hash).
+RATE_PREFIX = "downloads:rate:"
+RATES_STATS = "downloads:rates:stats"
+# A burst of this many seconds' worth of a budget's bytes passes without waiting (the workers'
+# tolerance, tasks/core/bandwidth.py): a clock further ahead of now is holding downloads back.
+RATE_TOLERANCE_S = 0.25
 _READ_CHUNK = 1000  # keys a pipeline reads at once: bounded replies for any number of ids
 
 
@@ -80,6 +86,26 @@ def retrying_ids(client: Any, limit: int = 1000) -> list[str]:
         if len(ids) >= limit:
             break
     return ids
+
+
+def bandwidth(client: Any) -> dict[str, dict[str, float]]:
+    """Per bandwidth scope used so far (an origin, or `worker <hostname>`): its `rate` (bytes a
+    second), the `bytes` let through, `idle_s` since its last use and `ahead_s`, how far its
+    clock runs ahead of now: the seconds of bytes already granted that the rate has not caught
+    up with. Above RATE_TOLERANCE_S, downloads there are being held back."""
+    seconds, micros = client.time()
+    now = seconds * 1_000_000 + micros
+    out: dict[str, dict[str, float]] = {}
+    for name, value in client.hgetall(RATES_STATS).items():
+        what, _, scope = _text(name).partition(" ")
+        out.setdefault(scope, {})[what] = float(value)
+    scopes = sorted(out)
+    clocks = client.mget([RATE_PREFIX + scope for scope in scopes]) if scopes else []
+    for scope, clock in zip(scopes, clocks, strict=True):
+        figures = out[scope]
+        figures["ahead_s"] = round(max(0.0, (float(clock or 0) - now) / 1e6), 3)
+        figures["idle_s"] = max(0.0, seconds - figures.pop("seen", seconds))
+    return {scope: out[scope] for scope in scopes}
 
 
 def parked(client: Any) -> dict[str, int]:

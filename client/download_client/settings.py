@@ -102,17 +102,43 @@ def _hosts(raw: str) -> tuple[str, ...]:
 
 def _origin_limits(raw: str) -> tuple[tuple[str, int], ...]:
     """`origin=N` pairs, comma-separated; an origin is scheme://host[:port] (default ports)."""
-    pairs = []
+    return tuple(_origin_pairs(raw, _non_negative_int, "N"))
+
+
+def _origin_pairs(raw: str, kind: Callable[[str], int], what: str) -> list[tuple[str, int]]:
+    pairs: dict[str, int] = {}
     for item in (i.strip() for i in raw.split(",") if i.strip()):
-        origin, sep, count = item.rpartition("=")
+        origin, sep, value = item.rpartition("=")
         parts = urlsplit(origin)
         if not sep or parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"{item!r}: expected scheme://host[:port]=N")
+            raise ValueError(f"{item!r}: expected scheme://host[:port]={what}")
         port = parts.port or (443 if parts.scheme == "https" else 80)
-        pairs.append(
-            (f"{parts.scheme}://{parts.hostname.lower()}:{port}", _non_negative_int(count))
-        )
-    return tuple(pairs)
+        key = f"{parts.scheme}://{parts.hostname.lower()}:{port}"
+        if key in pairs:
+            raise ValueError(f"{key!r} is given twice")
+        pairs[key] = kind(value)
+    return list(pairs.items())
+
+
+_RATE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmg]i?)?b?", re.IGNORECASE)
+_RATE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
+
+
+def _rate(raw: str) -> int:
+    """Bytes per second: a whole number, or one with a unit (5M = 5,000,000; 5Mi = 5 x 2^20;
+    k, M, G and Ki, Mi, Gi, with an optional trailing B); 0 is no limit."""
+    m = _RATE.fullmatch(raw.strip())
+    if m is None:
+        raise ValueError(f"{raw!r}: expected bytes per second, e.g. 5000000, 5M or 4Mi (0: none)")
+    value = float(m[1]) * _RATE_UNITS[(m[2] or "").lower()]
+    if 0 < value < 1024:
+        raise ValueError(f"{raw!r}: a rate is at least 1024 bytes per second (or 0: none)")
+    return round(value)
+
+
+def _origin_rates(raw: str) -> tuple[tuple[str, int], ...]:
+    """`origin=rate` pairs, comma-separated (the origins as in DOWNLOAD_HOST_LIMITS)."""
+    return tuple(_origin_pairs(raw, _rate, "RATE"))
 
 
 def _group_numbers(kind: Callable[[str], Any]) -> Callable[[str], tuple[tuple[str, Any], ...]]:
@@ -237,6 +263,12 @@ class Settings:
     # by a worker's main process, which costs it about 12 KiB of memory a download.
     deadline: float = _env("DOWNLOAD_DEADLINE", _non_negative_float, "0")
     park_after: float = _env("DOWNLOAD_PARK_AFTER", _non_negative_float, "0")
+    # Bandwidth budgets, in bytes per second (0: none): what the whole fleet takes from one
+    # origin (overrides per origin: "https://cdn.example.com=20M"), and what one worker (all its
+    # processes) takes in total.
+    host_rate: int = _env("DOWNLOAD_HOST_RATE", _rate, "0")
+    host_rates: tuple[tuple[str, int], ...] = _env("DOWNLOAD_HOST_RATES", _origin_rates, "")
+    worker_rate: int = _env("DOWNLOAD_WORKER_RATE", _rate, "0")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -266,6 +298,10 @@ class Settings:
     def host_limit(self, origin: str) -> int:
         """The fleet-wide cap for one origin (scheme://host:port): an override, else the default."""
         return dict(self.host_limits).get(origin, self.host_concurrency)
+
+    def rate_limit(self, origin: str) -> int:
+        """The fleet-wide bytes per second from one origin (0: none)."""
+        return dict(self.host_rates).get(origin, self.host_rate)
 
     def check(self) -> None:
         # The result backend also holds the downloads' claims, delivery counts, slots and notes.

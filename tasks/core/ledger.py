@@ -24,6 +24,11 @@ The keys live in the result backend's Redis, beside Celery's results:
                                           taken up (so the sweep never scans the keyspace)
     downloads:<kind>s:due                 messages parked until a time (a sorted set by it)
     downloads:<kind>s:stats               deferrals and pauses per scope
+    downloads:rate:<scope>                a bandwidth budget's next free time, in microseconds
+                                          (tasks/core/bandwidth.py): an origin, or
+                                          `worker <hostname>`
+    downloads:rates:stats                 per bandwidth scope: its rate, the bytes it let
+                                          through and when it was last used
 
 A download's round trips are typed calls: `admit` (claim, delivery count, STARTED, a budget
 slot) returns an `Admitted`, `settle` (final state, claim, slot, bytes, uncounting) a `Settled`.
@@ -40,6 +45,8 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
+
+from download_client.records import RATE_PREFIX, RATES_STATS
 
 PREFIX = "downloads:"
 BYTES = f"{PREFIX}metrics:bytes"
@@ -447,6 +454,35 @@ for _, msg in ipairs(due) do redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1])
 return due
 """
 
+# Bandwidth budgets (tasks/core/bandwidth.py): each scope is a virtual clock, the time in
+# microseconds at which the bytes granted so far will have been sent at the scope's rate (GCRA:
+# the generic cell rate algorithm). Taking n bytes moves it on by n / rate; the taker waits until
+# it is no more than the tolerance ahead of now. Nothing is held between calls: a taker that dies
+# leaves only the bytes it took last, which it already received.
+# KEYS: stats, then one clock per scope. ARGV: bytes, tolerance us, then scope and rate by scope.
+# Returns the wait in milliseconds (0: go on).
+_PACE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local n, tolerance, wait = tonumber(ARGV[1]), tonumber(ARGV[2]), 0
+for i = 2, #KEYS do
+  local scope, rate = ARGV[2 * i - 1], tonumber(ARGV[2 * i])
+  local clock = math.max(tonumber(redis.call('GET', KEYS[i]) or '0'), now) + n * 1000000 / rate
+  redis.call('SET', KEYS[i], string.format('%.0f', clock), 'PX',
+             math.ceil((clock - now) / 1000) + 60000)
+  wait = math.max(wait, clock - now - tolerance)
+  redis.call('HINCRBY', KEYS[1], 'bytes ' .. scope, n)
+  redis.call('HSET', KEYS[1], 'rate ' .. scope, rate, 'seen ' .. scope, t[1])
+end
+return math.ceil(wait / 1000)
+"""
+
+
+def rate_key(scope: str) -> str:
+    """A bandwidth scope's clock; the client reads it under the same name
+    (download_client/records.py, `bandwidth`)."""
+    return f"{RATE_PREFIX}{scope}"
+
 
 # --- what a round trip takes and returns ---------------------------------------------------
 
@@ -724,6 +760,16 @@ class Ledger:
     def published(self, kind: str, messages: list[str]) -> None:
         if messages:
             self.client.zrem(BudgetKeys(kind, "").due, *messages)
+
+    # Bandwidth budgets.
+
+    def pace(self, scopes: Iterable[tuple[str, int]], n: int, tolerance_us: int) -> int:
+        """Take `n` bytes from each (scope, bytes per second) budget; the milliseconds to wait
+        before taking more."""
+        scopes = list(scopes)
+        keys = [RATES_STATS, *(rate_key(scope) for scope, _ in scopes)]
+        pairs = [str(v) for scope, rate in scopes for v in (scope, rate)]
+        return int(_eval(self.client, _PACE, keys, n, tolerance_us, *pairs))
 
     def budget_stats(self, kind: str) -> dict[str, Any]:
         """In flight per scope (live leases), deferrals and pauses so far."""

@@ -14,12 +14,15 @@ import requests
 from download_client.arguments import DownloadRequest
 from download_client.errors import PermanentError, TransientError
 from tasks.core import redirects, responses
+from tasks.core.bandwidth import Pacer
 from tasks.core.hashing import StreamHasher
 from tasks.core.records import Record, attach
 from tasks.core.storage import Target, disk_error
 
-Progress = Callable[[int, int | None], None]
+# Called with the bytes so far, the expected total and the seconds held back by a bandwidth budget.
+Progress = Callable[[int, int | None, float], None]
 Gate = Callable[[str], None]  # called with each hop's URL before its request (origin slots)
+Pacing = Callable[[str], Pacer | None]  # the bandwidth budgets of the URL a body comes from
 RESUME_MIN_BYTES = 256 * 1024
 
 
@@ -49,6 +52,7 @@ class Outcome:
     http_status: int | None
     resumed_from: int
     skipped: bool
+    throttled_s: float = 0.0  # held back by bandwidth budgets
 
 
 def download(
@@ -56,10 +60,11 @@ def download(
     request: DownloadRequest,
     root: Path,
     limits: Limits,
-    on_progress: Progress = lambda done, total: None,
+    on_progress: Progress = lambda done, total, held: None,
     last_attempt: bool = False,
     gate: Gate | None = None,
     download_id: str | None = None,
+    pacing: Pacing | None = None,
 ) -> Outcome:
     """Download `request.url` to `root / request.dest`, resuming what an earlier attempt left.
     On the last attempt a transient failure also drops the partial: no retry will resume it."""
@@ -81,7 +86,8 @@ def download(
                     skipped=True,
                 )
         try:
-            return _transfer(session, request, target, limits, on_progress, gate, download_id)
+            return _transfer(session, request, target, limits, on_progress, gate, download_id,
+                             pacing)  # fmt: skip
         except _Mismatch as exc:
             # Kept with its own sha256 attached until the failure is stored (drop_mismatch).
             raise PermanentError(str(exc)) from None
@@ -102,6 +108,7 @@ def _transfer(
     on_progress: Progress,
     gate: Gate | None,
     download_id: str | None,
+    pacing: Pacing | None,
 ) -> Outcome:
     arrived = target.arrived_record()
     if arrived is not None and _meets(arrived, request, limits):
@@ -132,8 +139,10 @@ def _transfer(
         if resumable:
             target.save_sidecar(record)
         f, hasher = target.open_partial(start)
+        pace = pacing(response.url) if pacing is not None else None
         try:
-            done = _stream(response, f, hasher, start, total, cap, limits.chunk_size, on_progress)
+            done = _stream(response, f, hasher, start, total, cap, limits.chunk_size, on_progress,
+                           pace)  # fmt: skip
         except BaseException as exc:
             f.close()
             # Without a saved validator the bytes can never be resumed; a permanent error means
@@ -156,6 +165,7 @@ def _transfer(
         http_status=response.status_code,
         resumed_from=start,
         skipped=False,
+        throttled_s=round(pace.held_s, 3) if pace is not None else 0.0,
     )
 
 
@@ -360,8 +370,10 @@ def _stream(
     cap: int,
     chunk_size: int,
     on_progress: Progress,
+    pace: Pacer | None = None,
 ) -> int:
-    """Copy the raw body (never decoded: no gzip can inflate here) to `f`; return the size."""
+    """Copy the raw body (never decoded: no gzip can inflate here) to `f`, at the pace of its
+    bandwidth budgets if it has any; return the size."""
     raw = response.raw
     beside = StreamHasher(hasher)
     try:
@@ -377,7 +389,13 @@ def _stream(
                 f.write(chunk)
             except OSError as exc:
                 raise disk_error(exc, "writing the body") from exc
-            on_progress(done, total)
+            if pace is not None:
+                pace(len(chunk))
+                on_progress(done, total, pace.held_s)
+            else:
+                on_progress(done, total, 0.0)
     finally:
         beside.close()
+        if pace is not None:
+            pace.close()
     return done
