@@ -33,18 +33,20 @@ def run(stack: Stack, cfg: Config) -> dict[str, Any]:
         stack.worker(f"bw{i}", queue=queue, WORKER_CONCURRENCY=str(SLOTS), **budgets)
         for i in range(WORKERS)
     ]
+    # The other origin's download on a worker of its own: the fleet's slots are all taken.
+    solo = stack.worker("bw-other", WORKER_CONCURRENCY="1", **budgets)
     rates: list[float] = []
     alone: list[float] = []
     loaded: list[float] = []
     try:
         for r in range(rounds):
-            alone.append(_speed(stack, fleet[0], f"{other.url}/{other_size}/alone{r}", f"o{r}a"))
-            rates_r, loaded_r = _round(stack, fleet[0], origin, other, r, size, other_size,
+            alone.append(_speed(stack, solo, f"{other.url}/{other_size}/alone{r}", f"o{r}a"))
+            rates_r, loaded_r = _round(stack, fleet[0], solo, origin, other, r, size, other_size,
                                        warm, window)  # fmt: skip
             rates.append(rates_r)
             loaded.append(loaded_r)
     finally:
-        for w in fleet:
+        for w in [*fleet, solo]:
             stack.stop_worker(w)
         origin.stop()
         other.stop()
@@ -60,8 +62,8 @@ def run(stack: Stack, cfg: Config) -> dict[str, Any]:
 
 
 def _round(
-    stack: Stack, w: Worker, origin: MeteredOrigin, other: MeteredOrigin, r: int, size: int,
-    other_size: int, warm: float, window: float,
+    stack: Stack, w: Worker, solo: Worker, origin: MeteredOrigin, other: MeteredOrigin, r: int,
+    size: int, other_size: int, warm: float, window: float,
 ) -> tuple[float, float]:  # fmt: skip
     """The budgeted origin's rate over the window, and the other origin's MB/s inside it."""
     kwargs = ({"url": f"{origin.url}/{size}/r{r}-{i}", "dest": f"bw/{r}/{i}.bin"}
@@ -69,7 +71,7 @@ def _round(
     started = time.time()
     batch = send_all(stack.client, TASK_NAME, w.queue, kwargs)
     time.sleep(warm)  # the socket buffers fill: the origin's rate before it is not the budget's
-    during = _speed(stack, w, f"{other.url}/{other_size}/during{r}", f"o{r}d")
+    during = _speed(stack, solo, f"{other.url}/{other_size}/during{r}", f"o{r}d")
     wait_all(batch, timeout=600)
     samples = origin.sent() or []
     return rate(samples, started + warm, started + warm + window), during
@@ -107,7 +109,8 @@ def render(b: Mapping[str, Any]) -> str:
         f"{b['warm_s']:g} s after the first download was sent, once the socket buffers are "
         "full (before that, the bytes that fill them leave the origin faster than the downloads "
         f"take them). Meanwhile one download of {b['other_size'] / MIB:g} MiB from another "
-        "origin, which has no budget, against the same download alone before it. Medians "
+        "origin, which has no budget, on a worker of its own (the fleet's slots are all taken), "
+        "against the same download alone before it. Medians "
         f"(min-max) of {b['rounds']} rounds. Measured on its own (`python -m bench "
         "bandwidth`), after the run of the parts above."
     )

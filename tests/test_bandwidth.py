@@ -65,6 +65,19 @@ def test_the_pacer_sleeps_what_the_budget_says_and_counts_it(ledger: Ledger) -> 
     assert records.bandwidth(ledger.client)["http://slow.example:80"]["bytes"] == 96 * 1024 + 100
 
 
+def test_small_bodies_wait_their_turn_too(ledger: Ledger) -> None:
+    """Bodies of one chunk, each below a quantum: each is taken as it arrives, with its wait."""
+    scope = (("http://thumbs.example:80", 64 * 1024),)
+    held = []
+    for _ in range(6):  # six downloads of 16 KiB, one after the other: 0.25 s of the rate each
+        pacer = Pacer(ledger, scope)
+        pacer(16 * 1024)
+        pacer.close()
+        held.append(pacer.held_s)
+    assert held[0] == 0  # within the tolerance
+    assert all(0.25 - SLACK_MS / 1000 <= h <= 0.25 for h in held[2:]), held
+
+
 def test_operators_read_each_budget_rate_bytes_and_whether_it_holds_back(ledger: Ledger) -> None:
     ledger.pace([("http://busy.example:80", 10_000)], 30_000, TOLERANCE_US)
     ledger.pace([("http://calm.example:80", 1_000_000)], 1_000, TOLERANCE_US)
@@ -73,6 +86,12 @@ def test_operators_read_each_budget_rate_bytes_and_whether_it_holds_back(ledger:
     assert busy["rate"] == 10_000 and busy["bytes"] == 30_000
     assert busy["ahead_s"] > records.RATE_TOLERANCE_S  # 3 s booked: holding downloads back
     assert calm["ahead_s"] <= records.RATE_TOLERANCE_S and calm["idle_s"] <= 1
+    # A budget unused for a day is not shown (a removed setting, a worker gone); the figures of
+    # all of them go after a week without any.
+    now = int(ledger.client.time()[0])
+    ledger.client.hset(records.RATES_STATS, "seen http://calm.example:80", now - 86401)
+    assert set(records.bandwidth(ledger.client)) == {"http://busy.example:80"}
+    assert 0 < ledger.client.pttl(records.RATES_STATS) <= 7 * 86400 * 1000
 
 
 def test_with_redis_away_the_bytes_flow_and_pacing_is_tried_again_later(

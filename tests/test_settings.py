@@ -56,7 +56,8 @@ def test_every_setting_is_in_the_settings_table_with_its_default():
         ({"DOWNLOAD_HOST_RATE": "fast"}, "DOWNLOAD_HOST_RATE='fast': 'fast': expected bytes per"),
         ({"DOWNLOAD_HOST_RATE": "5T"}, "expected bytes per second, e.g. 5000000, 5M or 4Mi"),
         ({"DOWNLOAD_WORKER_RATE": "-5M"}, "DOWNLOAD_WORKER_RATE='-5M'"),
-        ({"DOWNLOAD_WORKER_RATE": "100"}, "a rate is at least 1024 bytes per second"),
+        ({"DOWNLOAD_WORKER_RATE": "60Ki"}, "a rate is at least 64Ki (65536) bytes per second"),
+        ({"DOWNLOAD_HOST_RATE": "9" * 400}, "too large for a rate"),
         ({"DOWNLOAD_HOST_RATES": "cdn.example=5M"}, "expected scheme://host[:port]=RATE"),
         (
             {"DOWNLOAD_HOST_RATES": "http://a.example=1M,http://a.example:80=2M"},

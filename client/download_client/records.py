@@ -30,6 +30,7 @@ RATES_STATS = "downloads:rates:stats"
 # A burst of this many seconds' worth of a budget's bytes passes without waiting (the workers'
 # tolerance, tasks/core/bandwidth.py): a clock further ahead of now is holding downloads back.
 RATE_TOLERANCE_S = 0.25
+RATE_SHOWN_S = 86400  # a budget unused this long is not shown (a removed setting, a gone worker)
 _READ_CHUNK = 1000  # keys a pipeline reads at once: bounded replies for any number of ids
 
 
@@ -89,10 +90,10 @@ def retrying_ids(client: Any, limit: int = 1000) -> list[str]:
 
 
 def bandwidth(client: Any) -> dict[str, dict[str, float]]:
-    """Per bandwidth scope used so far (an origin, or `worker <hostname>`): its `rate` (bytes a
-    second), the `bytes` let through, `idle_s` since its last use and `ahead_s`, how far its
-    clock runs ahead of now: the seconds of bytes already granted that the rate has not caught
-    up with. Above RATE_TOLERANCE_S, downloads there are being held back."""
+    """Per bandwidth scope used in the last RATE_SHOWN_S (an origin, or `worker <hostname>`):
+    its `rate` (bytes a second), the `bytes` let through, `idle_s` since its last use and
+    `ahead_s`, how far its clock runs ahead of now: the seconds of bytes already granted that
+    the rate has not caught up with. Above RATE_TOLERANCE_S, downloads there are held back."""
     seconds, micros = client.time()
     now = seconds * 1_000_000 + micros
     out: dict[str, dict[str, float]] = {}
@@ -105,7 +106,7 @@ def bandwidth(client: Any) -> dict[str, dict[str, float]]:
         figures = out[scope]
         figures["ahead_s"] = round(max(0.0, (float(clock or 0) - now) / 1e6), 3)
         figures["idle_s"] = max(0.0, seconds - figures.pop("seen", seconds))
-    return {scope: out[scope] for scope in scopes}
+    return {scope: out[scope] for scope in scopes if out[scope]["idle_s"] <= RATE_SHOWN_S}
 
 
 def parked(client: Any) -> dict[str, int]:

@@ -120,6 +120,7 @@ def _origin_pairs(raw: str, kind: Callable[[str], int], what: str) -> list[tuple
     return list(pairs.items())
 
 
+MIN_RATE = 64 * 1024  # a download takes at least 16 KiB at a time: 0.25 s of this rate
 _RATE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmg]i?)?b?", re.IGNORECASE)
 _RATE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
 
@@ -131,8 +132,10 @@ def _rate(raw: str) -> int:
     if m is None:
         raise ValueError(f"{raw!r}: expected bytes per second, e.g. 5000000, 5M or 4Mi (0: none)")
     value = float(m[1]) * _RATE_UNITS[(m[2] or "").lower()]
-    if 0 < value < 1024:
-        raise ValueError(f"{raw!r}: a rate is at least 1024 bytes per second (or 0: none)")
+    if not math.isfinite(value) or value > 2**53:
+        raise ValueError(f"{raw!r}: too large for a rate")
+    if 0 < value < MIN_RATE:
+        raise ValueError(f"{raw!r}: a rate is at least 64Ki (65536) bytes per second (0: none)")
     return round(value)
 
 

@@ -40,6 +40,7 @@ class Pacer:
     owed: int = 0  # received and not yet taken
     held_s: float = 0.0  # slept for the budgets so far
     quiet_until: float = 0.0
+    taken: bool = False  # the first chunk is taken at once, so a small body waits its turn too
 
     @property
     def quantum(self) -> int:
@@ -48,12 +49,13 @@ class Pacer:
 
     def __call__(self, n: int) -> None:
         self.owed += n
-        if self.owed >= self.quantum:
+        if self.owed >= self.quantum or not self.taken:
+            self.taken = True
             self._take(wait=True)
 
     def close(self) -> None:
         """Take what the last chunks brought without waiting: the next bytes through the same
-        budgets pay for them."""
+        budgets pay for them (at most a quantum a download)."""
         if self.owed:
             self._take(wait=False)
 

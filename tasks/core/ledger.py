@@ -474,6 +474,7 @@ for i = 2, #KEYS do
   redis.call('HINCRBY', KEYS[1], 'bytes ' .. scope, n)
   redis.call('HSET', KEYS[1], 'rate ' .. scope, rate, 'seen ' .. scope, t[1])
 end
+redis.call('PEXPIRE', KEYS[1], 604800000)  -- a week without any budget: the figures go
 return math.ceil(wait / 1000)
 """
 

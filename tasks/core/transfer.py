@@ -138,8 +138,8 @@ def _transfer(
         resumable = bool(record.validator) and (total is None or total - start > RESUME_MIN_BYTES)
         if resumable:
             target.save_sidecar(record)
-        f, hasher = target.open_partial(start)
         pace = pacing(response.url) if pacing is not None else None
+        f, hasher = target.open_partial(start)
         try:
             done = _stream(response, f, hasher, start, total, cap, limits.chunk_size, on_progress,
                            pace)  # fmt: skip
