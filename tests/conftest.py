@@ -49,6 +49,19 @@ def redis_db(redis_server: RedisServer) -> Iterator[Callable[[int], redis.Redis]
         c.close()
 
 
+@pytest.fixture
+def crashable_redis(tmp_path: Path) -> Iterator[tuple[RedisServer, Celery]]:
+    """A Redis of its own, to kill and start again, with the persistence compose runs
+    (appendonly, appendfsync always), and a bare Celery app on it."""
+    (tmp_path / "redis").mkdir()
+    server = RedisServer(tmp_path / "redis", persistent=True)
+    server.start()
+    client = Celery(broker=f"{server.url}/0", backend=f"{server.url}/1")
+    client.conf.update(accept_content=["json"], broker_connection_retry_on_startup=True)
+    yield server, client
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def origin() -> Iterator[OriginServer]:
     server = OriginServer().start()

@@ -8,14 +8,19 @@ must never break, and leaves speed to it."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
 import uuid
 
-from tests.conftest import submit
-from tests.harness import ROOT, wait_for, worker_env
-from tests.server import OriginServer
+import redis
+
+from download_client import records
+from tests.conftest import active_pid, submit
+from tests.harness import ROOT, TASK, Worker, wait_for, worker_env
+from tests.server import OriginServer, body_sha256
 
 RATE = 1_000_000  # bytes a second, for the whole fleet
 SIZE = 1024 * 1024
@@ -122,3 +127,66 @@ def test_a_workers_total_paces_its_downloads_from_every_origin(
     assert all(r["throttled_s"] > 0 for r in results)
     total = _status(redis_server, tmp_path, queue)["bandwidth"][f"worker {w.hostname}"]
     assert total["rate"] == RATE and total["bytes"] >= 2 * SIZE
+
+
+def test_a_child_killed_mid_body_holds_nothing_back_and_its_download_resumes(
+    start_worker, origin, client, redis_server
+) -> None:
+    queue = f"krate-{uuid.uuid4().hex[:6]}"
+    w = start_worker(queue=queue, concurrency=1, DOWNLOAD_HOST_RATE="1M")
+    key = uuid.uuid4().hex[:8]
+    url = f"{origin.url}/bytes/{3 * SIZE}?seed={key}&key={key}"
+    res = submit(client, w, url=url, dest=f"{key}.bin")
+    wait_for(lambda: _throttled([res]), 30, "the download to be held back")
+    os.kill(active_pid(client, w, res.id), signal.SIGKILL)
+    # Nothing was reserved ahead: the budget's clock is at most its tolerance and a quantum
+    # (20 ms) ahead of now, whoever takes from it next.
+    rates = records.bandwidth(redis.Redis.from_url(f"{redis_server.url}/1"))
+    assert rates[origin.url]["ahead_s"] <= records.RATE_TOLERANCE_S + 0.1
+    got = res.get(timeout=60)
+    assert got["sha256"] == body_sha256(3 * SIZE, key) and got["size"] == 3 * SIZE
+    assert got["resumed_from"] > 0 and got["throttled_s"] > 0  # the run after it went on
+
+
+def test_with_redis_killed_mid_body_the_download_ends_unpaced_and_whole(
+    crashable_redis, origin, tmp_path
+) -> None:
+    """Submitted by a bare Celery app; the budget's Redis is the broker's and the results'."""
+    server, bare = crashable_redis
+    env = worker_env(server.url, tmp_path / "dl", DOWNLOAD_HOST_RATE="1M")
+    w = Worker(env, "rdead", "q", tmp_path / "w.log", tmp_path / "dl", ["-c", "1"]).start(bare)
+    try:
+        key = uuid.uuid4().hex[:8]
+        url = f"{origin.url}/bytes/{3 * SIZE}?seed={key}&key={key}"
+        res = bare.send_task(TASK, kwargs={"url": url, "dest": f"{key}.bin"}, queue="q")
+        wait_for(lambda: _throttled([res]), 30, "the download to be held back")
+        server.kill()
+        wait_for(lambda: "bandwidth budget not applied" in w.log(), 30, "the warning")
+        server.start()
+        got = res.get(timeout=120)
+        assert got["sha256"] == body_sha256(3 * SIZE, key)
+        assert len(origin.stats.for_key(key)) == 1  # one transfer: the outage cut nothing
+    finally:
+        assert w.stop(timeout=60) == 0
+
+
+def test_httpbins_bodies_are_paced_and_a_redirect_is_paced_where_the_body_comes_from(
+    start_worker, origin, client, httpbin
+) -> None:
+    rate = 64 * 1024
+    queue = f"hrate-{uuid.uuid4().hex[:6]}"
+    w = start_worker(queue=queue, concurrency=3, DOWNLOAD_HOST_RATES=f"{httpbin.url}={rate}")
+    tag = uuid.uuid4().hex[:6]
+    started = time.monotonic()
+    paced = [
+        submit(client, w, url=f"{httpbin.url}/range/102400?n={i}", dest=f"{tag}/r{i}.bin")
+        for i in range(2)
+    ]
+    # From httpbin to the loopback origin, which has no budget: the body is not paced.
+    away = f"{httpbin.url}/redirect-to?url={origin.url}/bytes/200000%3Fseed%3D{tag}"
+    moved = submit(client, w, url=away, dest=f"{tag}/moved.bin").get(timeout=60)
+    results = [r.get(timeout=60) for r in paced]
+    elapsed = time.monotonic() - started
+    assert moved["final_url"].startswith(origin.url) and moved["throttled_s"] == 0
+    assert elapsed >= 2 * 102400 / rate - 0.25 - 2 * 0.05, elapsed
+    assert all(r["size"] == 102400 and r["throttled_s"] > 0 for r in results)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,18 +13,6 @@ from celery import Celery
 from tests.conftest import submit
 from tests.harness import RedisServer, Worker, wait_for, worker_env
 from tests.server import OriginServer, body_sha256
-
-
-@pytest.fixture
-def crashable_redis(tmp_path: Path) -> Iterator[tuple[RedisServer, Celery]]:
-    """A Redis of its own, with the persistence compose runs (appendonly, appendfsync always)."""
-    (tmp_path / "redis").mkdir()
-    server = RedisServer(tmp_path / "redis", persistent=True)
-    server.start()
-    client = Celery(broker=f"{server.url}/0", backend=f"{server.url}/1")
-    client.conf.update(accept_content=["json"], broker_connection_retry_on_startup=True)
-    yield server, client
-    server.stop()
 
 
 def _worker(server: RedisServer, client: Celery, tmp_path: Path, name: str, **env: str) -> Worker:
