@@ -20,12 +20,16 @@ _LOG: list[Any] = []
 _LOCK = threading.Lock()
 
 
-class _Delayed(BaseHTTPRequestHandler):
+class QuietHandler(BaseHTTPRequestHandler):
+    """Keep-alive, and no line a request on standard error."""
+
     protocol_version = "HTTP/1.1"
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
 
+
+class _Delayed(QuietHandler):
     def do_GET(self) -> None:
         start = time.time()
         _, ms, size, *rest = self.path.split("/", 3)
@@ -48,36 +52,50 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 256  # 32 clients connecting at once must not wait on the backlog
 
 
-class DelayedOrigin:
-    """`python -m bench.delayed PORT` as a child process, on a free loopback port."""
+class OriginProcess:
+    """`python -m <module> PORT [ARGS]` as a child process on a free loopback port, once its
+    `ping` path answers 200: an origin of the benchmark's that shares nothing with what it
+    measures."""
 
-    def __init__(self, log: str | None = None) -> None:
-        self.port = free_port()
+    def __init__(self, module: str, ping: str, *args: str) -> None:
+        self.port, self.ping = free_port(), ping
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.delayed", str(self.port), *([log] if log else [])],
+            [sys.executable, "-m", module, str(self.port), *args],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        wait_for(self._answers, 30, "the delayed origin to answer")
+        wait_for(self._answers, 30, f"{module} to answer")
 
-    def _answers(self) -> bool:
+    def get(self, path: str) -> bytes | None:
+        """The body of a GET on the origin, None when it does not answer 200."""
         import http.client
 
         try:
-            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
-            conn.request("GET", "/0/1/ping")
-            ok = conn.getresponse().status == 200
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+            conn.request("GET", path)
+            response = conn.getresponse()
+            body = response.read()
             conn.close()
-            return ok
+            return body if response.status == 200 else None
         except OSError:
-            return False
+            return None
 
-    def url(self, ms: int, size: int = 16 * 1024) -> str:
-        return f"http://127.0.0.1:{self.port}/{ms}/{size}"
+    def _answers(self) -> bool:
+        return self.get(self.ping) is not None
 
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(10)
+
+
+class DelayedOrigin(OriginProcess):
+    """`python -m bench.delayed PORT [LOG]`."""
+
+    def __init__(self, log: str | None = None) -> None:
+        super().__init__("bench.delayed", "/0/1/ping", *([log] if log else []))
+
+    def url(self, ms: int, size: int = 16 * 1024) -> str:
+        return f"http://127.0.0.1:{self.port}/{ms}/{size}"
 
 
 def main() -> None:

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
 
-from tests.harness import free_port, wait_for
+from bench.delayed import OriginProcess, QuietHandler
 
 PIECE = b"\0" * (64 * 1024)
 TICK_S = 0.25
@@ -24,12 +23,7 @@ _SAMPLES: list[tuple[float, int]] = []
 _LOCK = threading.Lock()
 
 
-class _Metered(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
+class _Metered(QuietHandler):
     def do_GET(self) -> None:
         if self.path == "/sent":
             with _LOCK:
@@ -72,37 +66,19 @@ class _Server(ThreadingHTTPServer):
         return conn
 
 
-class MeteredOrigin:
-    """`python -m bench.metered PORT` as a child process, on a free loopback port."""
+class MeteredOrigin(OriginProcess):
+    """`python -m bench.metered PORT`."""
 
     def __init__(self) -> None:
-        self.port = free_port()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.metered", str(self.port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_for(lambda: self.sent() is not None, 30, "the metered origin to answer")
+        super().__init__("bench.metered", "/sent")
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def sent(self) -> list[tuple[float, int]] | None:
-        import http.client
-
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
-            conn.request("GET", "/sent")
-            samples = json.loads(conn.getresponse().read())
-            conn.close()
-            return [(float(t), int(n)) for t, n in samples]
-        except OSError:
-            return None
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
+        body = self.get("/sent")
+        return None if body is None else [(float(t), int(n)) for t, n in json.loads(body)]
 
 
 def rate(samples: list[tuple[float, int]], start: float, end: float) -> float:

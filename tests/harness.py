@@ -211,3 +211,15 @@ def worker_env(redis_url: str, download_dir: Path, **overrides: str) -> dict[str
     )
     env.update(overrides)
     return env
+
+
+def cli(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """`python -m download_client.cli ARGS` as another process, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "download_client.cli", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

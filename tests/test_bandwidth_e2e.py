@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
 
@@ -19,7 +17,7 @@ import redis
 
 from download_client import records
 from tests.conftest import active_pid, submit
-from tests.harness import ROOT, TASK, Worker, wait_for, worker_env
+from tests.harness import TASK, Worker, cli, wait_for, worker_env
 from tests.server import OriginServer, body_sha256
 
 RATE = 1_000_000  # bytes a second, for the whole fleet
@@ -87,24 +85,10 @@ def _held_in_flower(flower, results: list) -> bool:
 
 def _status(redis_server, tmp_path, queue: str) -> dict:
     env = worker_env(redis_server.url, tmp_path)
-    done = subprocess.run(
-        [sys.executable, "-m", "download_client.cli", "status", "--queue", queue, "--json"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = cli(env, "status", "--queue", queue, "--json")
     assert done.returncode == 0, done.stderr
     body: dict = json.loads(done.stdout)
-    text = subprocess.run(
-        [sys.executable, "-m", "download_client.cli", "status", "--queue", queue],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    ).stdout
+    text = cli(env, "status", "--queue", queue).stdout
     assert "bandwidth budgets:" in text and "976.6 KiB/s" in text  # 1M = 10^6 bytes a second
     return body
 

@@ -21,24 +21,13 @@ import redis
 from download_client import records
 from download_client.client import BatchProgress, connect, submit_many, wait
 from download_client.settings import Settings
-from tests.harness import ROOT, TASK, free_port, wait_for, worker_env
+from tests.harness import ROOT, TASK, cli, free_port, wait_for, worker_env
 from tests.server import body
 
 
 @pytest.fixture
 def env(redis_server, tmp_path) -> dict[str, str]:
     return worker_env(redis_server.url, tmp_path)
-
-
-def cli(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "download_client.cli", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def gallery(origin: Any, good: int, bad: int) -> tuple[list[str], list[str]]:

@@ -9,8 +9,6 @@ import itertools
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,7 +24,7 @@ from download_client.lanes import woken_lane
 from download_client.settings import Settings
 from tests import crowd
 from tests.conftest import active_pid, run, submit
-from tests.harness import ROOT, RedisServer, Worker, wait_for, worker_env
+from tests.harness import RedisServer, Worker, cli, wait_for, worker_env
 from tests.rabbitmq import RabbitServer, installed
 from tests.server import body_sha256
 from tests.test_deadlines_e2e import AHEAD, due_ahead_of_a_backlog
@@ -246,14 +244,7 @@ def test_a_broker_restart_mid_download_loses_nothing(rabbit, rclient, rworker, o
 def test_status_reports_the_rabbitmq_queue_depth(rabbit, redis_server, rworker, tmp_path):
     env = worker_env(redis_server.url, tmp_path, CELERY_BROKER_URL=rabbit.url,
                      CELERY_RESULT_BACKEND=f"{redis_server.url}/{RESULTS_DB}")  # fmt: skip
-    done = subprocess.run(
-        [sys.executable, "-m", "download_client.cli", "status", "--json", "--queue", rworker.queue],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = cli(env, "status", "--json", "--queue", rworker.queue, timeout=60)
     assert done.returncode == 0, done.stderr
     status = json.loads(done.stdout)
     assert status["queue_depth"] == 0 and rworker.hostname in status["workers"]

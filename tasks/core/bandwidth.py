@@ -42,10 +42,11 @@ class Pacer:
     quiet_until: float = 0.0
     taken: bool = False  # the first chunk is taken at once, so a small body waits its turn too
 
-    @property
-    def quantum(self) -> int:
+    quantum: int = 0  # bytes taken at a time, from the slowest budget's rate
+
+    def __post_init__(self) -> None:
         slowest = min(rate for _, rate in self.scopes)
-        return max(QUANTUM_MIN, min(QUANTUM_MAX, int(slowest * QUANTUM_S)))
+        self.quantum = max(QUANTUM_MIN, min(QUANTUM_MAX, int(slowest * QUANTUM_S)))
 
     def __call__(self, n: int) -> None:
         self.owed += n
