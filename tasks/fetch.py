@@ -101,7 +101,7 @@ class FetchTask(Task):  # type: ignore[misc]
             run.running()
         try:
             return download(self.session(rt), run.request, rt.root, rt.limits, progress, last,
-                            run.gate(), self.request.id, run.pacing())  # fmt: skip
+                            run.gate(), self.request.id, run.pacing(), run.space)  # fmt: skip
         except DestinationBusyError as exc:
             run.let_go(claim=False)
             raise self.wait(run, run.journey.waiting_for, exc) from None

@@ -22,16 +22,23 @@ WOKEN_FOR = "download_woken_for"
 
 
 def message(
-    task: Task, headers: dict[str, Any] | None = None, retry: bool = False, scope: str = ""
+    task: Task,
+    headers: dict[str, Any] | None = None,
+    retry: bool = False,
+    scope: str = "",
+    need: int | None = None,
 ) -> str:
     """What publishing the task again needs, as JSON: as it came (a wait for a slot), or as its
-    next attempt after a fault (`retry`: one more Celery retry, and these journey `headers`)."""
+    next attempt after a fault (`retry`: one more Celery retry, and these journey `headers`).
+    `need`: what it waits for counts more than one slot (a disk reservation's bytes)."""
     req = task.request
     delivery = req.delivery_info or {}
     seen = req.headers if headers is None else headers
     group = str((req.kwargs or {}).get("group") or DEFAULT_GROUP)
+    extra = {} if need is None else {"need": need}
     return json.dumps(
         {
+            **extra,
             "id": req.id,
             "args": list(req.args or ()),
             "kwargs": dict(req.kwargs or {}),

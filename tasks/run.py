@@ -17,7 +17,7 @@ from download_client.contract import WAITING
 from download_client.errors import PermanentError
 from download_client.settings import Settings
 from tasks import counters, deliveries, messages, parking, waiting
-from tasks.core import bandwidth, claims, group_slots, origins
+from tasks.core import bandwidth, claims, disk, group_slots, origins
 from tasks.core.budgets import Busy, Seat
 from tasks.core.ledger import Admit, Admitted, Lease, Ledger, Settle, Settled, State
 from tasks.deliveries import REDIS_ERRORS
@@ -89,6 +89,23 @@ class Run:
             self.group_seat = Seat(group_slots.budget(s.group_limit), self.ledger,
                                    task.request.id, message, request.group, weight,
                                    reserved)  # fmt: skip
+        # Room on the volume, reserved once the headers tell the body's size.
+        self.space: disk.Space | None = None
+        if s.disk_margin is not None:
+            self.space = self._space(s, kept if kind == disk.KIND else None, request.group, weight)
+
+    def _space(self, s: Settings, reserved: str | None, group: str, weight: float) -> disk.Space:
+        volume = disk.Volume(s.download_dir, s.disk_margin or 0)
+        task = self.task
+
+        def message(scope: str) -> str:
+            return parking.message(task, scope=scope, need=space.need)
+
+        seat = Seat(volume.budget(), self.ledger, task.request.id, message, group, weight,
+                    reserved)  # fmt: skip
+        space = disk.Space(seat, volume, disk.volume_of(s.download_dir), s.disk_step,
+                           s.read_timeout)  # fmt: skip
+        return space
 
     def admit(self) -> Admitted:
         """Take the destination's claim, count this delivery (the poison guard), store STARTED
@@ -219,6 +236,8 @@ class Run:
         release = self._letting_go()
         if busy.kind == group_slots.KIND:
             meta = waiting.for_group(busy.scope)
+        elif busy.kind == disk.KIND:
+            meta = waiting.for_disk(busy.scope, busy.need)
         else:
             meta = waiting.for_origin(busy.scope)
         final = self.backend.state(req.id, meta, WAITING, req)
@@ -240,9 +259,13 @@ class Run:
         """The run ends without a result: the slot goes back, and the claim too when `claim`."""
         self._settle(Settle(claim=self.claim if claim else None, release=self._letting_go()))
 
+    @property
+    def _seats(self) -> tuple[Seat, ...]:
+        space = self.space.seat if self.space is not None else None
+        return tuple(seat for seat in (self.seat, self.group_seat, space) if seat is not None)
+
     def _letting_go(self) -> tuple[Lease, ...]:
-        seats = (self.seat, self.group_seat)
-        return tuple(lease for seat in seats if seat is not None for lease in seat.letting_go())
+        return tuple(lease for seat in self._seats for lease in seat.letting_go())
 
     def _this_delivery(self) -> tuple[str, int]:
         return self.task.request.id, self.task.request.retries
@@ -258,8 +281,7 @@ class Run:
     def _woke(self, settled: Settled) -> None:
         """Publish the parked messages this run's releases woke."""
         woken = settled.woken
-        for seat in (self.seat, self.group_seat):
-            if seat is not None:
-                woken, seat.woken = [*seat.woken, *woken], []
+        for seat in self._seats:
+            woken, seat.woken = [*seat.woken, *woken], []
         if woken:
             parking.publish(self.task.app, woken)

@@ -64,6 +64,9 @@ def test_every_setting_is_in_the_settings_table_with_its_default():
             "'http://a.example:80' is given twice",
         ),
         ({"DOWNLOAD_HOST_LIMITS": "http://a=1,http://a:80=2"}, "'http://a:80' is given twice"),
+        ({"DOWNLOAD_DISK_MARGIN": "lots"}, "DOWNLOAD_DISK_MARGIN='lots': 'lots': expected bytes"),
+        ({"DOWNLOAD_DISK_MARGIN": "-1G"}, "expected bytes to keep free, e.g. 10Gi, 500M or 0"),
+        ({"DOWNLOAD_DISK_STEP": "512Ki"}, "a step is at least 1Mi (1048576) bytes"),
     ],
 )
 def test_bad_values_are_refused_naming_the_variable(env, message):
@@ -84,6 +87,13 @@ def test_bandwidth_budgets_parse_with_units():
     assert s.rate_limit("http://10.0.0.5:8080") == 512 * 1024
     assert s.worker_rate == 1_500_000_000
     assert Settings.from_env({}).rate_limit("http://a:80") == 0  # none by default
+
+
+def test_disk_reservations_are_off_until_a_margin_is_given():
+    assert Settings.from_env({}).disk_margin is None
+    s = Settings.from_env({"DOWNLOAD_DISK_MARGIN": "10Gi", "DOWNLOAD_DISK_STEP": "16M"})
+    assert (s.disk_margin, s.disk_step) == (10 * 2**30, 16_000_000)
+    assert Settings.from_env({"DOWNLOAD_DISK_MARGIN": "0"}).disk_margin == 0  # on, none kept
 
 
 def test_booleans_and_numbers_parse():

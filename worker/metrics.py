@@ -108,6 +108,28 @@ class DownloadsCollector(Collector):
         yield from _origin_families(ledger)
         yield from _group_families(ledger, self.queued)
         yield from _bandwidth_families(ledger)
+        yield from _disk_families(ledger)
+
+
+def _disk_families(ledger: Ledger) -> Iterator[Any]:
+    """Per volume of the disk reservations: its free space and margin as last measured, the
+    bytes reserved and not yet written, and the downloads waiting for room there."""
+    try:
+        volumes = records.disks(ledger.client)
+    except RedisError as exc:
+        log.warning("disk reservation metrics unavailable: %s", exc)
+        return
+    families = (
+        ("free", "downloads_disk_free_bytes", "Bytes free on the volume, as last measured"),
+        ("margin", "downloads_disk_margin_bytes", "Bytes never reserved (DOWNLOAD_DISK_MARGIN)"),
+        ("reserved", "downloads_disk_reserved_bytes", "Bytes reserved and not yet written"),
+        ("waiting", "downloads_disk_waiting", "Downloads WAITING for room on the volume"),
+    )
+    for field, name, text in families:
+        family = GaugeMetricFamily(name, text, labels=["volume"])
+        for volume, figures in volumes.items():
+            family.add_metric([volume], float(figures.get(field, 0)))
+        yield family
 
 
 def _origin_families(ledger: Ledger) -> Iterator[Any]:

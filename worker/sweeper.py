@@ -15,7 +15,7 @@ from celery.signals import worker_ready, worker_shutdown
 from download_client.arguments import PARTIAL_DIR
 from download_client.settings import Settings
 from tasks import parking
-from tasks.core import group_slots, origins
+from tasks.core import disk, group_slots, origins
 from tasks.core.sweep import sweep_partials
 from worker.backend import ledger_of
 
@@ -63,10 +63,13 @@ def sweep_once(settings: Settings) -> None:
 def wake_until(app: Celery, settings: Settings, stop: threading.Event) -> None:
     """Every second: publish the parked downloads a pause's end or a dead holder's lease freed
     a slot for (a released slot wakes its successor at once; this is for what nobody released),
-    and those whose next attempt after a fault is due."""
+    those that fit in the room a consumer freed on the volume, and those whose next attempt
+    after a fault is due."""
     limited = bool(settings.host_concurrency or settings.host_limits)
     slots = origins.budget(settings.host_limit)
     groups = group_slots.budget(settings.group_limit) if settings.group_limits else None
+    margin = settings.disk_margin
+    volume = disk.Volume(settings.download_dir, margin) if margin is not None else None
     scan_at = 0.0
     while not stop.wait(ORIGIN_SWEEP_S):
         try:
@@ -80,6 +83,8 @@ def wake_until(app: Celery, settings: Settings, stop: threading.Event) -> None:
                     scan_at = time.monotonic() + UNINDEXED_SCAN_S
             if groups is not None:
                 parking.publish(app, groups.sweep(ledger))
+            if volume is not None:
+                parking.publish(app, volume.sweep(ledger))
             slots.due(ledger, lambda message: parking.publish_one(app, message))
         except Exception as exc:  # Redis away: next second
             log.debug("origin sweep skipped (%s)", exc)

@@ -359,6 +359,20 @@ def _write_status(body: dict[str, Any], out: TextIO) -> None:
     for r in retrying:
         out.write(f"  {r['id']}  {r['worker'] or ''}  {tables.retry_text(r, now)}\n")
     _write_bandwidth(body.get("bandwidth") or {}, out)
+    _write_disks(body.get("disks") or {}, out)
+
+
+def _write_disks(volumes: dict[str, dict[str, Any]], out: TextIO) -> None:
+    """One line per volume with disk reservations: what is reserved and by how many, how many
+    wait for room, and the volume's free space and margin as last measured."""
+    if not volumes:
+        return
+    out.write("disk reservations:\n")
+    for name, v in volumes.items():
+        out.write(f"  {name} ({v.get('path')} on {v.get('host')}): "
+                  f"{tables.size(v.get('reserved', 0))} reserved by {v.get('holders', 0)}, "
+                  f"{v.get('waiting', 0)} waiting for room; {tables.size(v.get('free', 0))} "
+                  f"free, {tables.size(v.get('margin', 0))} kept free\n")  # fmt: skip
 
 
 def _write_bandwidth(rates: dict[str, dict[str, float]], out: TextIO) -> None:

@@ -9,11 +9,13 @@ from typing import TypedDict
 TASK_NAME = "downloads.fetch"
 
 # The state of a download that waits without a worker process (docs/contract.md), and why:
-# for a slot at its origin (parked) or for a destination another download is writing.
+# for a slot at its origin (parked), for a destination another download is writing, for a slot
+# of its group's cap, or for room on the disk (a disk reservation).
 WAITING = "WAITING"
 WAITING_ORIGIN = "origin"
 WAITING_DESTINATION = "destination"
 WAITING_GROUP = "group"
+WAITING_DISK = "disk"
 
 
 class DownloadResult(TypedDict):

@@ -108,8 +108,9 @@ def status(app: Celery, queue: str) -> dict[str, Any]:
         parked = records.parked_by_group(client) if client is not None else {}
         shares = groups(conn, queue, known, downloads, parked)
         rates = records.bandwidth(client) if client is not None else {}
+        volumes = records.disks(client) if client is not None else {}
     body = {"workers": workers, "queue": queue, "queue_depth": depth, "active": downloads,
-            "groups": shares, "bandwidth": rates}  # fmt: skip
+            "groups": shares, "bandwidth": rates, "disks": volumes}  # fmt: skip
     held = scheduled(app, workers)
     return {
         **body,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,9 +35,23 @@ from rich.progress import (
 from rich.text import Text
 
 from download_client.client import DONE_STATES, RUNNING_STATES
-from download_client.contract import WAITING, WAITING_ORIGIN
+from download_client.contract import (
+    WAITING,
+    WAITING_DESTINATION,
+    WAITING_DISK,
+    WAITING_GROUP,
+    WAITING_ORIGIN,
+)
 from download_client.records import RetryNote
 from download_client.tables import message, retry_of, retry_text, size
+
+# Why WAITING downloads wait, as the batch's line says it (an unknown reason: a busy destination).
+_WHY = {
+    WAITING_ORIGIN: "for an origin slot",
+    WAITING_GROUP: "for their group's cap",
+    WAITING_DISK: "for room on the disk",
+    WAITING_DESTINATION: "for a busy destination",
+}
 
 NotesReader = Callable[[Sequence[str]], dict[str, RetryNote]]
 NOTES_EVERY = 1.0  # seconds between reads of the retry notes of downloads in RETRY
@@ -77,12 +92,9 @@ class _Batch:
             f"{running} running, {len(waiting)} waiting"
         )
         if waiting:
-            at_origin = sum(self.reasons.get(r) == WAITING_ORIGIN for r in waiting)
-            why = (
-                (at_origin, "for an origin slot"),
-                (len(waiting) - at_origin, "for a busy destination"),
-            )
-            text += " (" + ", ".join(f"{n} {what}" for n, what in why if n) + ")"
+            seen = Counter(_WHY.get(self.reasons.get(r) or "", _WHY[WAITING_DESTINATION])
+                           for r in waiting)  # fmt: skip
+            text += " (" + ", ".join(f"{seen[w]} {w}" for w in _WHY.values() if seen[w]) + ")"
         text += f", {queued} queued" if queued else ""
         return text + (f", {retrying} retrying" if retrying else "")
 

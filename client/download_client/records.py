@@ -24,6 +24,9 @@ URGENT_LIST = "urgent"
 PARKED_GROUPS = "downloads:groups:parked"
 GROUP_PREFIX = "downloads:group:"
 ORIGIN_PREFIX = "downloads:origin:"
+# Disk reservations: each volume's leases and the bytes each counts, its parked downloads.
+DISK_PREFIX = "downloads:disk:"
+DISK_VOLUMES = "downloads:disks:volumes"  # each volume as a worker last measured it
 # Bandwidth budgets: each scope's clock, and per scope its rate, bytes and last use (a hash).
 RATE_PREFIX = "downloads:rate:"
 RATES_STATS = "downloads:rates:stats"
@@ -109,6 +112,31 @@ def bandwidth(client: Any) -> dict[str, dict[str, float]]:
     return {scope: out[scope] for scope in scopes if out[scope]["idle_s"] <= RATE_SHOWN_S}
 
 
+def disks(client: Any) -> dict[str, dict[str, Any]]:
+    """Per volume of the disk reservations measured in the last RATE_SHOWN_S: as a worker last
+    measured it (`path`, `host`, `free`, `size`, `margin`, `at`), the bytes reserved and not yet
+    written (`reserved`), the downloads holding a reservation (`holders`) and those parked for
+    room there (`waiting`)."""
+    seconds, micros = client.time()
+    now_ms = seconds * 1000 + micros // 1000
+    seen = {_text(k): json.loads(v) for k, v in client.hgetall(DISK_VOLUMES).items()}
+    names = sorted(n for n, v in seen.items() if seconds - float(v.get("at", 0)) <= RATE_SHOWN_S)
+    pipe = client.pipeline(transaction=False)
+    for name in names:
+        base = f"{DISK_PREFIX}{name}"
+        pipe.zrangebyscore(f"{base}:slots", now_ms, "+inf").hgetall(f"{base}:amounts")
+    got = pipe.execute() if names else []
+    waiting = parked_lists(client, "disk")
+    out: dict[str, dict[str, Any]] = {}
+    for i, name in enumerate(names):
+        live, amounts = _texts(got[2 * i]), {_text(k): int(v) for k, v in got[2 * i + 1].items()}
+        reserved = sum(amounts.get(h, 1) for h in live)
+        parked_here = sum(waiting.get(name, {}).values())
+        out[name] = {**seen[name], "reserved": reserved, "holders": len(live),
+                     "waiting": parked_here}  # fmt: skip
+    return out
+
+
 def parked(client: Any) -> dict[str, int]:
     """Origin -> downloads parked there for a slot (urgent ones and every group's)."""
     return {o: sum(lists.values()) for o, lists in parked_lists(client).items()}
@@ -135,14 +163,16 @@ def parked_by_group(client: Any) -> dict[str, int]:
     return out
 
 
-def parked_lists(client: Any) -> dict[str, dict[str, int]]:
-    """Origin -> its parked lists that hold any (`urgent`, and each group's), and how many each
-    holds, read from the workers' keys in Redis: the origins with any (a set), then per origin
-    its lists (the default group's, the urgent one, and the groups with any: a sorted set)."""
-    origins = sorted(_text(o) for o in client.smembers(PARKED_ORIGINS))
+def parked_lists(client: Any, kind: str = "origin") -> dict[str, dict[str, int]]:
+    """Origin (or another scope of budget `kind`: a volume) -> its parked lists that hold any
+    (`urgent`, and each group's), and how many each holds, read from the workers' keys in
+    Redis: the scopes with any (a set), then per scope its lists (the default group's, the
+    urgent one, and the groups with any: a sorted set)."""
+    prefix = f"downloads:{kind}:"
+    origins = sorted(_text(o) for o in client.smembers(f"downloads:{kind}s:parked"))
     pipe = client.pipeline(transaction=False)
     for origin in origins:
-        base = f"{ORIGIN_PREFIX}{origin}"
+        base = f"{prefix}{origin}"
         pipe.llen(f"{base}:parked").llen(f"{base}:urgent").zrange(f"{base}:groups", 0, -1)
     got = pipe.execute() if origins else []
     out: dict[str, dict[str, int]] = {}
@@ -151,16 +181,16 @@ def parked_lists(client: Any) -> dict[str, dict[str, int]]:
         default, urgent, groups = got[3 * i : 3 * i + 3]
         out[origin] = {DEFAULT_GROUP: int(default), URGENT_LIST: int(urgent)}
         later += [(origin, g) for g in map(_text, groups) if g != DEFAULT_GROUP]
-    for (origin, group), n in zip(later, _lengths(client, later), strict=True):
+    for (origin, group), n in zip(later, _lengths(client, prefix, later), strict=True):
         out[origin][group] = n
     return {o: {k: n for k, n in lists.items() if n} for o, lists in out.items()
             if any(lists.values())}  # fmt: skip
 
 
-def _lengths(client: Any, lists: list[tuple[str, str]]) -> list[int]:
+def _lengths(client: Any, prefix: str, lists: list[tuple[str, str]]) -> list[int]:
     pipe = client.pipeline(transaction=False)
     for origin, group in lists:
-        pipe.llen(f"{ORIGIN_PREFIX}{origin}:parked-{group}")
+        pipe.llen(f"{prefix}{origin}:parked-{group}")
     return [int(n) for n in pipe.execute()] if lists else []
 
 
@@ -198,6 +228,10 @@ def _read(client: Any, prefix: str, ids: Iterable[str]) -> Iterator[tuple[list[s
             chunk = []
     if chunk:
         yield chunk, client.mget([prefix + i for i in chunk])
+
+
+def _texts(values: Iterable[Any]) -> list[str]:
+    return [_text(v) for v in values]
 
 
 def _text(value: Any) -> str:

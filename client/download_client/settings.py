@@ -125,18 +125,41 @@ _RATE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmg]i?)?b?", re.IGNORECASE)
 _RATE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
 
 
-def _rate(raw: str) -> int:
-    """Bytes per second: a whole number, or one with a unit (5M = 5,000,000; 5Mi = 5 x 2^20;
-    k, M, G and Ki, Mi, Gi, with an optional trailing B); 0 is no limit."""
+def _amount(raw: str, what: str, example: str, noun: str = "a size") -> int:
+    """A number of bytes: a whole number, or one with a unit (5M = 5,000,000; 5Mi = 5 x 2^20;
+    k, M, G and Ki, Mi, Gi, with an optional trailing B)."""
     m = _RATE.fullmatch(raw.strip())
     if m is None:
-        raise ValueError(f"{raw!r}: expected bytes per second, e.g. 5000000, 5M or 4Mi (0: none)")
+        raise ValueError(f"{raw!r}: expected {what}, e.g. {example}")
     value = float(m[1]) * _RATE_UNITS[(m[2] or "").lower()]
     if not math.isfinite(value) or value > 2**53:
-        raise ValueError(f"{raw!r}: too large for a rate")
+        raise ValueError(f"{raw!r}: too large for {noun}")
+    return round(value)
+
+
+def _rate(raw: str) -> int:
+    """Bytes per second (see _amount); 0 is no limit."""
+    value = _amount(raw, "bytes per second", "5000000, 5M or 4Mi (0: none)", "a rate")
     if 0 < value < MIN_RATE:
         raise ValueError(f"{raw!r}: a rate is at least 64Ki (65536) bytes per second (0: none)")
-    return round(value)
+    return value
+
+
+MIN_DISK_STEP = 2**20
+
+
+def _disk_margin(raw: str) -> int | None:
+    """Bytes to keep free on DOWNLOAD_DIR's volume (see _amount); empty: no disk reservations."""
+    if not raw.strip():
+        return None
+    return _amount(raw, "bytes to keep free", "10Gi, 500M or 0 (empty: no reservations)")
+
+
+def _disk_step(raw: str) -> int:
+    value = _amount(raw, "bytes", "64Mi")
+    if value < MIN_DISK_STEP:
+        raise ValueError(f"{raw!r}: a step is at least 1Mi (1048576) bytes")
+    return value
 
 
 def _origin_rates(raw: str) -> tuple[tuple[str, int], ...]:
@@ -272,6 +295,11 @@ class Settings:
     host_rate: int = _env("DOWNLOAD_HOST_RATE", _rate, "0")
     host_rates: tuple[tuple[str, int], ...] = _env("DOWNLOAD_HOST_RATES", _origin_rates, "")
     worker_rate: int = _env("DOWNLOAD_WORKER_RATE", _rate, "0")
+    # Disk reservations, fleet-wide per volume (tasks/core/disk.py): on when a margin is given,
+    # the bytes never reserved on DOWNLOAD_DIR's volume; a body of unknown size reserves a step
+    # at a time.
+    disk_margin: int | None = _env("DOWNLOAD_DISK_MARGIN", _disk_margin, "")
+    disk_step: int = _env("DOWNLOAD_DISK_STEP", _disk_step, "64Mi")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:

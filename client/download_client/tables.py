@@ -12,7 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from download_client.arguments import utc_text
-from download_client.contract import WAITING, WAITING_ORIGIN
+from download_client.contract import WAITING, WAITING_DISK, WAITING_GROUP, WAITING_ORIGIN
 from download_client.records import RetryNote
 
 UNKNOWN = "unknown"  # not a Celery state: no record of the id and Celery knows nothing of it
@@ -49,6 +49,10 @@ def waiting_text(waiting: Mapping[str, Any], now: float) -> str:
     took = f" ({max(0.0, now - since):.0f} s)" if isinstance(since, int | float) else ""
     if waiting.get("reason") == WAITING_ORIGIN:
         return f"waiting for a slot at {waiting.get('origin')}{took}"
+    if waiting.get("reason") == WAITING_GROUP:
+        return f"waiting for a slot of group {waiting.get('group')}{took}"
+    if waiting.get("reason") == WAITING_DISK:
+        return f"waiting for {size(float(waiting.get('need') or 0))} of room on the disk{took}"
     if waiting.get("dest"):
         return f"waiting for {waiting['dest']}, which another download is writing{took}"
     return "waiting" + took

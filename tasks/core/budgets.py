@@ -15,7 +15,11 @@ published when its time comes. The keys and the scripts are the ledger's (tasks/
 A lease belongs to one run, not to one task id: a redelivered copy of a message that runs
 beside its original (Redis put the message back while the original still ran) is another
 holder, and neither can release or renew the other's slot. A run never holds a slot of one
-budget while it is parked for another: it gives back what it holds before it parks."""
+budget while it is parked for another: it gives back what it holds before it parks.
+
+A lease counts 1 against its scope's capacity, or, in a weighted budget, an amount (the disk
+reservations count bytes against a volume's free space: tasks/core/disk.py): a parked message
+then carries its `need`, and is woken only when that fits."""
 
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from download_client.groups import DEFAULT_GROUP
@@ -45,30 +49,38 @@ log = logging.getLogger(__name__)
 class Busy(Exception):
     """No slot in `scope` now: the run's message is parked and will be published again."""
 
-    def __init__(self, kind: str, scope: str, paused_ms: int) -> None:
-        self.kind, self.scope, self.paused_ms = kind, scope, paused_ms
+    def __init__(self, kind: str, scope: str, paused_ms: int, need: int = 1) -> None:
+        self.kind, self.scope, self.paused_ms, self.need = kind, scope, paused_ms, need
         why = f"paused for {paused_ms / 1000:.1f} s more" if paused_ms else "at its limit"
-        super().__init__(f"{scope} is {why}; waiting for a slot there")
+        super().__init__(f"{kind} {scope} is {why}; waiting for room there")
 
 
 @dataclass(frozen=True)
 class Budget:
-    """One kind of fleet-wide limit: its name, each scope's capacity (0: no limit) and the
-    length of its leases."""
+    """One kind of fleet-wide limit: its name, each scope's capacity (0: no limit), the length
+    of its leases, and whether the capacity is measured (free space) rather than configured."""
 
     kind: str
     cap_for: Callable[[str], int]
     lease_ms: int = LEASE_MS
+    measured: bool = False
 
     def lease(
-        self, scope: str, holder: str, task_id: str, group: str = DEFAULT_GROUP, weight: float = 1
+        self,
+        scope: str,
+        holder: str,
+        task_id: str,
+        group: str = DEFAULT_GROUP,
+        weight: float = 1,
+        amount: int = 1,
     ) -> Lease | None:
         """The lease `holder` would hold in `scope` (its time counted against `group`'s share
-        there); None where the scope has no limit."""
+        there, `amount` against its capacity); None where the scope has no limit."""
         cap = self.cap_for(scope)
         if cap == 0:
             return None
-        return Lease(self.kind, scope, holder, task_id, cap, self.lease_ms, group, weight)
+        return Lease(self.kind, scope, holder, task_id, cap, self.lease_ms, group, weight, amount,
+                     self.measured)  # fmt: skip
 
     def sweep(self, ledger: Ledger, scan: bool = False) -> list[str]:
         """Messages to publish again: woken by a pause or a lease that ended, or stuck waking
@@ -115,6 +127,8 @@ class Seat:
     holder: str = ""
     held: Lease | None = None
     woken: list[str] = field(default_factory=list)
+    # What a weighted lease counts from now on, told at each renewal (None: as granted).
+    amount_now: Callable[[], int] | None = None
 
     def __post_init__(self) -> None:
         self.holder = self.holder or holder_token(self.task_id)
@@ -130,22 +144,35 @@ class Seat:
         self.held = lease
         if lease.scope == self.reserved:
             self.reserved = None  # the slot kept for it is the one it holds
-        _renewer.hold(self.ledger, lease)
+        _renewer.hold(self.ledger, lease, self.amount_now)
 
-    def enter(self, scope: str) -> None:
+    def enter(self, scope: str, amount: int = 1) -> None:
         """Hold a slot in `scope` (giving back one held elsewhere first), or park and raise Busy."""
         if self.held is not None and self.held.scope == scope:
             return
         self.leave()
-        lease = self.budget.lease(scope, self.holder, self.task_id, self.group, self.weight)
+        lease = self.budget.lease(scope, self.holder, self.task_id, self.group, self.weight,
+                                  amount)  # fmt: skip
         if lease is None:
             return
         ok, paused_ms = self.ledger.acquire(
             lease, self.parked_message(f"{self.budget.kind} {scope}")
         )
         if not ok:
-            raise Busy(self.budget.kind, scope, paused_ms)
+            raise Busy(self.budget.kind, scope, paused_ms, amount)
         self.granted(lease)
+
+    def grow(self, amount: int) -> bool:
+        """The held weighted lease counts `amount` from now on, if that fits (nothing parks)."""
+        held = self.held
+        if held is None:
+            return False
+        lease = replace(held, amount=amount, cap=self.budget.cap_for(held.scope))
+        if not self.ledger.acquire(lease)[0]:
+            return False
+        _renewer.drop(held)
+        self.granted(lease)
+        return True
 
     def letting_go(self) -> list[Lease]:
         """The leases to release in the run's last round trip: the slot it holds (no longer
@@ -164,8 +191,11 @@ class Seat:
 
     def _drop_held(self) -> Lease | None:
         lease, self.held = self.held, None
-        if lease is not None:
-            _renewer.drop(lease)
+        if lease is None:
+            return None
+        _renewer.drop(lease)
+        if self.budget.measured:  # what its release wakes must fit what is free now
+            lease = replace(lease, cap=self.budget.cap_for(lease.scope))
         return lease
 
     def leave(self) -> None:
@@ -188,12 +218,12 @@ class _Renewer:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.leases: dict[Lease, Ledger] = {}
+        self.leases: dict[Lease, tuple[Ledger, Callable[[], int] | None]] = {}
         self.thread: threading.Thread | None = None
 
-    def hold(self, ledger: Ledger, lease: Lease) -> None:
+    def hold(self, ledger: Ledger, lease: Lease, amount: Callable[[], int] | None = None) -> None:
         with self.lock:
-            self.leases[lease] = ledger
+            self.leases[lease] = (ledger, amount)
             if self.thread is None:
                 self.thread = threading.Thread(target=self._loop, name="budget-leases", daemon=True)
                 self.thread.start()
@@ -205,9 +235,9 @@ class _Renewer:
     def renew_all(self) -> None:
         with self.lock:
             held = list(self.leases.items())
-        for lease, ledger in held:
+        for lease, (ledger, amount) in held:
             try:
-                if not ledger.renew(lease):
+                if not ledger.renew(lease, None if amount is None else amount()):
                     log.warning("%s lease of %s in %s had ended", lease.kind, lease.holder,
                                 lease.scope)  # fmt: skip
             except Exception:  # Redis away: the lease runs on; try again next time

@@ -17,8 +17,10 @@ The keys live in the result backend's Redis, beside Celery's results:
                                           `parked-<group>` (a submitter group's parked
                                           messages; `parked` is the default group's),
                                           `groups` (those with any), `vtime` (their slot
-                                          time), `held` (the slots' holders); for the
-                                          origin slots, downloads:origin:<origin>:slots
+                                          time), `held` (the slots' holders), `amounts`
+                                          (what each lease counts, where not 1: a disk
+                                          reservation's bytes); for the origin slots,
+                                          downloads:origin:<origin>:slots
     downloads:<kind>s:parked              the scopes of a budget with parked messages
     downloads:<kind>s:waking              the scopes of a budget with woken messages not yet
                                           taken up (so the sweep never scans the keyspace)
@@ -29,6 +31,8 @@ The keys live in the result backend's Redis, beside Celery's results:
                                           `worker <hostname>`
     downloads:rates:stats                 per bandwidth scope: its rate, the bytes it let
                                           through and when it was last used
+    downloads:disks:volumes               per volume of the disk reservations: its free
+                                          space and margin as a worker last measured them
 
 A download's round trips are typed calls: `admit` (claim, delivery count, STARTED, a budget
 slot) returns an `Admitted`, `settle` (final state, claim, slot, bytes, uncounting) a `Settled`.
@@ -118,7 +122,8 @@ class BudgetKeys:
         scope = [f"{base}:{part}" for part in ("slots", "paused", "parked", "waking", "cap")]
         turns = [f"{base}:{part}" for part in ("urgent", "turn")]
         shares = [f"{base}:{part}" for part in ("groups", "vtime", "held")]
-        return [*scope, self.parked_scopes, self.stats, self.waking_scopes, *turns, *shares]
+        return [*scope, self.parked_scopes, self.stats, self.waking_scopes, *turns, *shares,
+                f"{base}:amounts"]  # fmt: skip
 
 
 def _scopes(client: Any, kind: str, suffix: str) -> dict[str, str]:
@@ -257,10 +262,34 @@ local function settle_held(holder, lost)
   charge(e.g, ms / e.w - e.pre)
 end
 """
+# Weighted leases: a lease counts its holder's entry in `amounts` (KEYS[14]), 1 without one, and
+# a parked message its `need`, 1 without one. Only a budget whose scopes count more than one
+# thing a lease (the disk reservations' bytes, tasks/core/disk.py) writes `amounts`: without it
+# the sum is the number of leases, as the per-origin slots count.
+_AMOUNTS = """
+local function used()
+  if redis.call('EXISTS', KEYS[14]) == 0 then return redis.call('ZCARD', KEYS[1]) end
+  local n = 0
+  for _, h in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+    n = n + tonumber(redis.call('HGET', KEYS[14], h) or '1')
+  end
+  return n
+end
+local function set_amount(h, n)
+  if n == 1 then redis.call('HDEL', KEYS[14], h) else redis.call('HSET', KEYS[14], h, n) end
+end
+local function need(msg)
+  if not msg or not string.find(msg, '"need"', 1, true) then return 1 end
+  local ok, m = pcall(cjson.decode, msg)
+  return (ok and type(m) == 'table' and tonumber(m.need)) or 1
+end
+"""
 # Hand free slots to the parked: each gets a reserved lease and moves to `waking`. Urgent
 # messages wait in a list of their own (KEYS[9]) and take turns with the others: after an
 # urgent one (`turn`, KEYS[10]) an ordinary one is woken if any waits, so neither kind stops
-# the other. Ordinary ones wait in their group's list and are woken by the groups' shares.
+# the other. Ordinary ones wait in their group's list and are woken by the groups' shares. One
+# whose need does not fit in the room left is not woken, nor is any behind it: the large are
+# not overtaken for ever by the small.
 _PARKED = """
 local function parked()
   return redis.call('LLEN', KEYS[3]) + redis.call('LLEN', KEYS[9]) + redis.call('ZCARD', KEYS[11])
@@ -269,13 +298,16 @@ end
 _WAKE = (
     _PARKED
     + _GROUPS
+    + _AMOUNTS
     + """
-local function ordinary()
+local function ordinary(room)
   if redis.call('LLEN', KEYS[3]) > 0 then joins('default') end  -- parked by an older worker
   while true do
     local first = redis.call('ZRANGE', KEYS[11], 0, 0, 'WITHSCORES')
     if #first == 0 then return false end
     local list = list_of(first[1])
+    local head = redis.call('LINDEX', list, 0)
+    if head and need(head) > room then return false end
     local msg = redis.call('LPOP', list)
     if redis.call('LLEN', list) == 0 then redis.call('ZREM', KEYS[11], first[1]) end
     if msg then
@@ -284,13 +316,16 @@ local function ordinary()
     end
   end
 end
-local function next_parked()
+local function next_parked(room)
   local others = redis.call('LLEN', KEYS[3]) + redis.call('ZCARD', KEYS[11]) > 0
   local urgent = redis.call('LLEN', KEYS[9]) > 0 and
     (not others or redis.call('GET', KEYS[10]) ~= 'urgent')
   redis.call('SET', KEYS[10], urgent and 'urgent' or 'other')
-  if urgent then return redis.call('LPOP', KEYS[9]), nil end
-  local msg = ordinary()
+  if urgent then
+    if need(redis.call('LINDEX', KEYS[9], 0)) > room then return false, nil end
+    return redis.call('LPOP', KEYS[9]), nil
+  end
+  local msg = ordinary(room)
   if not msg then return false, nil end
   local m = cjson.decode(msg)
   return msg, charge(m.group or 'default', estimate(m.group or 'default', m.weight or 1))
@@ -298,11 +333,14 @@ end
 local function wake()
   local woken = {}
   if redis.call('EXISTS', KEYS[2]) == 1 then return woken end
-  while parked() > 0 and (cap == 0 or redis.call('ZCARD', KEYS[1]) < cap) do
-    local msg, pre = next_parked()
+  while parked() > 0 do
+    local room = cap == 0 and math.huge or cap - used()
+    if room < 1 then break end
+    local msg, pre = next_parked(room)
     if not msg then break end
     local id = cjson.decode(msg).id
     redis.call('ZADD', KEYS[1], now + lease, 'woken:' .. id)
+    set_amount('woken:' .. id, need(msg))
     redis.call('HSET', KEYS[4], id, cjson.encode({at=now, msg=msg, pre=pre}))
     redis.call('SADD', KEYS[8], scope)
     woken[#woken + 1] = msg
@@ -329,15 +367,19 @@ local function park(msg)
 end
 """
 # ARGV[4] holder token, ARGV[5] task id, ARGV[6] the message to park ('' = only try), ARGV[7]
-# the download's group, ARGV[8] its weight.
+# the download's group, ARGV[8] its weight, ARGV[9] the lease's amount (1 but for a weighted
+# lease; a holder asking again with more grows its lease where the difference fits, else is
+# refused without parking).
 # Returns {status, pttl}: 1 granted, 0 parked (or not granted), -1 parked behind a pause.
 _ACQUIRE = (
     _NOW
     + _PARKED
     + _GROUPS
+    + _AMOUNTS
     + _PARK
     + """
 local holder, id, g, weight = ARGV[4], ARGV[5], ARGV[7], tonumber(ARGV[8])
+local amount = tonumber(ARGV[9] or '1')
 cap = tonumber(ARGV[2])
 redis.call('SET', KEYS[5], cap)
 local waking = redis.call('HGET', KEYS[4], id)
@@ -349,18 +391,31 @@ end
 if redis.call('HDEL', KEYS[4], id) == 1 and redis.call('HLEN', KEYS[4]) == 0 then
   redis.call('SREM', KEYS[8], scope)
 end
-local reserved = redis.call('ZREM', KEYS[1], 'woken:' .. id) == 1
 local holding = redis.call('ZSCORE', KEYS[1], holder)
-if reserved or holding then
-  redis.call('ZADD', KEYS[1], now + lease, holder)
-  -- Its slot time counts from when the slot was kept for it: nobody else could have it since.
-  if not holding then hold(holder, g, weight, pre, since) end
-  return {1, 0}
+local kept = redis.call('ZSCORE', KEYS[1], 'woken:' .. id)
+if kept or holding then
+  local had = tonumber(redis.call('HGET', KEYS[14], holding and holder or 'woken:' .. id) or '1')
+  -- A woken run takes what was kept for it; a weighted holder asking again is measured afresh
+  -- (what it wrote since is gone from the free space its cap is measured from).
+  local taken = amount <= had and (not holding or amount == 1)
+  local fits = taken or cap == 0 or used() - had + amount <= cap
+  redis.call('ZREM', KEYS[1], 'woken:' .. id)
+  redis.call('HDEL', KEYS[14], 'woken:' .. id)
+  if fits then
+    redis.call('ZADD', KEYS[1], now + lease, holder)
+    set_amount(holder, amount)
+    -- Its slot time counts from when the slot was kept for it: nobody else could have it since.
+    if not holding then hold(holder, g, weight, pre, since) end
+    return {1, 0}
+  end
+  if holding then return {0, 0} end
+  -- Woken for less than it now needs: it waits again, as if it had not been woken.
 end
 local paused = redis.call('PTTL', KEYS[2])
-local full = cap > 0 and redis.call('ZCARD', KEYS[1]) >= cap
+local full = cap > 0 and used() + amount > cap
 if paused <= 0 and not full and parked() == 0 then
   redis.call('ZADD', KEYS[1], now + lease, holder)
+  set_amount(holder, amount)
   hold(holder, g, weight, nil)
   return {1, 0}
 end
@@ -372,12 +427,15 @@ if paused > 0 then return {-1, paused} end
 return {0, 0}
 """
 )
-# ARGV[4] holder token. Returns 1 when the lease was renewed, 0 when it is gone.
+# ARGV[4] holder token, ARGV[5] its amount from now on ('': as it is; a weighted lease shrinks
+# as its holder uses what it reserved). Returns 1 when the lease was renewed, 0 when it is gone.
 _RENEW = (
     _NOW
+    + _AMOUNTS
     + """
 if redis.call('ZSCORE', KEYS[1], ARGV[4]) then
   redis.call('ZADD', KEYS[1], now + lease, ARGV[4])
+  if ARGV[5] ~= '' then set_amount(ARGV[4], tonumber(ARGV[5])) end
   return 1
 end
 return 0
@@ -389,6 +447,7 @@ _RELEASE = (
     + _WAKE
     + """
 redis.call('ZREM', KEYS[1], ARGV[4])
+redis.call('HDEL', KEYS[14], ARGV[4])
 settle_held(ARGV[4], false)
 if string.sub(ARGV[4], 1, 6) == 'woken:' then  -- a slot kept for a run that did not take it
   if redis.call('HDEL', KEYS[4], string.sub(ARGV[4], 7)) == 1 and
@@ -408,6 +467,9 @@ _SWEEP = (
 local gone = redis.call('HKEYS', KEYS[13])
 for _, holder in ipairs(gone) do
   if not redis.call('ZSCORE', KEYS[1], holder) then settle_held(holder, true) end
+end
+for _, holder in ipairs(redis.call('HKEYS', KEYS[14])) do
+  if not redis.call('ZSCORE', KEYS[1], holder) then redis.call('HDEL', KEYS[14], holder) end
 end
 local out = wake()
 local all = redis.call('HGETALL', KEYS[4])
@@ -531,6 +593,10 @@ class Lease:
     lease_ms: int
     group: str = "default"  # the submitter group whose share the slot's time counts against
     weight: float = 1.0
+    amount: int = 1  # what the lease counts against the cap (a disk reservation: its bytes)
+    # The cap is measured, not configured (a volume's free space): a release or a sweep stores
+    # it first, so what they wake fits what is there now.
+    measured: bool = False
 
     @property
     def keys(self) -> BudgetKeys:
@@ -635,7 +701,7 @@ class Ledger:
             r.add("started", lambda p: _store(p, started))
         if lease is not None:
             r.add("slot", lambda p: _budget(p, _ACQUIRE, lease, lease.holder, a.task_id, "",
-                                            lease.group, lease.weight))  # fmt: skip
+                                            lease.group, lease.weight, lease.amount))  # fmt: skip
         end = a.deadline
         if end is not None:
             # Kept until the deadline, and as long as results after it.
@@ -658,6 +724,8 @@ class Ledger:
         if claim is not None:
             r.add("claim", lambda p: _unclaim(p, claim, s.left))
         for i, lease in enumerate(s.release):
+            if lease.measured:
+                r.add(f"cap {i}", _measuring(lease))
             r.add(f"woken {i}", _releasing(lease))
         if s.bytes_for is not None:
             worker, n = s.bytes_for
@@ -712,13 +780,17 @@ class Ledger:
     def acquire(self, lease: Lease, parked: str = "") -> tuple[bool, int]:
         """Take a slot, or park `parked` (a message) behind the others: (granted, pause ms)."""
         status, left = _budget(self.client, _ACQUIRE, lease, lease.holder, lease.task_id, parked,
-                               lease.group, lease.weight)  # fmt: skip
+                               lease.group, lease.weight, lease.amount)  # fmt: skip
         return int(status) == 1, int(left)
 
-    def renew(self, lease: Lease) -> bool:
-        return bool(_budget(self.client, _RENEW, lease, lease.holder))
+    def renew(self, lease: Lease, amount: int | None = None) -> bool:
+        """Keep the lease alive; a weighted one counts `amount` from now on (None: unchanged)."""
+        left = "" if amount is None else amount
+        return bool(_budget(self.client, _RENEW, lease, lease.holder, left))
 
     def release(self, lease: Lease) -> list[str]:
+        if lease.measured:
+            _measuring(lease)(self.client)
         return _texts(_budget(self.client, _RELEASE, lease, lease.holder))
 
     def pause(self, lease: Lease, ms: int) -> None:
@@ -731,10 +803,13 @@ class Ledger:
         stale_ms: int,
         lease_ms: int,
         scan: bool = False,
+        measured: Iterable[str] = (),
     ) -> list[str]:
         """Messages of one budget to publish again: woken by a pause or a lease that ended, or
         left in `waking` by a publisher that died. `scan` also looks for `waking` entries
-        outside the index, as workers before it wrote them."""
+        outside the index, as workers before it wrote them. The `measured` scopes' caps are
+        `cap_for`'s, stored first (the others keep the cap their last taker stored)."""
+        measured = set(measured)
         r, index = _Round(self.client), BudgetKeys(kind, "")
         r.add("parked", lambda p: p.smembers(index.parked_scopes))
         r.add("waking", lambda p: p.smembers(index.waking_scopes))
@@ -745,6 +820,8 @@ class Ledger:
         out: list[str] = []
         for scope in sorted(scopes):
             keys = BudgetKeys(kind, scope).names
+            if scope in measured:
+                self.client.set(keys[4], cap_for(scope))
             out += _texts(_eval(self.client, _SWEEP, keys, scope, cap_for(scope), lease_ms,
                                 stale_ms))  # fmt: skip
         return out
@@ -788,6 +865,11 @@ class Ledger:
 
 def _releasing(lease: Lease) -> Callable[[Any], Any]:
     return lambda pipe: _budget(pipe, _RELEASE, lease, lease.holder)
+
+
+def _measuring(lease: Lease) -> Callable[[Any], Any]:
+    """Store a measured cap, for the scripts that read the stored one (release, sweep)."""
+    return lambda pipe: pipe.set(lease.keys.names[4], lease.cap)
 
 
 def running_by_group(client: Any) -> dict[str, int]:

@@ -15,6 +15,7 @@ from download_client.arguments import DownloadRequest
 from download_client.errors import PermanentError, TransientError
 from tasks.core import redirects, responses
 from tasks.core.bandwidth import Pacer
+from tasks.core.disk import Space
 from tasks.core.hashing import StreamHasher
 from tasks.core.records import Record, attach
 from tasks.core.storage import Target, disk_error
@@ -65,9 +66,11 @@ def download(
     gate: Gate | None = None,
     download_id: str | None = None,
     pacing: Pacing | None = None,
+    space: Space | None = None,
 ) -> Outcome:
     """Download `request.url` to `root / request.dest`, resuming what an earlier attempt left.
-    On the last attempt a transient failure also drops the partial: no retry will resume it."""
+    On the last attempt a transient failure also drops the partial: no retry will resume it.
+    With `space`, the body is written only as far as its disk reservation reaches."""
     target = Target(root, request.dest, request.url)
     with target.locked():
         target.check_path()
@@ -87,7 +90,7 @@ def download(
                 )
         try:
             return _transfer(session, request, target, limits, on_progress, gate, download_id,
-                             pacing)  # fmt: skip
+                             pacing, space)  # fmt: skip
         except _Mismatch as exc:
             # Kept with its own sha256 attached until the failure is stored (drop_mismatch).
             raise PermanentError(str(exc)) from None
@@ -109,6 +112,7 @@ def _transfer(
     gate: Gate | None,
     download_id: str | None,
     pacing: Pacing | None,
+    space: Space | None,
 ) -> Outcome:
     arrived = target.arrived_record()
     if arrived is not None and _meets(arrived, request, limits):
@@ -131,18 +135,21 @@ def _transfer(
     with redirects.opened(session, request.url, headers, limits.timeout, gate) as response:
         if response.status_code == 304 and finished is not None:
             return _unchanged(response.url, request.dest, finished)
-        start, total, cap = _admit(response, request, target, limits, offset)
+        start, total, cap = _admit(response, request, target, limits, offset, space is None)
         record = _record_of(response, request.url)
         # Keep the validators beside the partial when the body is worth resuming; a small one is
         # fetched again whole, which saves a file write on every small download.
         resumable = bool(record.validator) and (total is None or total - start > RESUME_MIN_BYTES)
+        if space is not None:
+            # Not room for it: the response is dropped unread, and the partial stays as it is.
+            space.reserve(start, total, resumable)
         if resumable:
             target.save_sidecar(record)
         pace = pacing(response.url) if pacing is not None else None
         f, hasher = target.open_partial(start)
         try:
             done = _stream(response, f, hasher, start, total, cap, limits.chunk_size, on_progress,
-                           pace)  # fmt: skip
+                           pace, space)  # fmt: skip
         except BaseException as exc:
             f.close()
             # Without a saved validator the bytes can never be resumed; a permanent error means
@@ -275,9 +282,10 @@ def _admit(
     target: Target,
     limits: Limits,
     offset: int,
+    check_space: bool = True,
 ) -> tuple[int, int | None, int]:
-    """Check the response before its body: status, where it starts, size cap, free disk.
-    Return (start offset, expected total or None, the size cap)."""
+    """Check the response before its body: status, where it starts, size cap, free disk (unless
+    a disk reservation will). Return (start offset, expected total or None, the size cap)."""
     try:
         responses.raise_for_status(response, offset)
         start = responses.start_offset(response, offset)
@@ -290,7 +298,7 @@ def _admit(
     if total is not None and total > cap:
         target.discard()
         raise PermanentError(f"the body is {total} bytes, over the {cap}-byte limit")
-    if total is not None:
+    if total is not None and check_space:
         target.check_free_space(total - start)
     return start, total, cap
 
@@ -371,9 +379,10 @@ def _stream(
     chunk_size: int,
     on_progress: Progress,
     pace: Pacer | None = None,
+    space: Space | None = None,
 ) -> int:
     """Copy the raw body (never decoded: no gzip can inflate here) to `f`, at the pace of its
-    bandwidth budgets if it has any; return the size."""
+    bandwidth budgets if it has any, never past its disk reservation; return the size."""
     raw = response.raw
     beside = StreamHasher(hasher)
     try:
@@ -384,11 +393,15 @@ def _stream(
             done += len(chunk)
             if done > cap:
                 raise PermanentError(f"the body passed the {cap}-byte limit")
+            if space is not None and done > space.allowed:
+                space.more()  # more room, or Busy (parked), before a byte goes past it
             beside.update(chunk)
             try:
                 f.write(chunk)
             except OSError as exc:
                 raise disk_error(exc, "writing the body") from exc
+            if space is not None:
+                space.done = done
             if pace is not None:
                 pace(len(chunk))
                 on_progress(done, total, pace.held_s)
