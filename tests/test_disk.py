@@ -26,14 +26,10 @@ VOL = "vol-test"
 
 
 @pytest.fixture
-def ledger(redis_server) -> Iterator[Ledger]:
-    client = redis.Redis.from_url(f"{redis_server.url}/{DB}")
-    client.flushdb()
-    yield Ledger(client)
+def ledger(redis_db) -> Iterator[Ledger]:
+    yield Ledger(redis_db(DB))
     with budgets._renewer.lock:  # this process's renewer forgets the test's leases
         budgets._renewer.leases.clear()
-    client.flushdb()
-    client.close()
 
 
 @dataclass
@@ -241,7 +237,10 @@ def test_a_body_that_cannot_resume_waits_in_place_then_gives_the_attempt_up(
 def test_without_redis_no_reservation_is_taken_and_the_attempt_is_retried(tmp_path) -> None:
     from tests.harness import free_port
 
-    away = Ledger(redis.Redis(port=free_port(), socket_connect_timeout=0.5))
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    away = Ledger(redis.Redis("127.0.0.1", free_port(), retry=Retry(NoBackoff(), 0)))
     space = _space(away, FakeVolume(tmp_path, margin=10))
     with pytest.raises(TransientError, match="disk: no reservation could be taken"):
         space.reserve(0, 50, resumable=True)
