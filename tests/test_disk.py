@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from download_client import records
 from download_client.errors import PermanentError, TransientError
@@ -19,7 +21,7 @@ from tasks.core import budgets, disk
 from tasks.core.budgets import Budget, Busy, Seat
 from tasks.core.ledger import BudgetKeys, Ledger
 from tasks.core.sweep import sweep_partials
-from tests.harness import wait_for
+from tests.harness import free_port, wait_for
 
 DB = 10
 VOL = "vol-test"
@@ -235,11 +237,6 @@ def test_a_body_that_cannot_resume_waits_in_place_then_gives_the_attempt_up(
 
 
 def test_without_redis_no_reservation_is_taken_and_the_attempt_is_retried(tmp_path) -> None:
-    from tests.harness import free_port
-
-    from redis.backoff import NoBackoff
-    from redis.retry import Retry
-
     away = Ledger(redis.Redis("127.0.0.1", free_port(), retry=Retry(NoBackoff(), 0)))
     space = _space(away, FakeVolume(tmp_path, margin=10))
     with pytest.raises(TransientError, match="disk: no reservation could be taken"):

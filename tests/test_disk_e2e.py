@@ -275,3 +275,30 @@ def test_a_body_that_can_never_fit_and_one_that_cannot_wait_fail_clearly(
         w.stop()
     assert partials(vol) == []
     assert watch.least_free >= 8 * MiB, watch.least_free
+
+
+def test_a_download_revoked_while_it_waits_gives_back_the_room_kept_for_it(
+    on_volume, origin, client, redis_server
+) -> None:
+    vol, w = on_volume(350 * MiB, DOWNLOAD_DISK_MARGIN="40Mi", DOWNLOAD_READ_TIMEOUT="10")
+    tag, size = uuid.uuid4().hex[:6], 200 * MiB
+    try:
+        first = submit(client, w, url=f"{origin.url}/bytes/{size}?seed={tag}a&rate=50000000")
+        wait_for(lambda: first.state == "PROGRESS", 30, "the first to be writing")
+        cancelled = submit(client, w, url=f"{origin.url}/bytes/{size}?seed={tag}b")
+        wait_for(lambda: cancelled.state == "WAITING", 30, "the second to wait for room")
+        last = submit(client, w, url=f"{origin.url}/bytes/{size}?seed={tag}c")
+        wait_for(lambda: last.state == "WAITING", 30, "the third to wait behind it")
+        client.control.revoke(cancelled.id)
+        (vol / first.get(timeout=60)["path"]).unlink()  # room for the next: the cancelled one
+        assert last.get(timeout=60)["sha256"] == body_sha256(size, f"{tag}c")
+        keys = f"downloads:disk:{(vol / '.partial' / 'volume').read_text().strip()}"
+        c = redis.Redis.from_url(f"{redis_server.url}/1")
+        # Woken, then discarded as revoked: what was kept for it is given back, not left to
+        # be published again every 30 s.
+        wait_for(lambda: not c.hexists(f"{keys}:waking", cancelled.id), 20, "the kept room back")
+        assert c.zscore(f"{keys}:slots", f"woken:{cancelled.id}") is None
+        c.close()
+    finally:
+        w.stop()
+    assert cancelled.state == "REVOKED"
