@@ -271,6 +271,7 @@ def test_a_body_that_can_never_fit_and_one_that_cannot_wait_fail_clearly(
             endless = submit(client, w, url=f"{origin.url}/bytes/1?endless=1&noetag=1&nolm=1")
             with pytest.raises(Exception, match="cannot resume"):
                 endless.get(timeout=60)
+            assert watch.holders() == 0  # a failure gives its reservation back
     finally:
         w.stop()
     assert partials(vol) == []
