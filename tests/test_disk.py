@@ -174,6 +174,27 @@ def test_the_sweep_measures_the_volume_and_operators_read_it(ledger, tmp_path: P
     assert _ids(volume.sweep(ledger)) == ["p"]
 
 
+def test_a_worker_measures_its_own_volume_only(ledger, tmp_path: Path) -> None:
+    """A message woken for room on volume B can run on a worker whose directory is on A: what
+    it gives back there is released by B's stored room, never by A's free space."""
+    a = FakeVolume(tmp_path / "a", margin=10, sizes={"free": 1000, "size": 2000})
+    b = FakeVolume(tmp_path / "b", margin=10, sizes={"free": 100, "size": 2000})
+    on_b = disk.volume_of(b.root)
+    assert a.room(on_b) == disk.UNMEASURED and b.room(on_b) == 90
+    holder = Seat(b.budget(), ledger, "h", lambda scope: json.dumps({"id": "h", "need": 60}))
+    holder.enter(on_b, 60)
+    woken = Seat(a.budget(), ledger, "p", lambda scope: json.dumps({"id": "p", "need": 50}))
+    with pytest.raises(Busy):
+        Seat(b.budget(), ledger, "p", woken.parked_message).enter(on_b, 50)
+    holder.leave()
+    assert _ids(holder.woken) == ["p"]
+    woken.reserved = on_b  # it runs on A, and parks elsewhere: the room kept for it goes back
+    for lease in woken.letting_go():
+        ledger.release(lease)
+    assert int(ledger.client.get(BudgetKeys(disk.KIND, on_b).names[4])) == 90
+    assert a.sweep(ledger) == []  # A's sweep leaves B alone
+
+
 def test_a_volume_is_named_by_its_marker_which_the_sweep_keeps(tmp_path: Path) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
     names: list[str] = []
@@ -198,7 +219,8 @@ def _space(ledger: Ledger, volume: FakeVolume, patience: float = 0.2) -> disk.Sp
     box: list[disk.Space] = []
     message = lambda scope: json.dumps({"id": "s", "need": box[0].need})  # noqa: E731
     seat = Seat(volume.budget(), ledger, "s", message)
-    box.append(disk.Space(seat, volume, VOL, step=10, patience=patience))
+    name = disk.volume_of(volume.root)
+    box.append(disk.Space(seat, volume, name, step=10, patience=patience))
     return box[0]
 
 
@@ -242,3 +264,21 @@ def test_without_redis_no_reservation_is_taken_and_the_attempt_is_retried(tmp_pa
     with pytest.raises(TransientError, match="disk: no reservation could be taken"):
         space.reserve(0, 50, resumable=True)
     away.client.close()
+
+
+def test_a_chunk_larger_than_a_step_takes_steps_enough_and_a_lost_lease_stops_the_body(
+    ledger, tmp_path
+) -> None:
+    volume = FakeVolume(tmp_path, margin=0, sizes={"free": 100 * disk.REPORT_BYTES, "size": 2**40})
+    space = _space(ledger, volume)
+    space.reserve(0, None, resumable=True)  # a step of 10 bytes
+    space.check(35)  # one chunk of 35 bytes: four steps before it is written
+    assert space.allowed == 40
+    # Its lease ends while Redis cannot be reached (the sweep dropped it): the next report
+    # finds it gone, and the attempt stops rather than write without a reservation.
+    space.seat.leave()
+    space.reserve(0, 2 * disk.REPORT_BYTES, resumable=True)
+    ledger.client.delete(BudgetKeys(disk.KIND, space.scope).names[0])
+    space.done = disk.REPORT_BYTES + 35
+    with pytest.raises(TransientError, match="the reservation was lost"):
+        space.check(space.done + 1)

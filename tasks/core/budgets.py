@@ -79,8 +79,14 @@ class Budget:
         cap = self.cap_for(scope)
         if cap == 0:
             return None
-        return Lease(self.kind, scope, holder, task_id, cap, self.lease_ms, group, weight, amount,
-                     self.measured)  # fmt: skip
+        # A measured cap below 0: not measured here (another volume's), the stored one stands.
+        return Lease(self.kind, scope, holder, task_id, max(cap, 1), self.lease_ms, group, weight,
+                     amount, self.measured and cap > 0)  # fmt: skip
+
+    def refreshed(self, lease: Lease) -> Lease:
+        """`lease` with its cap measured now, for a release that wakes by it."""
+        cap = self.cap_for(lease.scope)
+        return replace(lease, cap=max(cap, 1), measured=cap > 0)
 
     def sweep(self, ledger: Ledger, scan: bool = False) -> list[str]:
         """Messages to publish again: woken by a pause or a lease that ended, or stuck waking
@@ -127,8 +133,6 @@ class Seat:
     holder: str = ""
     held: Lease | None = None
     woken: list[str] = field(default_factory=list)
-    # What a weighted lease counts from now on, told at each renewal (None: as granted).
-    amount_now: Callable[[], int] | None = None
 
     def __post_init__(self) -> None:
         self.holder = self.holder or holder_token(self.task_id)
@@ -144,7 +148,7 @@ class Seat:
         self.held = lease
         if lease.scope == self.reserved:
             self.reserved = None  # the slot kept for it is the one it holds
-        _renewer.hold(self.ledger, lease, self.amount_now)
+        _renewer.hold(self.ledger, lease)
 
     def enter(self, scope: str, amount: int = 1) -> None:
         """Hold a slot in `scope` (giving back one held elsewhere first), or park and raise Busy."""
@@ -167,7 +171,7 @@ class Seat:
         held = self.held
         if held is None:
             return False
-        lease = replace(held, amount=amount, cap=self.budget.cap_for(held.scope))
+        lease = replace(self.budget.refreshed(held), amount=amount)
         if not self.ledger.acquire(lease)[0]:
             return False
         _renewer.drop(held)
@@ -195,7 +199,7 @@ class Seat:
             return None
         _renewer.drop(lease)
         if self.budget.measured:  # what its release wakes must fit what is free now
-            lease = replace(lease, cap=self.budget.cap_for(lease.scope))
+            lease = self.budget.refreshed(lease)
         return lease
 
     def leave(self) -> None:
@@ -218,12 +222,12 @@ class _Renewer:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.leases: dict[Lease, tuple[Ledger, Callable[[], int] | None]] = {}
+        self.leases: dict[Lease, Ledger] = {}
         self.thread: threading.Thread | None = None
 
-    def hold(self, ledger: Ledger, lease: Lease, amount: Callable[[], int] | None = None) -> None:
+    def hold(self, ledger: Ledger, lease: Lease) -> None:
         with self.lock:
-            self.leases[lease] = (ledger, amount)
+            self.leases[lease] = ledger
             if self.thread is None:
                 self.thread = threading.Thread(target=self._loop, name="budget-leases", daemon=True)
                 self.thread.start()
@@ -235,9 +239,9 @@ class _Renewer:
     def renew_all(self) -> None:
         with self.lock:
             held = list(self.leases.items())
-        for lease, (ledger, amount) in held:
+        for lease, ledger in held:
             try:
-                if not ledger.renew(lease, None if amount is None else amount()):
+                if not ledger.renew(lease):
                     log.warning("%s lease of %s in %s had ended", lease.kind, lease.holder,
                                 lease.scope)  # fmt: skip
             except Exception:  # Redis away: the lease runs on; try again next time

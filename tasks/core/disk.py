@@ -7,8 +7,11 @@ network file system) share the name, whatever their hosts call its device. Its c
 measured, never configured: the space free for unprivileged writers, less DOWNLOAD_DISK_MARGIN.
 
 A lease counts the bytes its download has reserved and not yet written: what it wrote is
-already gone from the free space, so counting it again would leave room unused. Each renewal
-tells what is left of it; between renewals the lease counts more than is left, never less.
+already gone from the free space, so counting it again would leave room unused. The download
+tells its lease what is left each time it has written REPORT_BYTES and when it grows; between
+two reports the lease counts more than is left, never less. Only workers on a volume measure
+it: one that gives back room kept on another volume leaves that volume's stored capacity as
+it is.
 
 A download reserves what its body still needs once the headers say (Content-Length, less what
 a partial already holds), or DOWNLOAD_DISK_STEP at a time while the size is unknown, and never
@@ -34,13 +37,17 @@ import redis
 from download_client.arguments import PARTIAL_DIR
 from download_client.errors import PermanentError, TransientError
 from download_client.records import DISK_VOLUMES
-from tasks.core.budgets import WAKING_STALE_MS, Budget, Seat
+from tasks.core.budgets import LEASE_MS, WAKING_STALE_MS, Budget, Seat
 from tasks.core.ledger import Ledger
 
 KIND = "disk"
 MARKER = "volume"  # in `.partial/`: the sweep of the in-progress area leaves it alone
 # How often a download that cannot grow, and whose origin cannot resume, looks for room again.
 RETRY_ROOM_S = 0.5
+# A running download tells its lease what is left of its reservation each time it has written
+# this much (and when it grows).
+REPORT_BYTES = 8 * 2**20
+UNMEASURED = -1  # a capacity not measured here (tasks/core/budgets.py: Budget.lease)
 
 _volumes: dict[str, str] = {}  # DOWNLOAD_DIR -> its volume's name, once read in this process
 
@@ -83,87 +90,105 @@ class Volume:
     margin: int
 
     def measure(self) -> tuple[int, int]:
-        """(bytes free for unprivileged writers, bytes the file system holds in all)."""
+        """(bytes free for unprivileged writers, the most they could ever have: the file
+        system's size less the blocks kept for root)."""
         st = os.statvfs(self.root / PARTIAL_DIR)
-        return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+        kept = st.f_bfree - st.f_bavail
+        return st.f_bavail * st.f_frsize, (st.f_blocks - kept) * st.f_frsize
 
-    def room(self, _scope: str = "") -> int:
+    def room(self, scope: str = "") -> int:
         """The capacity of the volume's budget: free space less the margin (at least 1: a
-        capacity of 0 would mean no limit)."""
-        return max(1, self.measure()[0] - self.margin)
+        capacity of 0 would mean no limit). UNMEASURED for another volume, or where this one
+        cannot be measured: the capacity its own workers stored last stands."""
+        if scope and scope != volume_of(self.root):
+            return UNMEASURED
+        try:
+            return max(1, self.measure()[0] - self.margin)
+        except OSError:
+            return UNMEASURED
 
     def budget(self) -> Budget:
         return Budget(KIND, self.room, measured=True)
 
     def sweep(self, ledger: Ledger) -> list[str]:
         """The volume measured now, noted for `downloads status` and the metrics, and the parked
-        downloads that fit in it woken (space freed by a consumer wakes nobody else)."""
+        downloads that fit in it woken (space freed by a consumer wakes nobody else). Each
+        volume is swept by the workers on it: others cannot measure it."""
         name = volume_of(self.root)
         free, size = self.measure()
-        room = max(1, free - self.margin)
         seen = {"path": str(self.root), "host": socket.gethostname(), "free": free,
                 "size": size, "margin": self.margin, "at": round(time.time(), 3)}  # fmt: skip
         ledger.client.hset(DISK_VOLUMES, name, json.dumps(seen))
-        budget = self.budget()
-        return ledger.sweep(KIND, lambda scope: room if scope == name else 0, WAKING_STALE_MS,
-                            budget.lease_ms, measured=(name,))  # fmt: skip
+        room = max(1, free - self.margin)
+        return ledger.sweep(KIND, lambda scope: room, WAKING_STALE_MS, LEASE_MS, measured=(name,),
+                            only=(name,))  # fmt: skip
 
 
 @dataclass
 class Space:
     """One run's reservation on its volume. `reserve` takes what the body needs before it is
-    read; the body then calls `more` before it writes past `allowed` (an offset in the file),
-    and keeps `done` up to date for the renewals."""
+    read; the body then calls `check` with the offset a chunk would reach before it writes it,
+    whenever that passes `check_at`, and keeps `done` (the bytes in the file) up to date."""
 
     seat: Seat
     volume: Volume
     scope: str
     step: int
     patience: float  # how long a body the origin cannot resume waits for room in place
-    allowed: float = 0
+    allowed: int = 0  # the offset the reservation reaches
     done: int = 0
+    check_at: int = 0
+    reported: int = 0  # `done` when the lease was last told what is left of it
     resumable: bool = False
     need: int = 0  # what it parks for, told in its parked message
 
-    def __post_init__(self) -> None:
-        self.seat.amount_now = self.left
-
     def left(self) -> int:
-        """Bytes reserved and not yet written: what the lease counts at each renewal."""
-        return max(0, int(self.allowed) - self.done)
+        """Bytes reserved and not yet written: what the lease counts."""
+        return max(0, self.allowed - self.done)
 
     def reserve(self, start: int, total: int | None, resumable: bool) -> None:
         """Reserve the rest of the body from `start` (a step while its size is unknown), or
-        park and raise Busy; a body larger than the whole volume can hold is refused."""
-        self.done, self.resumable = start, resumable
+        park and raise Busy; a body larger than the volume could ever hold is refused."""
+        self.done = self.reported = self.allowed = self.check_at = start
+        self.resumable = resumable
         if total is not None and total <= start:
-            self.allowed = start  # nothing left to write: nothing to reserve
-            return
+            return  # nothing left to write: nothing to reserve
         need = total - start if total is not None else self.step
-        size = self.volume.measure()[1]
-        if need > size - self.volume.margin:
+        most = _transient(self.volume.measure)[1] - self.volume.margin
+        if need > most:
             raise PermanentError(
                 f"disk: the body needs {need} bytes, more than the volume can ever hold beside "
-                f"DOWNLOAD_DISK_MARGIN ({size} bytes, {self.volume.margin} kept free)"
+                f"DOWNLOAD_DISK_MARGIN ({most} bytes)"
             )
-        _redis_here(lambda: self._enter(need))
+        _transient(lambda: self._enter(need))
         self.allowed = start + need
+        self._next_check()
+
+    def check(self, upto: int) -> None:
+        """Before the body reaches `upto`: more room where it has not, and now and then the
+        lease told what is left of the reservation (what was written is gone from the free
+        space: counted twice, it would keep others waiting for room that is not used)."""
+        while upto > self.allowed:
+            self.more()
+        if self.done - self.reported >= REPORT_BYTES:
+            self._report()
+        self._next_check()
 
     def more(self) -> None:
         """The body reached what is reserved: take another step, or, where none fits, park (the
         partial is kept for the run that resumes it) or, when the origin cannot resume, wait
         here up to `patience` seconds before giving up the attempt."""
-        if _redis_here(self._grow):
+        if _transient(self._grow):
             return
         if self.resumable:
-            _redis_here(self.seat.leave)
-            _redis_here(lambda: self._enter(self.step))
-            self.allowed = self.done + self.step
+            _transient(self.seat.leave)
+            _transient(lambda: self._enter(self.step))
+            self.allowed, self.reported = self.done + self.step, self.done
             return
         until = time.monotonic() + self.patience
         while time.monotonic() < until:
             time.sleep(RETRY_ROOM_S)
-            if _redis_here(self._grow):
+            if _transient(self._grow):
                 return
         raise TransientError(
             f"disk: no room on the volume for more than {self.done} bytes of a body the origin "
@@ -171,10 +196,25 @@ class Space:
         )
 
     def _grow(self) -> bool:
-        if not self.seat.grow(self.left() + self.step):
+        if not self.seat.grow(self.allowed + self.step - self.done):
             return False
-        self.allowed += self.step
+        self.allowed, self.reported = self.allowed + self.step, self.done
         return True
+
+    def _report(self) -> None:
+        held, self.reported = self.seat.held, self.done
+        try:
+            kept = held is not None and self.seat.ledger.renew(held, self.left())
+        except (redis.RedisError, OSError):
+            return  # Redis away: the renewals keep the lease; the next report tells
+        if not kept:
+            raise TransientError(
+                "disk: the reservation was lost (its lease ended while Redis could not be "
+                "reached); the attempt is retried"
+            )
+
+    def _next_check(self) -> None:
+        self.check_at = min(self.allowed, self.reported + REPORT_BYTES)
 
     def _enter(self, need: int) -> None:
         self.need = need
@@ -184,9 +224,9 @@ class Space:
 T = TypeVar("T")
 
 
-def _redis_here(call: Callable[[], T]) -> T:
-    """Without Redis no reservation can be taken or grown: the attempt fails as a transient
-    fault (the partial kept where it can be resumed), and is retried with backoff."""
+def _transient(call: Callable[[], T]) -> T:
+    """Without Redis (or the volume) no reservation can be taken or grown: the attempt fails as
+    a transient fault (the partial kept where it can be resumed), and is retried with backoff."""
     try:
         return call()
     except (redis.RedisError, OSError) as exc:

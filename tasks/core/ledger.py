@@ -320,13 +320,14 @@ local function next_parked(room)
   local others = redis.call('LLEN', KEYS[3]) + redis.call('ZCARD', KEYS[11]) > 0
   local urgent = redis.call('LLEN', KEYS[9]) > 0 and
     (not others or redis.call('GET', KEYS[10]) ~= 'urgent')
-  redis.call('SET', KEYS[10], urgent and 'urgent' or 'other')
   if urgent then
     if need(redis.call('LINDEX', KEYS[9], 0)) > room then return false, nil end
+    redis.call('SET', KEYS[10], 'urgent')
     return redis.call('LPOP', KEYS[9]), nil
   end
   local msg = ordinary(room)
   if not msg then return false, nil end
+  redis.call('SET', KEYS[10], 'other')
   local m = cjson.decode(msg)
   return msg, charge(m.group or 'default', estimate(m.group or 'default', m.weight or 1))
 end
@@ -804,11 +805,13 @@ class Ledger:
         lease_ms: int,
         scan: bool = False,
         measured: Iterable[str] = (),
+        only: Iterable[str] | None = None,
     ) -> list[str]:
         """Messages of one budget to publish again: woken by a pause or a lease that ended, or
         left in `waking` by a publisher that died. `scan` also looks for `waking` entries
         outside the index, as workers before it wrote them. The `measured` scopes' caps are
-        `cap_for`'s, stored first (the others keep the cap their last taker stored)."""
+        `cap_for`'s, stored first (the others keep the cap their last taker stored); `only`
+        limits the sweep to those scopes."""
         measured = set(measured)
         r, index = _Round(self.client), BudgetKeys(kind, "")
         r.add("parked", lambda p: p.smembers(index.parked_scopes))
@@ -817,6 +820,8 @@ class Ledger:
         scopes = set(_texts(got["parked"])) | set(_texts(got["waking"]))
         if scan:
             scopes |= set(_scopes(self.client, kind, "waking"))
+        if only is not None:
+            scopes &= set(only)
         out: list[str] = []
         for scope in sorted(scopes):
             keys = BudgetKeys(kind, scope).names

@@ -393,8 +393,8 @@ def _stream(
             done += len(chunk)
             if done > cap:
                 raise PermanentError(f"the body passed the {cap}-byte limit")
-            if space is not None and done > space.allowed:
-                space.more()  # more room, or Busy (parked), before a byte goes past it
+            if space is not None and done > space.check_at:
+                space.check(done)  # more room, or Busy (parked), before a byte goes past it
             beside.update(chunk)
             try:
                 f.write(chunk)
