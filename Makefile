@@ -82,6 +82,7 @@ bench: install $(VENV)/.bench-installed
 # Not part of `make test`: a long run that crashes Redis and kills workers on purpose.
 # SOAK_QUICK=1: a short run; SOAK_DOWNLOADS=N: N downloads, the time scaled to match;
 # SOAK_BROKER=rabbitmq: a private RabbitMQ node as the broker, crashed in turn too.
+# SOAK_DISK_MARGIN=<bytes>: the workers reserve disk space (DOWNLOAD_DISK_MARGIN) as they go.
 soak: install
 	$(PY) -m soak
 

@@ -1,6 +1,7 @@
 """`python -m soak`: run the chaos soak and write docs/soak.md (SOAK_QUICK=1: a short run;
 SOAK_DOWNLOADS=N: N downloads, the time scaled to match; SOAK_REDIS_KILLS=1: 2,400 small
-downloads under 40 Redis SIGKILLs and nothing else)."""
+downloads under 40 Redis SIGKILLs and nothing else; SOAK_DISK_MARGIN=<bytes>: with disk
+reservations on, reported as soak-disk-<broker>)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ def report_stem(env: Mapping[str, str], broker: str) -> str:
     resized run writes one of its own (listed in docs/soak.md), a quick one soak-last."""
     if env.get("SOAK_REDIS_KILLS") == "1":
         return "soak-redis-kills"
+    if env.get("SOAK_DISK_MARGIN"):
+        return f"soak-disk-{broker}"
     if env.get("SOAK_QUICK"):
         return "soak-last"
     if env.get("SOAK_DOWNLOADS"):

@@ -6,9 +6,10 @@
   sending a body that then completed (read at the origin, per download's own URL path).
 - no needless transfer: full bodies (200 with body bytes) per download beyond the first, each
   with the cause read off the transfer before it; a full body after a complete one is needless,
-  unless a child was SIGKILLed between that one's start and half a second after its end (a
-  body can leave the origin whole and die in a socket buffer, or before the worker has written
-  and checked it: then nothing on disk could be published).
+  unless a child was SIGKILLed between a tenth of a second before that one's start (its request
+  on the way) and half a second after its end (a body can leave the origin whole and die in a
+  socket buffer, or before the worker has written and checked it: then nothing on disk could
+  be published).
 - nothing left: no file under .partial/ once the fleet is idle.
 - memory flat: each worker child's RSS at its last sample against its first.
 - an origin down for minutes: each download of the case with a deadline (`down=1`, down longer
@@ -31,6 +32,9 @@ MiB = 1024 * 1024
 # hashing it, before the record that lets the next run publish it is on the file: a child
 # SIGKILLed in that window leaves nothing to publish, whatever the origin sent.
 ARRIVING_S = 0.5
+# How long before the origin logs a request its child may already have sent it: a child killed
+# with its request on the way still gets a whole body sent to its dead socket.
+IN_FLIGHT_S = 0.1
 KILLED_AS_IT_ARRIVED = (
     "cut by the chaos (a child SIGKILLed as the body left the origin, before it could be on disk "
     "whole)"
@@ -167,7 +171,8 @@ def _extra_transfers(d: Any, transfers: list[Transfer], events: list[Any]) -> li
 
 def _killed_as_it_arrived(prev: Transfer, events: list[Any]) -> bool:
     return any(
-        e.kind == "child SIGKILLed" and prev.start <= e.at <= prev.end + ARRIVING_S for e in events
+        e.kind == "child SIGKILLed" and prev.start - IN_FLIGHT_S <= e.at <= prev.end + ARRIVING_S
+        for e in events
     )
 
 
@@ -266,7 +271,8 @@ def markdown(f: dict[str, Any], runs: list[str] | None = None) -> str:
         "Written by `make soak` (the figures below are from its last run; see docs/reliability.md",
         "(The chaos soak) for what it proves and `soak/report.py` for each definition).",
         "",
-        f"- broker: **{f.get('broker', 'redis')}** (results in Redis either way)",
+        f"- broker: **{f.get('broker', 'redis')}** (results in Redis either way)"
+        + (f"; disk reservations on, margin {f['disk_margin']}" if f.get("disk_margin") else ""),
         f"- downloads accepted: **{f['accepted']}**; accounted for: **{f['accounted']}** "
         f"({100 * f['accounted'] / max(1, f['accepted']):.2f} %)",
         f"- double writers: **{len(f['double_writers'])}**; needless full transfers: "

@@ -85,6 +85,10 @@ SOAK_SETTINGS = {
     "DOWNLOAD_PROGRESS_INTERVAL": "1",
     "WORKER_MAX_TASKS_PER_CHILD": "150",
 }
+# SOAK_DISK_MARGIN=<bytes>: the workers run with disk reservations on, that margin kept free.
+DISK_MARGIN = os.environ.get("SOAK_DISK_MARGIN", "")
+if DISK_MARGIN:
+    SOAK_SETTINGS["DOWNLOAD_DISK_MARGIN"] = DISK_MARGIN
 
 
 @dataclass
@@ -304,6 +308,8 @@ def main(size: Size | None = None, seed: int | None = None) -> dict[str, Any]:
         figures["backlog"] = {"median": statistics.median(backlog), "max": max(backlog)}
     figures["work"] = str(stack.work)
     figures["broker"] = broker
+    if DISK_MARGIN:
+        figures["disk_margin"] = DISK_MARGIN
     if figures["ok"]:
         shutil.rmtree(stack.work, ignore_errors=True)
     return figures

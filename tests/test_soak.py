@@ -63,7 +63,8 @@ def test_the_judge_calls_a_second_whole_body_needless():
 def test_a_whole_body_fetched_again_after_its_child_was_killed_as_it_arrived_is_not_needless():
     ok = Outcome("SUCCESS", {}, file_ok=True)
     transfers = [_transfer(0, 1, 1000), _transfer(2, 3, 1000)]
-    for at, needless in ((1.2, 0), (0.5, 0), (2.5, 1)):  # within 0.5 s of its end, or not
+    # Within 0.5 s of its end, or 0.1 s before its start (the request on its way), or not.
+    for at, needless in ((1.2, 0), (0.5, 0), (-0.05, 0), (2.5, 1), (-0.5, 1)):
         kill = SimpleNamespace(at=at, kind="child SIGKILLed", end=0.0, detail="w pid 1")
         figures = _judge({"t0": ok}, transfers, events=[kill])
         assert figures["needless"] == needless, at
@@ -83,6 +84,7 @@ def test_a_resized_run_has_a_report_of_its_own_listed_in_the_default_one(tmp_pat
     assert report_stem({"SOAK_DOWNLOADS": "10000"}, "rabbitmq") == "soak-10000-rabbitmq"
     assert report_stem({"SOAK_QUICK": "1", "SOAK_DOWNLOADS": "10000"}, "redis") == "soak-last"
     assert report_stem({"SOAK_REDIS_KILLS": "1"}, "redis") == "soak-redis-kills"
+    assert report_stem({"SOAK_DISK_MARGIN": "1Gi", "SOAK_QUICK": "1"}, "redis") == "soak-disk-redis"
     ok = Outcome("SUCCESS", {}, file_ok=True)
     figures = _judge({"t0": ok}, [_transfer(0, 1, 1000)])
     for n, broker in ((2, "redis"), (5, "rabbitmq")):
