@@ -30,6 +30,7 @@ from soak.chaos import Chaos
 from soak.origin import Outages, RecordingOrigin
 from soak.plan import Download, MiB, plan
 from soak.report import judge
+from tasks.core.disk import MARKER
 from tasks.core.storage import LOCKS
 from tests.harness import RedisServer, Worker, wait_for, worker_env
 from tests.rabbitmq import RabbitServer
@@ -245,7 +246,7 @@ class Stack:
 
     def partial_left(self) -> list[str]:
         area = self.work / "dl" / ".partial"
-        files = (p for p in area.rglob("*") if p.is_file() and p.name != LOCKS)
+        files = (p for p in area.rglob("*") if p.is_file() and p.name not in (LOCKS, MARKER))
         return sorted(str(p.relative_to(area)) for p in files)
 
     def stop(self) -> None:
