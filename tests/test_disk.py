@@ -258,11 +258,20 @@ def test_a_body_that_cannot_resume_waits_in_place_then_gives_the_attempt_up(
         space.more()
 
 
-def test_without_redis_no_reservation_is_taken_and_the_attempt_is_retried(tmp_path) -> None:
+def test_without_redis_a_body_goes_on_by_the_volumes_own_free_space(tmp_path) -> None:
     away = Ledger(redis.Redis("127.0.0.1", free_port(), retry=Retry(NoBackoff(), 0)))
-    space = _space(away, FakeVolume(tmp_path, margin=10))
-    with pytest.raises(TransientError, match="disk: no reservation could be taken"):
-        space.reserve(0, 50, resumable=True)
+    volume = FakeVolume(tmp_path, margin=10, sizes={"free": 100, "size": 200})
+    space = _space(away, volume)
+    space.reserve(0, 50, resumable=True)  # 50 fits in 100 - 10: it goes on, unreserved
+    assert space.allowed == 50 and space.seat.held is None
+    space.done = 50
+    space.check(60)  # a step more, where the free space holds it
+    assert space.allowed == 60
+    volume.sizes["free"] = 15
+    with pytest.raises(TransientError, match="no reservation could be taken"):
+        space.check(75)  # no room, and it cannot wait parked without Redis
+    with pytest.raises(TransientError, match="has not 95 bytes free beyond DOWNLOAD_DISK_MARGIN"):
+        _space(away, volume).reserve(0, 95, resumable=True)
     away.client.close()
 
 

@@ -23,6 +23,7 @@ the parked downloads whose need fits, in their turn."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import time
@@ -48,6 +49,9 @@ RETRY_ROOM_S = 0.5
 # this much (and when it grows).
 REPORT_BYTES = 8 * 2**20
 UNMEASURED = -1  # a capacity not measured here (tasks/core/budgets.py: Budget.lease)
+
+log = logging.getLogger(__name__)
+_REDIS_ERRORS = (redis.RedisError, OSError)
 
 _volumes: dict[str, str] = {}  # DOWNLOAD_DIR -> its volume's name, once read in this process
 
@@ -160,7 +164,10 @@ class Space:
                 f"disk: the body needs {need} bytes, more than the volume can ever hold beside "
                 f"DOWNLOAD_DISK_MARGIN ({most} bytes)"
             )
-        _transient(lambda: self._enter(need))
+        try:
+            self._enter(need)
+        except _REDIS_ERRORS as exc:
+            self._unreserved(need, exc)
         self.allowed = start + need
         self._next_check()
 
@@ -196,16 +203,39 @@ class Space:
         )
 
     def _grow(self) -> bool:
-        if not self.seat.grow(self.allowed + self.step - self.done):
-            return False
-        self.allowed, self.reported = self.allowed + self.step, self.done
-        return True
+        try:
+            held = self.seat.held is not None
+            grown = held and self.seat.grow(self.allowed + self.step - self.done)
+            grown = grown or (not held and self._room_for(self.step))
+        except _REDIS_ERRORS:
+            grown = self._room_for(self.step)
+        if grown:
+            self.allowed, self.reported = self.allowed + self.step, self.done
+        return grown
+
+    def _unreserved(self, need: int, exc: Exception) -> None:
+        """Redis away: the body goes on where the volume's own free space, less the margin,
+        holds it (and each step after it), as bytes flow unpaced when the bandwidth budgets
+        cannot be reached. The room is a courtesy among downloads, not a reason to fail one;
+        but without Redis nothing can wait parked for it."""
+        log.warning("disk reservation not taken (%s); going on by the volume's free space", exc)
+        if not self._room_for(need):
+            raise TransientError(
+                f"disk: no reservation could be taken ({exc}), and the volume has not {need} "
+                "bytes free beyond DOWNLOAD_DISK_MARGIN; the attempt is retried"
+            ) from exc
+
+    def _room_for(self, n: int) -> bool:
+        """The volume's own free space, less the margin, holds `n` more bytes."""
+        return n <= _transient(self.volume.room)
 
     def _report(self) -> None:
         held, self.reported = self.seat.held, self.done
+        if held is None:
+            return  # going on without a reservation (Redis was away): nothing to tell
         try:
-            kept = held is not None and self.seat.ledger.renew(held, self.left())
-        except (redis.RedisError, OSError):
+            kept = self.seat.ledger.renew(held, self.left())
+        except _REDIS_ERRORS:
             return  # Redis away: the renewals keep the lease; the next report tells
         if not kept:
             raise TransientError(
@@ -229,5 +259,5 @@ def _transient(call: Callable[[], T]) -> T:
     a transient fault (the partial kept where it can be resumed), and is retried with backoff."""
     try:
         return call()
-    except (redis.RedisError, OSError) as exc:
+    except _REDIS_ERRORS as exc:
         raise TransientError(f"disk: no reservation could be taken ({exc})") from exc

@@ -9,8 +9,8 @@ Layout under DOWNLOAD_DIR:
                              by the one task writing that destination; the file stays
     .partial/volume          the volume's name for disk reservations (tasks/core/disk.py), with
                              DOWNLOAD_DISK_MARGIN set; the file stays
-`.partial/` holds only what is in progress, `locks` and `volume`: a partial and its validators go when it
-is published or discarded, and the sweep removes what a killed process left.
+`.partial/` holds only what is in progress, `locks` and `volume`: a partial and its validators go
+when it is published or discarded, and the sweep removes what a killed process left.
 Directories on the way to <dest> are opened one at a time with O_NOFOLLOW, so a symlink planted
 anywhere in the path cannot lead a write outside DOWNLOAD_DIR, even if it appears mid-download.
 """
