@@ -134,18 +134,21 @@ def test_a_dead_holders_bytes_come_back_when_its_lease_ends(ledger) -> None:
     assert dead.holder not in _amounts(ledger)  # the sweep forgot what the dead held
 
 
-def test_a_run_woken_for_less_than_it_now_needs_waits_again(ledger) -> None:
+def test_a_run_woken_for_less_than_it_now_needs_waits_again_first_in_line(ledger) -> None:
     room = Room(60)
     budget = _budget(room)
     holder, late = _seat(budget, ledger, "h"), _seat(budget, ledger, "late")
     _enter(holder, 60)
-    with pytest.raises(Busy):
-        _enter(late, 40)
+    for seat, need in ((late, 40), (_seat(budget, ledger, "next"), 30)):
+        with pytest.raises(Busy):
+            _enter(seat, need)
     holder.leave()
-    assert _ids(holder.woken) == ["late"]
+    assert _ids(holder.woken) == ["late"]  # 40 + 30 > 60: the next one waits on
     late.reserved = VOL
     with pytest.raises(Busy):  # the body grew to 80 since: more than there is room for
         _enter(late, 80)
+    parked = ledger.client.lrange(BudgetKeys(disk.KIND, VOL).names[2], 0, -1)
+    assert _ids([m.decode() for m in parked]) == ["late", "next"]  # its turn had come
 
 
 @dataclass(frozen=True)

@@ -354,16 +354,18 @@ local function wake()
 end
 """
 )
-# Park a message behind the others of its kind: urgent (its `lane`), or of its group.
+# Park a message behind the others of its kind: urgent (its `lane`), or of its group (`first`:
+# ahead of them, where its turn had come already).
 _PARK = """
-local function park(msg)
+local function park(msg, first)
   local m = cjson.decode(msg)
+  local push = first and 'LPUSH' or 'RPUSH'
   if m.lane == 'urgent' then
-    redis.call('RPUSH', KEYS[9], msg)
+    redis.call(push, KEYS[9], msg)
     return
   end
   local g = m.group or 'default'
-  redis.call('RPUSH', list_of(g), msg)
+  redis.call(push, list_of(g), msg)
   joins(g)
 end
 """
@@ -394,6 +396,7 @@ if redis.call('HDEL', KEYS[4], id) == 1 and redis.call('HLEN', KEYS[4]) == 0 the
 end
 local holding = redis.call('ZSCORE', KEYS[1], holder)
 local kept = redis.call('ZSCORE', KEYS[1], 'woken:' .. id)
+local again = false
 if kept or holding then
   local had = tonumber(redis.call('HGET', KEYS[14], holding and holder or 'woken:' .. id) or '1')
   -- A woken run takes what was kept for it; a weighted holder asking again is measured afresh
@@ -410,7 +413,8 @@ if kept or holding then
     return {1, 0}
   end
   if holding then return {0, 0} end
-  -- Woken for less than it now needs: it waits again, as if it had not been woken.
+  -- Woken for less than it now needs: it waits again, first in line (its turn had come).
+  again = true
 end
 local paused = redis.call('PTTL', KEYS[2])
 local full = cap > 0 and used() + amount > cap
@@ -421,7 +425,7 @@ if paused <= 0 and not full and parked() == 0 then
   return {1, 0}
 end
 if ARGV[6] == '' then return {0, 0} end
-park(ARGV[6])
+park(ARGV[6], again)
 redis.call('SADD', KEYS[6], scope)
 redis.call('HINCRBY', KEYS[7], 'deferrals ' .. scope, 1)
 if paused > 0 then return {-1, paused} end
