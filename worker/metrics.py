@@ -111,27 +111,6 @@ class DownloadsCollector(Collector):
         yield from _disk_families(ledger)
 
 
-def _disk_families(ledger: Ledger) -> Iterator[Any]:
-    """Per volume of the disk reservations: its free space and margin as last measured, the
-    bytes reserved and not yet written, and the downloads waiting for room there."""
-    try:
-        volumes = records.disks(ledger.client)
-    except RedisError as exc:
-        log.warning("disk reservation metrics unavailable: %s", exc)
-        return
-    families = (
-        ("free", "downloads_disk_free_bytes", "Bytes free on the volume, as last measured"),
-        ("margin", "downloads_disk_margin_bytes", "Bytes never reserved (DOWNLOAD_DISK_MARGIN)"),
-        ("reserved", "downloads_disk_reserved_bytes", "Bytes reserved and not yet written"),
-        ("waiting", "downloads_disk_waiting", "Downloads WAITING for room on the volume"),
-    )
-    for field, name, text in families:
-        family = GaugeMetricFamily(name, text, labels=["volume"])
-        for volume, figures in volumes.items():
-            family.add_metric([volume], float(figures.get(field, 0)))
-        yield family
-
-
 def _origin_families(ledger: Ledger) -> Iterator[Any]:
     """Per origin: downloads holding a slot now, deferrals and pauses so far."""
     try:
@@ -172,11 +151,6 @@ def _bandwidth_families(ledger: Ledger) -> Iterator[Any]:
     """Per bandwidth budget used so far (an origin, or `worker <hostname>`): its rate, the
     bytes it let through, and how far ahead of now it is booked (above 0.25 s it is holding
     downloads back)."""
-    try:
-        rates = records.bandwidth(ledger.client)
-    except RedisError as exc:
-        log.warning("bandwidth metrics unavailable: %s", exc)
-        return
     families = (
         (GaugeMetricFamily, "rate", "downloads_bandwidth_limit_bytes_per_second",
          "The budget's rate (DOWNLOAD_HOST_RATE, DOWNLOAD_HOST_RATES, DOWNLOAD_WORKER_RATE)"),
@@ -185,10 +159,42 @@ def _bandwidth_families(ledger: Ledger) -> Iterator[Any]:
         (GaugeMetricFamily, "ahead_s", "downloads_bandwidth_booked_ahead_seconds",
          "How far ahead of now the budget is booked; above 0.25 it holds downloads back"),
     )  # fmt: skip
+    yield from _per_scope(records.bandwidth, ledger, "bandwidth", "scope", families)
+
+
+def _disk_families(ledger: Ledger) -> Iterator[Any]:
+    """Per volume of the disk reservations: its free space and margin as last measured, the
+    bytes reserved and not yet written, and the downloads waiting for room there."""
+    families = (
+        (GaugeMetricFamily, "free", "downloads_disk_free_bytes",
+         "Bytes free on the volume, as last measured"),
+        (GaugeMetricFamily, "margin", "downloads_disk_margin_bytes",
+         "Bytes never reserved (DOWNLOAD_DISK_MARGIN)"),
+        (GaugeMetricFamily, "reserved", "downloads_disk_reserved_bytes",
+         "Bytes reserved and not yet written"),
+        (GaugeMetricFamily, "waiting", "downloads_disk_waiting",
+         "Downloads WAITING for room on the volume"),
+    )  # fmt: skip
+    yield from _per_scope(records.disks, ledger, "disk reservation", "volume", families)
+
+
+def _per_scope(
+    read: Callable[[Any], dict[str, dict[str, Any]]],
+    ledger: Ledger,
+    what: str,
+    label: str,
+    families: tuple[tuple[Any, str, str, str], ...],
+) -> Iterator[Any]:
+    """One family per (kind, field, name, help), a sample per scope `read` finds in Redis."""
+    try:
+        scopes = read(ledger.client)
+    except RedisError as exc:
+        log.warning("%s metrics unavailable: %s", what, exc)
+        return
     for kind, field, name, text in families:
-        family = kind(name, text, labels=["scope"])
-        for scope, figures in rates.items():
-            family.add_metric([scope], float(figures.get(field, 0.0)))
+        family = kind(name, text, labels=[label])
+        for scope, figures in scopes.items():
+            family.add_metric([scope], float(figures.get(field, 0)))
         yield family
 
 

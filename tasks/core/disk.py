@@ -203,12 +203,15 @@ class Space:
         )
 
     def _grow(self) -> bool:
-        try:
-            held = self.seat.held is not None
-            grown = held and self.seat.grow(self.allowed + self.step - self.done)
-            grown = grown or (not held and self._room_for(self.step))
-        except _REDIS_ERRORS:
+        """One step more: on the lease it holds, or, going on without one (Redis was away), by
+        the volume's own free space."""
+        if self.seat.held is None:
             grown = self._room_for(self.step)
+        else:
+            try:
+                grown = self.seat.grow(self.allowed + self.step - self.done)
+            except _REDIS_ERRORS:
+                grown = self._room_for(self.step)
         if grown:
             self.allowed, self.reported = self.allowed + self.step, self.done
         return grown
