@@ -303,3 +303,20 @@ def test_a_download_revoked_while_it_waits_gives_back_the_room_kept_for_it(
     finally:
         w.stop()
     assert cancelled.state == "REVOKED"
+
+
+def test_httpbins_bodies_reserve_their_room_and_give_it_back(on_volume, client, httpbin) -> None:
+    """An origin nobody here wrote (its bodies are 100 KiB at most): one with a Content-Length,
+    reserved as it says, and one streamed chunked without validators, reserved a step."""
+    vol, w = on_volume(32 * MiB, DOWNLOAD_DISK_MARGIN="8Mi", DOWNLOAD_DISK_STEP="1Mi")
+    try:
+        with Watch(vol, w.env["CELERY_RESULT_BACKEND"].rsplit("/", 1)[0]) as watch:
+            sized = submit(client, w, url=f"{httpbin.url}/bytes/102400?seed=3")
+            streamed = submit(client, w, url=f"{httpbin.url}/stream-bytes/102400?seed=4")
+            got = [sized.get(timeout=60), streamed.get(timeout=60)]
+            assert watch.holders() == 0  # both given back
+    finally:
+        w.stop()
+    assert [r["size"] for r in got] == [102400, 102400]
+    assert all((vol / r["path"]).stat().st_size == r["size"] for r in got)
+    assert watch.least_free >= 8 * MiB
