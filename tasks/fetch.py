@@ -14,7 +14,7 @@ from celery.exceptions import Ignore, Retry, SoftTimeLimitExceeded
 
 from download_client import arguments
 from download_client.arguments import DownloadRequest, utc_text
-from download_client.contract import TASK_NAME, DownloadResult
+from download_client.contract import TASK_NAME, DownloadResult, Served
 from download_client.errors import (
     DestinationBusyError,
     DownloadError,
@@ -101,7 +101,8 @@ class FetchTask(Task):  # type: ignore[misc]
             run.running()
         try:
             return download(self.session(rt), run.request, rt.root, rt.limits, progress, last,
-                            run.gate(), self.request.id, run.pacing(), run.space)  # fmt: skip
+                            run.gate(), self.request.id, run.pacing(), run.space,
+                            run.spare())  # fmt: skip
         except DestinationBusyError as exc:
             run.let_go(claim=False)
             raise self.wait(run, run.journey.waiting_for, exc) from None
@@ -238,6 +239,7 @@ def _result(
         retried_s=round(run.journey.retried_s, 3),
         deadline=None if run.deadline is None else round(run.deadline, 3),
         throttled_s=outcome.throttled_s,
+        sources=[Served(url=redact_url(u), bytes=n, requests=k) for u, n, k in outcome.sources],
     )
 
 

@@ -199,6 +199,24 @@ class Run:
 
         return budgets
 
+    def spare(self) -> Callable[[str], Callable[[], None] | None] | None:
+        """A segmented download's connections beyond the first: each takes a slot at its URL's
+        origin if one is free right now (never waiting, never parking), or is not opened."""
+        seat = self.seat
+        if seat is None:
+            return None
+
+        def take(url: str) -> Callable[[], None] | None:
+            try:
+                lease = seat.spare(origins.origin_of(url))
+            except REDIS_ERRORS:
+                return None  # the fleet's count cannot be read: no more than the one slot
+            if lease is None:
+                return None
+            return lambda: seat.give_back(lease)
+
+        return take
+
     def running(self) -> None:
         """The run's first request is about to go out: after a wait, say so, once
         (tasks/waiting.py). A first run's STARTED (stored at admission, and the main process's

@@ -34,8 +34,9 @@ class Runtime:
     def open(cls, settings: Settings) -> Runtime:
         s = settings
         limits = Limits(s.connect_timeout, s.read_timeout, s.max_bytes, s.chunk_size,
-                        s.result_expires)  # fmt: skip
-        session = new_session(s.allow_private, egress=Egress.from_settings(s))
+                        s.result_expires, s.segments, s.segment_min, s.segment_below)  # fmt: skip
+        # A segmented download keeps one connection per segment open at its origin.
+        session = new_session(s.allow_private, max(4, s.segments), Egress.from_settings(s))
         return cls(s, session, limits, s.download_dir)
 
     def close(self) -> None:

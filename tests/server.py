@@ -8,6 +8,7 @@ Last-Modified, Range/If-Range and If-None-Match support. Query parameters switch
   cut=<k>              send the headers for the whole body, then drop the connection after k bytes
                        (cut_times=<n>: only the first n requests; default every request)
   reset=1              with cut: end the connection with a TCP reset instead of a close
+  drop_after=<k>       every response sends k bytes of its body (or of its range), then resets
   short=<k>            Content-Length says n, the body stops at k and the connection closes
   stall=<s>            sleep s seconds after the headers, before the body (stall_times=<n>:
                        only the first n requests)
@@ -55,6 +56,14 @@ _BLOCKS: dict[str, bytes] = {}
 def body(n: int, seed: str = "0") -> bytes:
     """The deterministic body of /bytes/<n>?seed=<seed>."""
     return _block(seed) * (n // 65536) + _block(seed)[: n % 65536]
+
+
+def body_range(n: int, seed: str, start: int, end: int) -> bytes:
+    """Bytes [start, end) of `body(n, seed)`, made without the rest of it."""
+    block = _block(seed)
+    skip = start - start % len(block)
+    reps = -(-(min(end, n) - skip) // len(block))
+    return (block * reps)[start - skip : min(end, n) - skip]
 
 
 def _block(seed: str) -> bytes:
@@ -192,15 +201,19 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(200, gzipped_zeros(n), headers)
         if self.headers.get("If-None-Match") == etag and "noetag" not in q:
             return self._send(304, b"", {"ETag": etag}, no_body=True)
-        status, start, data = 200, 0, body(n, seed)
+        status, start, end = 200, 0, n
         rng = self.headers.get("Range")
         if rng and "norange" not in q and self._if_range_ok(etag):
-            start = int(rng.removeprefix("bytes=").split("-")[0])
+            first, _, last = rng.removeprefix("bytes=").partition("-")
+            start, end = int(first), min(n, int(last) + 1) if last.strip() else n
             if start >= n:
                 return self._send(416, b"", {"Content-Range": f"bytes */{n}"})
-            status, data = 206, data[start:]
-            headers["Content-Range"] = f"bytes {start}-{n - 1}/{n}"
+            status = 206
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{n}"
+        data = body(n, seed) if status == 200 else body_range(n, seed, start, end)
         cut = int(q["cut"]) if "cut" in q and hit <= int(q.get("cut_times", "1000000")) else None
+        if "drop_after" in q:
+            cut, start = int(q["drop_after"]), 0
         short = int(q["short"]) if "short" in q else None
         stalls = "stall" in q and hit <= int(q.get("stall_times", "1000000"))
         self._send(
@@ -208,7 +221,7 @@ class Handler(BaseHTTPRequestHandler):
             data,
             headers,
             cut=cut if cut is None else max(0, cut - start),
-            reset="reset" in q,
+            reset="reset" in q or "drop_after" in q,
             short=short,
             stall=float(q["stall"]) if stalls else 0,
             rate=float(q.get("rate", "0")),

@@ -141,6 +141,7 @@ def test_the_public_task_name_and_result_keys_are_pinned():
         "retried_s",
         "deadline",
         "throttled_s",
+        "sources",
     )
 
 

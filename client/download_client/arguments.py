@@ -18,8 +18,10 @@ from download_client.errors import PermanentError
 from download_client.groups import DEFAULT_GROUP, check_group
 
 ARGUMENTS = (
-    "url", "dest", "sha256", "headers", "max_bytes", "callback_url", "deadline", "group"
+    "url", "dest", "sha256", "headers", "max_bytes", "callback_url", "deadline", "group",
+    "mirrors",
 )  # fmt: skip
+MAX_MIRRORS = 8
 MAX_URL_LENGTH = 8192
 MAX_NAME_BYTES = 255
 MAX_DEST_BYTES = 1024
@@ -80,6 +82,7 @@ class DownloadRequest:
     callback_url: str | None = None
     deadline: Deadline | None = None
     group: str = DEFAULT_GROUP
+    mirrors: tuple[str, ...] = ()
 
 
 def parse(
@@ -109,16 +112,39 @@ def parse(
     elif not isinstance(dest, str):
         raise PermanentError(f"dest: expected a string, got {type(dest).__name__}")
     valid_dest(dest)
+    sha256 = _check_sha256(values.get("sha256"))
     return DownloadRequest(
         url=url,
         dest=dest,
-        sha256=_check_sha256(values.get("sha256")),
+        sha256=sha256,
         headers=_check_headers(values.get("headers")),
         max_bytes=_check_max_bytes(values.get("max_bytes")),
         callback_url=_check_callback_url(values.get("callback_url")),
         deadline=_check_deadline(values.get("deadline"), now),
         group=check_group(values.get("group")),
+        mirrors=_check_mirrors(values.get("mirrors"), url, sha256),
     )
+
+
+def _check_mirrors(value: Any, url: str, sha256: str | None) -> tuple[str, ...]:
+    """Other URLs of the same bytes, each checked as `url` is; a sha256 must say which bytes."""
+    if value is None or value == []:
+        return ()
+    if not isinstance(value, list | tuple):
+        raise PermanentError(f"mirrors: expected a list of URLs, got {type(value).__name__}")
+    if len(value) > MAX_MIRRORS:
+        raise PermanentError(f"mirrors: at most {MAX_MIRRORS} URLs")
+    if sha256 is None:
+        raise PermanentError("mirrors: a sha256 is required with mirrors (it checks their bytes)")
+    mirrors: list[str] = []
+    for i, mirror in enumerate(value):
+        try:
+            checked = check_url(mirror)
+        except PermanentError as exc:
+            raise PermanentError(f"mirrors[{i}]: {str(exc).removeprefix('url: ')}") from None
+        if checked != url and checked not in mirrors:
+            mirrors.append(checked)
+    return tuple(mirrors)
 
 
 def _check_deadline(value: Any, now: float | None) -> Deadline | None:

@@ -18,6 +18,14 @@ WAITING_GROUP = "group"
 WAITING_DISK = "disk"
 
 
+class Served(TypedDict):
+    """What one URL (the download's or a mirror) served: bytes written, requests made."""
+
+    url: str
+    bytes: int
+    requests: int
+
+
 class DownloadResult(TypedDict):
     """What a successful `downloads.fetch` returns (the result table in docs/contract.md)."""
 
@@ -38,6 +46,7 @@ class DownloadResult(TypedDict):
     retried_s: float
     deadline: float | None
     throttled_s: float
+    sources: list[Served]
 
 
 RESULT_KEYS = tuple(DownloadResult.__annotations__)

@@ -162,6 +162,23 @@ def _disk_step(raw: str) -> int:
     return value
 
 
+MAX_SEGMENTS = 16
+
+
+def _segments(raw: str) -> int:
+    value = _int(raw)
+    if not 1 <= value <= MAX_SEGMENTS:
+        raise ValueError(f"{raw!r}: expected 1 (one connection) to {MAX_SEGMENTS} connections")
+    return value
+
+
+def _segment_min(raw: str) -> int:
+    value = _amount(raw, "bytes", "64Mi")
+    if value < MIN_DISK_STEP:
+        raise ValueError(f"{raw!r}: segments are for bodies of at least 1Mi (1048576) bytes")
+    return value
+
+
 def _origin_rates(raw: str) -> tuple[tuple[str, int], ...]:
     """`origin=rate` pairs, comma-separated (the origins as in DOWNLOAD_HOST_LIMITS)."""
     return tuple(_origin_pairs(raw, _rate, "RATE"))
@@ -300,6 +317,12 @@ class Settings:
     # at a time.
     disk_margin: int | None = _env("DOWNLOAD_DISK_MARGIN", _disk_margin, "")
     disk_step: int = _env("DOWNLOAD_DISK_STEP", _disk_step, "64Mi")
+    # Segmented downloads (tasks/core/segments.py): a body of at least DOWNLOAD_SEGMENT_MIN from
+    # an origin with ranges is fetched over up to DOWNLOAD_SEGMENTS connections (1: never), once
+    # its first connection ran a second under DOWNLOAD_SEGMENT_BELOW bytes a second (0: at once).
+    segments: int = _env("DOWNLOAD_SEGMENTS", _segments, "1")
+    segment_min: int = _env("DOWNLOAD_SEGMENT_MIN", _segment_min, "64Mi")
+    segment_below: int = _env("DOWNLOAD_SEGMENT_BELOW", _rate, "0")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:

@@ -178,6 +178,28 @@ class Seat:
         self.granted(lease)
         return True
 
+    def spare(self, scope: str) -> Lease | None:
+        """One more slot in `scope` beside the one held, under a holder name of its own, if
+        one is free now (nothing parks); an unlimited scope's is a lease of no budget."""
+        lease = self.budget.lease(scope, holder_token(self.task_id), self.task_id, self.group,
+                                  self.weight)  # fmt: skip
+        if lease is None:
+            return _UNLIMITED
+        if not self.ledger.acquire(lease)[0]:
+            return None
+        _renewer.hold(self.ledger, lease)
+        return lease
+
+    def give_back(self, lease: Lease) -> None:
+        """A spare slot goes back now; what its release wakes is published with the run's end."""
+        if lease is _UNLIMITED:
+            return
+        _renewer.drop(lease)
+        try:
+            self.took_back(self.ledger.release(lease))
+        except Exception as exc:  # Redis away: the lease ends on its own
+            log.warning("spare %s slot not given back (%s)", self.budget.kind, exc)
+
     def letting_go(self) -> list[Lease]:
         """The leases to release in the run's last round trip: the slot it holds (no longer
         renewed) and the one kept for it where it was woken, if it never took that one. The
@@ -214,6 +236,9 @@ class Seat:
         is granted a slot there for `seconds`."""
         if self.held is not None and seconds > 0:
             self.ledger.pause(self.held, int(seconds * 1000))
+
+
+_UNLIMITED = Lease("", "", "", "", 0, 0)  # a spare "slot" where the scope has no limit
 
 
 class _Renewer:

@@ -52,6 +52,15 @@ def start_offset(response: requests.Response, offset: int) -> int:
     return offset
 
 
+def content_range(response: requests.Response) -> tuple[int, int, int | None] | None:
+    """(first byte, last byte, the whole body's size or None) of a 206's Content-Range."""
+    match = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", "").strip())
+    if match is None:
+        return None
+    size = None if match.group(3) == "*" else int(match.group(3))
+    return int(match.group(1)), int(match.group(2)), size
+
+
 def expected_total(response: requests.Response, start: int) -> int | None:
     length = content_length(response)
     return None if length is None else start + length

@@ -5,6 +5,9 @@ Layout under DOWNLOAD_DIR:
                              validators, digest) in the extended attribute user.downloads.record
     .partial/<key>.part      bytes received so far for one (url, dest) pair; flocked while in use
     .partial/<key>.json      the validators (ETag / Last-Modified) to resume that partial with
+    .partial/<key>.ranges    instead of <key>.json, for a partial fetched in segments
+                             (tasks/core/segments.py): its size, validator and the ranges still
+                             missing (the file has holes where they go)
     .partial/locks           one byte of it per destination (at an offset from its hash), locked
                              by the one task writing that destination; the file stays
     .partial/volume          the volume's name for disk reservations (tasks/core/disk.py), with
@@ -20,10 +23,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import stat
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,11 +67,12 @@ class Target:
         key = os.path.join(self.partial_dir, _key(url, dest))
         self._part = f"{key}.part"
         self._sidecar, self._sidecar_tmp = sidecars(self._part)
+        self._ranges, self._ranges_tmp = f"{key}.ranges", f"{key}.ranges.tmp"
         self.locks_path = self.partial_dir / LOCKS
         self.lock_offset = int(_key(dest)[:15], 16)  # 60 bits: distinct names, distinct bytes
         # What this run saw missing from .partial/ while it held the destination's lock, so that
         # a small download does not unlink files it already knows are not there.
-        self._no_partial = self._no_sidecar = False
+        self._no_partial = self._no_sidecar = self._no_ranges = False
         self._no_dest = False  # check_path found nothing at the destination
 
     @property
@@ -133,6 +139,47 @@ class Target:
         except OSError as exc:
             raise disk_error(exc, "saving the download's validators") from exc
 
+    # -- a segmented partial's ranges ------------------------------------------------------
+    def load_ranges(self) -> Ranges | None:
+        """What a segmented partial still misses, or None (no such partial, or a file that does
+        not describe one: then nothing of it is trusted)."""
+        try:
+            with open(self._ranges, "rb") as f:
+                return Ranges.from_json(f.read())
+        except FileNotFoundError:
+            self._no_ranges = True
+            return None
+        except OSError:
+            return None
+
+    def save_ranges(self, ranges: Ranges) -> None:
+        """Written before any byte lands past the partial's contiguous prefix: from then on the
+        partial is resumed by its ranges, never by its size (<key>.json goes)."""
+        self._no_ranges = False
+        try:
+            with open(self._ranges_tmp, "wb") as f:
+                f.write(ranges.to_json())
+            os.replace(self._ranges_tmp, self._ranges)
+        except OSError as exc:
+            raise disk_error(exc, "saving the download's ranges") from exc
+        if not self._no_sidecar:
+            for sidecar in (self._sidecar, self._sidecar_tmp):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(sidecar)
+            self._no_sidecar = True
+
+    def open_segments(self) -> Any:
+        """The partial opened for writing at any offset, as it is (nothing truncated)."""
+        try:
+            fd = lock_current(self._part, os.O_RDWR | os.O_CREAT, time.monotonic() + 10, 0o666)
+            if fd is None:
+                raise PermanentError("the partial file stayed locked by another process")
+            self._no_partial = False
+            os.utime(fd)
+            return os.fdopen(fd, "r+b", buffering=0)
+        except OSError as exc:
+            raise disk_error(exc, "opening the partial file") from exc
+
     # -- the partial file ------------------------------------------------------------------
     def partial_size(self) -> int:
         try:
@@ -179,9 +226,9 @@ class Target:
             )
 
     def discard(self) -> None:
-        if self._no_partial and self._no_sidecar:
+        if self._no_partial and self._no_sidecar and self._no_ranges:
             return  # seen missing under the lock: nothing to remove
-        for path in (self._part, self._sidecar, self._sidecar_tmp):
+        for path in (self._part, self._sidecar, self._sidecar_tmp, self._ranges, self._ranges_tmp):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
 
@@ -294,11 +341,45 @@ class Target:
             raise disk_error(exc, f"moving the file to {self.dest}") from exc
         finally:
             f.close()
-        if self._no_sidecar:
-            return  # none was read or written by this run
-        for sidecar in (self._sidecar, self._sidecar_tmp):  # its partial is now the file
+        companions: tuple[str, ...] = () if self._no_sidecar else (self._sidecar, self._sidecar_tmp)
+        if not self._no_ranges:
+            companions += (self._ranges, self._ranges_tmp)
+        for sidecar in companions:  # its partial is now the file
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(sidecar)
+
+
+@dataclass
+class Ranges:
+    """A segmented partial: the body's size, the validator its ranges are asked with (and the
+    URL it is of), and the ranges [start, end) still missing."""
+
+    total: int
+    validator: str
+    url: str
+    missing: list[tuple[int, int]]
+
+    def to_json(self) -> bytes:
+        return json.dumps({"total": self.total, "validator": self.validator, "url": self.url,
+                           "missing": self.missing}).encode()  # fmt: skip
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Ranges | None:
+        """The ranges in `raw` if they are well formed: sorted, apart, within the body."""
+        try:
+            data = json.loads(raw)
+            total, validator, url = data["total"], data["validator"], data["url"]
+            missing = [(int(a), int(b)) for a, b in data["missing"]]
+        except (ValueError, KeyError, TypeError):
+            return None
+        if type(total) is not int or not isinstance(validator, str) or not isinstance(url, str):
+            return None
+        edges = [x for pair in missing for x in pair]
+        if not validator or not missing or edges != sorted(edges) or edges[0] < 0:
+            return None
+        if edges[-1] > total or any(a >= b for a, b in missing):
+            return None
+        return cls(total, validator, url, missing)
 
 
 def _record_on(fd: int, url: str) -> Record | None:
@@ -319,6 +400,13 @@ def _record_on(fd: int, url: str) -> Record | None:
         record.mtime_ns,
     )
     return record if unchanged else None
+
+
+def companions(part: str | Path) -> tuple[str, ...]:
+    """Every file that goes with a partial: its validators or its ranges, and their temporary
+    names while written."""
+    key = os.fspath(part).removesuffix(".part")
+    return (*sidecars(part), f"{key}.ranges", f"{key}.ranges.tmp")
 
 
 def sidecars(part: str | Path) -> tuple[str, str]:

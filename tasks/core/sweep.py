@@ -10,7 +10,7 @@ from pathlib import Path
 
 from download_client.arguments import PARTIAL_DIR
 from tasks.core.locks import flock, names
-from tasks.core.storage import sidecars
+from tasks.core.storage import companions
 
 # A validators file is written just before its partial is created: one without a partial is an
 # orphan only once it is older than this.
@@ -29,7 +29,12 @@ def sweep_partials(root: Path, max_age: float, now: float | None = None) -> int:
         removed += _remove_unlocked(part, lambda st: now - st.st_mtime >= max_age)
     for lock in partial_dir.glob("*.lock"):
         removed += _remove_unlocked(lock, lambda st: True)
-    for sidecar in [*partial_dir.glob("*.json"), *partial_dir.glob("*.json.tmp")]:
+    for sidecar in [
+        *partial_dir.glob("*.json"),
+        *partial_dir.glob("*.json.tmp"),
+        *partial_dir.glob("*.ranges"),
+        *partial_dir.glob("*.ranges.tmp"),
+    ]:
         removed += _remove_orphan(sidecar, now)
     return removed
 
@@ -45,7 +50,8 @@ def _remove_unlocked(path: Path, abandoned: Callable[[os.stat_result], bool]) ->
         if not flock(fd, deadline=0) or not names(path, fd) or not abandoned(os.fstat(fd)):
             return 0
         removed = 0
-        for victim in (path, *sidecars(path)) if path.suffix == ".part" else (path,):
+        victims = [str(path), *companions(path)] if path.suffix == ".part" else [str(path)]
+        for victim in victims:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(victim)
                 removed += 1

@@ -3,8 +3,10 @@ Range + If-Range, bytes hashed on the way, size caps, and the file published onl
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,13 +14,17 @@ from typing import Any
 import requests
 
 from download_client.arguments import DownloadRequest
-from download_client.errors import PermanentError, TransientError
-from tasks.core import redirects, responses
+from download_client.errors import DownloadError, PermanentError, TransientError
+from download_client.redact import redact_url
+from tasks.core import origins, redirects, responses, segments
 from tasks.core.bandwidth import Pacer
 from tasks.core.disk import Space
 from tasks.core.hashing import StreamHasher
 from tasks.core.records import Record, attach
-from tasks.core.storage import Target, disk_error
+from tasks.core.segments import Source
+from tasks.core.storage import Ranges, Target, disk_error
+
+log = logging.getLogger(__name__)
 
 # Called with the bytes so far, the expected total and the seconds held back by a bandwidth budget.
 Progress = Callable[[int, int | None, float], None]
@@ -36,6 +42,11 @@ class Limits:
     # How long a download's id stands for it (its result's life, DOWNLOAD_RESULT_EXPIRES): a
     # file its own earlier run published is taken as its outcome only while that lasts.
     id_lifetime: float = 7 * 24 * 3600.0
+    # Segmented downloads (tasks/core/segments.py): connections for one body, the body's size
+    # from which they are used, and the rate under which the first connection must run first.
+    segments: int = 1
+    segment_min: int = 64 * 1024 * 1024
+    segment_below: int = 0
 
     @property
     def timeout(self) -> tuple[float, float]:
@@ -54,6 +65,7 @@ class Outcome:
     resumed_from: int
     skipped: bool
     throttled_s: float = 0.0  # held back by bandwidth budgets
+    sources: tuple[tuple[str, int, int], ...] = ()  # (url, bytes, requests) of each source
 
 
 def download(
@@ -67,10 +79,12 @@ def download(
     download_id: str | None = None,
     pacing: Pacing | None = None,
     space: Space | None = None,
+    spare: segments.Spare | None = None,
 ) -> Outcome:
     """Download `request.url` to `root / request.dest`, resuming what an earlier attempt left.
     On the last attempt a transient failure also drops the partial: no retry will resume it.
-    With `space`, the body is written only as far as its disk reservation reaches."""
+    With `space`, the body is written only as far as its disk reservation reaches; `spare`
+    gives a segmented download's connections beyond the first their slots (or none)."""
     target = Target(root, request.dest, request.url)
     with target.locked():
         target.check_path()
@@ -89,8 +103,8 @@ def download(
                     skipped=True,
                 )
         try:
-            return _transfer(session, request, target, limits, on_progress, gate, download_id,
-                             pacing, space)  # fmt: skip
+            net = _Net(session, limits, gate, pacing, spare, on_progress)
+            return _transfer(net, request, target, download_id, space)
         except _Mismatch as exc:
             # Kept with its own sha256 attached until the failure is stored (drop_mismatch).
             raise PermanentError(str(exc)) from None
@@ -103,17 +117,26 @@ def download(
             raise
 
 
+@dataclass(frozen=True)
+class _Net:
+    """How a download reaches its origins: the session, limits and the run's hooks."""
+
+    session: requests.Session
+    limits: Limits
+    gate: Gate | None
+    pacing: Pacing | None
+    spare: segments.Spare | None
+    on_progress: Progress
+
+
 def _transfer(
-    session: requests.Session,
+    net: _Net,
     request: DownloadRequest,
     target: Target,
-    limits: Limits,
-    on_progress: Progress,
-    gate: Gate | None,
     download_id: str | None,
-    pacing: Pacing | None,
     space: Space | None,
 ) -> Outcome:
+    limits = net.limits
     arrived = target.arrived_record()
     if arrived is not None and _meets(arrived, request, limits):
         published = _publish_arrived(target, request, arrived, download_id)
@@ -121,6 +144,11 @@ def _transfer(
             return published
     elif arrived is not None and request.sha256:
         _known_mismatch(target, request, arrived, download_id)
+    ranges = target.load_ranges()
+    if ranges is not None:
+        resumed = _resume_segments(net, request, target, ranges, download_id, space)
+        if resumed is not None:
+            return resumed
     validators = target.load_sidecar()
     offset = target.partial_size() if validators.validator else 0
     if not offset:
@@ -132,7 +160,7 @@ def _transfer(
         return _already_published(request, finished)
     headers = {**request.headers, **_condition_headers(validators, offset, finished)}
 
-    with redirects.opened(session, request.url, headers, limits.timeout, gate) as response:
+    with _first_response(net, request, headers) as response:
         if response.status_code == 304 and finished is not None:
             return _unchanged(response.url, request.dest, finished)
         start, total, cap = _admit(response, request, target, limits, offset, space is None)
@@ -143,13 +171,20 @@ def _transfer(
         if space is not None:
             # Not room for it: the response is dropped unread, and the partial stays as it is.
             space.reserve(start, total, resumable)
+        connections = _connections(request, limits, record, start, total)
+        if connections and total is not None and record.validator:
+            f, hasher = target.open_partial(start)
+            ranges = Ranges(total, record.validator, response.url, [(start, total)])
+            return _segmented(net, request, target, f, ranges, response, record,
+                              segments.PrefixHash(f.fileno(), hasher, start), connections,
+                              download_id)  # fmt: skip
         if resumable:
             target.save_sidecar(record)
-        pace = pacing(response.url) if pacing is not None else None
+        pace = net.pacing(response.url) if net.pacing is not None else None
         f, hasher = target.open_partial(start)
         try:
-            done = _stream(response, f, hasher, start, total, cap, limits.chunk_size, on_progress,
-                           pace, space)  # fmt: skip
+            done = _stream(response, f, hasher, start, total, cap, limits.chunk_size,
+                           net.on_progress, pace, space)  # fmt: skip
         except BaseException as exc:
             f.close()
             # Without a saved validator the bytes can never be resumed; a permanent error means
@@ -173,7 +208,157 @@ def _transfer(
         resumed_from=start,
         skipped=False,
         throttled_s=round(pace.held_s, 3) if pace is not None else 0.0,
+        sources=((response.url, done - start, 1),),
     )
+
+
+@contextlib.contextmanager
+def _first_response(
+    net: _Net, request: DownloadRequest, headers: dict[str, str]
+) -> Iterator[requests.Response]:
+    """The response to the download's first request: from its URL, or, where that fails before
+    its body, from each mirror in turn (with the caller's headers only at the URL's origin)."""
+    urls = [request.url, *request.mirrors]
+    for i, url in enumerate(urls):
+        last = i + 1 == len(urls)
+        stack = contextlib.ExitStack()
+        try:
+            response = stack.enter_context(redirects.opened(
+                net.session, url, _headers_for(request, url, headers), net.limits.timeout,
+                net.gate))  # fmt: skip
+        except DownloadError as exc:
+            if last:
+                raise
+            log.info("%s failed (%s); trying the next mirror", redact_url(url), exc)
+            continue
+        if not last and _failed_status(response):
+            stack.close()
+            log.info("%s answered %s; trying the next mirror", redact_url(url),
+                     response.status_code)  # fmt: skip
+            continue
+        with stack:
+            yield response
+        return
+
+
+def _failed_status(response: requests.Response) -> bool:
+    return response.status_code >= 400
+
+
+def _headers_for(request: DownloadRequest, url: str, ours: dict[str, str]) -> dict[str, str]:
+    """The caller's headers go only to the origin they were given for (the URL's); a mirror
+    gets only the downloader's own (Range, If-Range)."""
+    if url == request.url or origins.origin_of(url) == origins.origin_of(request.url):
+        return ours
+    return {k: v for k, v in ours.items() if k not in request.headers}
+
+
+def _connections(
+    request: DownloadRequest, limits: Limits, record: Record, start: int, total: int | None
+) -> int:
+    """How many connections fetch this body in segments: 0 for none (one stream, as always),
+    1 to be able to switch to a mirror mid-body, up to DOWNLOAD_SEGMENTS for a large one."""
+    if total is None or not record.validator or total - start <= RESUME_MIN_BYTES:
+        return 0
+    if limits.segments > 1 and total - start >= limits.segment_min:
+        return limits.segments
+    return 1 if request.mirrors else 0
+
+
+def _sources(request: DownloadRequest, ranges: Ranges, ours: dict[str, str]) -> list[Source]:
+    """The main source (where the validator came from: asked with If-Range), then the mirrors
+    (checked by the sha256 the request must give with them)."""
+    main = Source(ranges.url, _headers_for(request, ranges.url, ours), ranges.validator)
+    mirrors = [m for m in request.mirrors if m != ranges.url]
+    return [main, *(Source(m, _headers_for(request, m, ours)) for m in mirrors)]
+
+
+def _segmented(
+    net: _Net,
+    request: DownloadRequest,
+    target: Target,
+    f: Any,
+    ranges: Ranges,
+    response: requests.Response,
+    record: Record,
+    hasher: segments.PrefixHash,
+    connections: int,
+    download_id: str | None,
+) -> Outcome:
+    """Fetch what `ranges` misses over several connections, the open `response` the first's;
+    then verify and publish as a single stream would."""
+    limits = net.limits
+    missing = sum(b - a for a, b in ranges.missing)
+    sources = _sources(request, ranges, dict(request.headers))
+    sources[0].requests = 1
+    options = segments.Options(connections, limits.chunk_size, limits.timeout,
+                               limits.segment_below)  # fmt: skip
+    fetch = segments.Fetch(f.fileno(), ranges.total, [segments.Piece(a, b) for a, b in
+                           ranges.missing], sources, options, net.session, net.pacing,
+                           net.spare, ranged=True if response.status_code == 206 else None,
+                           base=ranges.total - missing)  # fmt: skip
+
+    def save(missing: list[tuple[int, int]]) -> None:
+        ranges.missing = missing
+        target.save_ranges(ranges)
+
+    try:
+        target.save_ranges(ranges)
+        segments.run(fetch, (response, sources[0]), hasher, save, net.on_progress)
+        digest = hasher.finish(ranges.total)
+    except BaseException as exc:
+        hasher.abandon()
+        f.close()
+        if isinstance(exc, PermanentError):
+            target.discard()
+        raise
+    record.sha256 = _verify(f, target, request, record, digest, ranges.total, ranges.total,
+                            download_id)  # fmt: skip
+    record.published_for = download_id
+    target.publish(f, record)
+    return Outcome(
+        final_url=response.url,
+        path=request.dest,
+        size=ranges.total,
+        sha256=record.sha256,
+        content_type=record.content_type,
+        content_encoding=record.content_encoding,
+        http_status=response.status_code,
+        resumed_from=ranges.total - missing,
+        skipped=False,
+        throttled_s=round(fetch.held_s, 3),
+        sources=segments.served(fetch),
+    )
+
+
+def _resume_segments(
+    net: _Net,
+    request: DownloadRequest,
+    target: Target,
+    ranges: Ranges,
+    download_id: str | None,
+    space: Space | None,
+) -> Outcome | None:
+    """Resume a segmented partial, asking only for the ranges it misses; None when its origin
+    no longer serves those bytes (the partial is dropped, and the body fetched whole)."""
+    first, end = ranges.missing[0]
+    headers = {**request.headers, "Range": f"bytes={first}-{end - 1}", "If-Range": ranges.validator}
+    with _first_response(net, request, headers) as response:
+        responses.raise_for_status(response, first)
+        found = responses.content_range(response) if response.status_code == 206 else None
+        if found is None or found[0] != first or found[2] != ranges.total:
+            target.discard()
+            return None
+        missing = sum(b - a for a, b in ranges.missing)
+        if space is not None:
+            space.reserve(ranges.total - missing, ranges.total, True)
+        ranges.url = response.url  # where the saved validator was just answered
+        record = _record_of(response, request.url)
+        connections = _connections(request, net.limits, record, 0, missing) or 1
+        f = target.open_segments()
+        hasher = segments.PrefixHash(f.fileno())
+        return _segmented(net, request, target, f, ranges, response, record, hasher,
+                          connections, download_id)  # fmt: skip
 
 
 def _meets(finished: Record, request: DownloadRequest, limits: Limits) -> bool:

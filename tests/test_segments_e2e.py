@@ -1,0 +1,97 @@
+"""Segmented downloads with real workers: a child SIGKILLed mid-way leaves its ranges, and the
+next run asks the origin only for those (counted at the origin); extra connections take origin
+slots only when they are free; the download reports progress and its result as one download."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+
+from tasks.core.storage import Target
+from tests.conftest import active_pid, submit
+from tests.harness import wait_for
+from tests.server import body_sha256
+
+MiB = 2**20
+SIZE = 48 * MiB
+SEGMENTED = {"DOWNLOAD_SEGMENTS": "4", "DOWNLOAD_SEGMENT_MIN": "8Mi"}
+
+
+def _ranges(origin, key: str, after: int = 0) -> list[tuple[int, int] | None]:
+    out: list[tuple[int, int] | None] = []
+    for r in origin.stats.for_key(key)[after:]:
+        value = r.headers.get("Range")
+        if value is None:
+            out.append(None)
+            continue
+        first, _, last = value.removeprefix("bytes=").partition("-")
+        out.append((int(first), int(last) + 1 if last else SIZE))
+    return out
+
+
+def test_a_killed_child_leaves_its_ranges_and_the_next_run_asks_only_for_them(
+    start_worker, client, origin, tmp_path
+) -> None:
+    w = start_worker(download_dir=tmp_path, queue=f"seg-{uuid.uuid4().hex[:6]}", **SEGMENTED)
+    key = uuid.uuid4().hex[:8]
+    url = f"{origin.url}/bytes/{SIZE}?seed={key}&rate=4000000&key={key}"
+    target = Target(tmp_path, "big.bin", url)
+    res = submit(client, w, url=url, dest="big.bin")
+
+    def a_third_in() -> bool:
+        saved = target.load_ranges()
+        return saved is not None and sum(b - a for a, b in saved.missing) < SIZE * 2 // 3
+
+    wait_for(a_third_in, 60, "a third of the body in the file")
+    os.kill(active_pid(client, w, res.id), signal.SIGKILL)
+    saved = target.load_ranges()  # read before any next run is admitted and writes it again
+    killed_after = len(origin.stats.for_key(key))
+    assert saved is not None and len(saved.missing) >= 2  # holes between segments
+    result = res.get(timeout=120)
+    assert result["sha256"] == body_sha256(SIZE, key)
+    missing = sum(b - a for a, b in saved.missing)
+    assert result["resumed_from"] >= SIZE - missing
+    again = _ranges(origin, key, killed_after)
+    assert again and None not in again  # no request for the whole body
+    for a, b in again:  # type: ignore[misc]
+        assert any(x <= a and b <= y for x, y in saved.missing), (a, b, saved.missing)
+    assert sum(b - a for a, b in again) <= missing  # type: ignore[misc]
+    assert (tmp_path / "big.bin").stat().st_size == SIZE
+
+
+def test_extra_connections_take_only_free_origin_slots_and_report_as_one_download(
+    start_worker, client, origin, tmp_path
+) -> None:
+    w = start_worker(download_dir=tmp_path, queue=f"seg-{uuid.uuid4().hex[:6]}", concurrency=2,
+                     DOWNLOAD_HOST_CONCURRENCY="2", **SEGMENTED)  # fmt: skip
+    tag = uuid.uuid4().hex[:8]
+    # One slot of the origin's two is held by a download that waits to be released.
+    holder = submit(client, w, url=f"{origin.url}/bytes/{4 * MiB}?seed={tag}&hold={tag}",
+                    dest="held.bin")  # fmt: skip
+    wait_for(lambda: origin.stats.for_key(f"/bytes/{4 * MiB}") or holder.state == "PROGRESS",
+             30, "the holder to ask")  # fmt: skip
+    url = f"{origin.url}/bytes/{SIZE}?seed={tag}&rate=16000000&key=one-{tag}"
+    seen: set[str] = set()
+    progress: list[dict] = []
+    res = submit(client, w, url=url, dest="one.bin")
+    while not res.ready():
+        seen.add(res.state)
+        if res.state == "PROGRESS" and isinstance(res.info, dict):
+            progress.append(res.info)
+        time.sleep(0.05)
+    result = res.get(timeout=5)
+    origin.release(tag)
+    holder.get(timeout=60)
+    assert "WAITING" not in seen  # it never waited for the slots it could not have
+    assert origin.stats.most_at_once(f"one-{tag}") == 1  # the one slot left, and no more
+    assert result["sha256"] == body_sha256(SIZE, tag)
+    assert progress and all(p["total"] == SIZE for p in progress)  # one download's progress
+    assert result["sources"] == [{"url": result["url"], "bytes": SIZE, "requests": 1}]
+
+    # The slots free again: the same origin now gives it its four connections.
+    url2 = f"{origin.url}/bytes/{SIZE}?seed={tag}2&rate=8000000&key=four-{tag}"
+    result = submit(client, w, url=url2, dest="four.bin").get(timeout=120)
+    assert result["sha256"] == body_sha256(SIZE, f"{tag}2")
+    assert origin.stats.most_at_once(f"four-{tag}") == 2  # the origin's cap, fleet-wide
