@@ -29,6 +29,7 @@ from bench import (
     profile,
     report,
     seed,
+    segments,
     small,
 )
 from bench.config import KIB, MIB, Config
@@ -38,7 +39,8 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
 def main(argv: list[str]) -> int:
-    alone = {"lanes": lanes.run, "groups": groups.run, "bandwidth": bandwidth.run}
+    alone = {"lanes": lanes.run, "groups": groups.run, "bandwidth": bandwidth.run,
+             "segments": segments.run}  # fmt: skip
     if argv[:1] == ["report"] or (argv[:1] and argv[0] in alone):
         results = json.loads((DOCS / "benchmarks.json").read_text())
         if argv[0] in alone:
@@ -95,6 +97,8 @@ def measure(cfg: Config, work: Path) -> dict[str, Any]:
         results["groups"] = groups.run(stack, cfg)
         _step("part 10: bandwidth budgets")
         results["bandwidth"] = bandwidth.run(stack, cfg)
+        _step("part 11: segmented downloads")
+        results["segments"] = segments.run(stack, cfg)
     results["load_at_end"] = machine.load()
     results["duration_s"] = time.monotonic() - started
     return results

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from bench import bandwidth, groups, lanes, latency, live_view, seed
+from bench import bandwidth, groups, lanes, latency, live_view, seed, segments
 from bench.large import DEFAULT_CHUNK, chunk_label
 from bench.small import AS_LONG
 from bench.stats import fmt, ratios
@@ -55,6 +55,8 @@ def render(r: Mapping[str, Any], plotted: bool = True) -> str:
         parts.append(groups.render(r["groups"]))
     if "bandwidth" in r:
         parts.append(bandwidth.render(r["bandwidth"]))
+    if "segments" in r:
+        parts.append(segments.render(r["segments"]))
     return "\n".join(parts)
 
 
@@ -170,6 +172,8 @@ def _targets(r: Mapping[str, Any]) -> str:
         )
     if "bandwidth" in r:
         rows.append(bandwidth.target_row(r["bandwidth"]))
+    if "segments" in r:
+        rows += segments.target_rows(r["segments"])
     view = r.get("live_view")
     if view:
         share = view["terminal"]["cpu_share"]

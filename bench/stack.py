@@ -59,6 +59,7 @@ http {{
         listen 127.0.0.1:{port};
         root {root};
         location = /nginx-status {{ stub_status; }}
+        {extra}
     }}
 }}
 """
@@ -67,9 +68,11 @@ http {{
 class Nginx:
     """nginx as one foreground process of ours, serving `root` on a free loopback port."""
 
-    def __init__(self, work: Path, root: Path) -> None:
+    def __init__(self, work: Path, root: Path, extra: str = "") -> None:
+        """`extra`: more of the server block (`{root}` in it is the served directory)."""
         work.mkdir(parents=True, exist_ok=True)
         self.work, self.root, self.port = work, root, free_port()
+        self.extra = extra.replace("{root}", str(root))
         self.proc: subprocess.Popen[bytes] | None = None
         self.status_calls = 0  # our own connections, each closed by nginx (TIME_WAIT there)
 
@@ -80,7 +83,8 @@ class Nginx:
     def start(self) -> Nginx:
         binary = shutil.which("nginx") or "/usr/sbin/nginx"
         conf = self.work / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(work=self.work, port=self.port, root=self.root))
+        conf.write_text(NGINX_CONF.format(work=self.work, port=self.port, root=self.root,
+                                          extra=self.extra))  # fmt: skip
         self.proc = subprocess.Popen(
             [binary, "-p", str(self.work), "-c", str(conf), "-e", str(self.work / "nginx.err")],
             stdout=subprocess.DEVNULL,

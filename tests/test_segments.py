@@ -251,3 +251,20 @@ def test_segment_settings_are_checked():
                      ("DOWNLOAD_SEGMENT_MIN", "1k"), ("DOWNLOAD_SEGMENT_BELOW", "x")):  # fmt: skip
         with pytest.raises(SettingsError, match=var):
             Settings.from_env({var: raw})
+
+
+def test_a_mirror_passes_the_same_address_checks_as_the_url(tmp_path, mirror):
+    """Without DOWNLOAD_ALLOW_PRIVATE, a loopback mirror is refused before any connection, as
+    the loopback URL is (both servers count the connections they accept: none)."""
+    origin = OriginServer().start()
+    strict = new_session(allow_private=False)
+    mirrors = (f"{mirror.url}/bytes/1000",)
+    request = DownloadRequest(url=f"{origin.url}/bytes/1000", dest="x.bin",
+                              sha256=body_sha256(1000), mirrors=mirrors)  # fmt: skip
+    try:
+        with pytest.raises(PermanentError, match="not a public address"):
+            download(strict, request, tmp_path, LIMITS)
+    finally:
+        strict.close()
+        origin.stop()
+    assert origin.stats.connections == 0 and mirror.stats.connections == 0

@@ -109,6 +109,13 @@ def _submit_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     s.add_argument("-i", "--input", metavar="FILE", help="downloads from a file (- : stdin)")
     s.add_argument("--dest", help="destination under DOWNLOAD_DIR (one URL only)")
     s.add_argument("--sha256", help="expected sha256 (one URL only)")
+    s.add_argument(
+        "--mirror",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="another URL of the same bytes (one URL, with --sha256; repeatable)",
+    )
     s.add_argument("--max-bytes", type=int, help="size cap for each download")
     s.add_argument(
         "--deadline",

@@ -69,11 +69,13 @@ def submit(
     deadline: float | str | None = None,
     urgent: bool = False,
     group: str | None = None,
+    mirrors: Sequence[str] = (),
 ) -> AsyncResult:
     """Queue one download; the returned AsyncResult's id is the download's id. `deadline`:
     seconds from now, or an ISO 8601 time with a time zone (docs/contract.md). `urgent`: sent to
     the queue's express lane (download_client/lanes.py). `group`: the submitter group whose
-    share of the fleet it takes (download_client/groups.py)."""
+    share of the fleet it takes (download_client/groups.py). `mirrors`: other URLs of the same
+    bytes (with `sha256`)."""
     kwargs: dict[str, Any] = {"url": url}
     given = (("dest", dest), ("sha256", sha256), ("max_bytes", max_bytes), ("deadline", deadline),
              ("group", group))  # fmt: skip
@@ -82,6 +84,8 @@ def submit(
             kwargs[name] = value
     if headers:
         kwargs["headers"] = dict(headers)
+    if mirrors:
+        kwargs["mirrors"] = list(mirrors)
     [task_id] = [i for i, _ in submit_stream(app, [kwargs], queue=route(app, queue, urgent))]
     return AsyncResult(task_id, app=app)
 

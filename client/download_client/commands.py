@@ -88,15 +88,15 @@ def _downloads(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.ids and (args.wait or args.json):
         raise UsageError("--ids prints the ids as they are queued: not with --wait or --json")
     if args.input is not None:
-        if args.urls or args.dest or args.sha256:
+        if args.urls or args.dest or args.sha256 or args.mirror:
             raise UsageError("-i takes the URLs (and destinations, checksums) from the file")
         return []
     if not args.urls:
         raise UsageError("give one or more URLs, or -i FILE")
-    if len(args.urls) > 1 and (args.dest or args.sha256):
-        raise UsageError("--dest and --sha256 name one file: give one URL with them")
+    if len(args.urls) > 1 and (args.dest or args.sha256 or args.mirror):
+        raise UsageError("--dest, --sha256 and --mirror name one file: give one URL with them")
     defaults = _defaults(args)
-    given = {"dest": args.dest, "sha256": args.sha256}
+    given = {"dest": args.dest, "sha256": args.sha256, "mirrors": args.mirror}
     downloads = [
         {**defaults, "url": url, **{k: v for k, v in given.items() if v}} for url in args.urls
     ]

@@ -42,6 +42,10 @@ from tasks.core.storage import disk_error
 log = logging.getLogger(__name__)
 
 MIN_SPLIT = 4 * 1024 * 1024  # a range is split only when both halves keep at least this much
+# What is missing is cut into pieces handed out in order, about 4 a connection, so the file's
+# complete prefix (what the sha256 has been fed) trails the connections by a few pieces and the
+# end costs little hashing.
+MIN_PIECE, MAX_PIECE = 4 * 1024 * 1024, 16 * 1024 * 1024
 MAX_FAILS = 3  # a source failing this many times is dropped
 SLOW_RATIO = 8  # a source under 1/8 of the best source's rate is dropped (when there are others)
 SLOW_AFTER_S = 3.0  # a source's rate counts once it has been measured this long
@@ -102,6 +106,13 @@ class Job:
     split: bool  # the tail of another connection's piece, committed once answered 206
 
 
+def pieces(missing: list[tuple[int, int]], connections: int) -> list[Piece]:
+    """The missing ranges cut into pieces of about a quarter of a connection's share."""
+    size = sum(b - a for a, b in missing)
+    step = min(MAX_PIECE, max(MIN_PIECE, size // (4 * connections)))
+    return [Piece(x, min(b, x + step)) for a, b in missing for x in range(a, b, step)]
+
+
 @dataclass
 class Fetch:
     """The ranges of one body being fetched, shared by its connections under one lock."""
@@ -115,6 +126,7 @@ class Fetch:
     pacing: Pacing | None = None
     spare: Spare | None = None
     ranged: bool | None = None  # the main source answered a range with 206 (None: not asked)
+    decided: threading.Event = field(default_factory=threading.Event)  # `ranged` is known
     base: int = 0  # bytes in the file before this run
     done: int = 0  # bytes written by this run
     held_s: float = 0.0
@@ -128,8 +140,16 @@ class Fetch:
 
     # -- what is left ----------------------------------------------------------------------
     def missing(self) -> list[tuple[int, int]]:
+        """The ranges not in the file yet, adjacent ones joined."""
         with self.lock:
-            return sorted((p.pos, p.end) for p in self.pieces if p.pos < p.end)
+            left = sorted((p.pos, p.end) for p in self.pieces if p.pos < p.end)
+        joined: list[tuple[int, int]] = []
+        for a, b in left:
+            if joined and joined[-1][1] == a:
+                joined[-1] = (joined[-1][0], b)
+            else:
+                joined.append((a, b))
+        return joined
 
     def contiguous(self) -> int:
         """The end of the file's complete prefix."""
@@ -219,8 +239,10 @@ class Fetch:
             piece.busy = True
             source.active += 1
         job = Job(piece, piece.pos, piece.end, source, split=False)
+        found = responses.content_range(response) if response.status_code == 206 else None
+        reach = found[1] + 1 if found is not None else self.total
         try:
-            self._read(job, response)
+            self._read(job, response, reach)
         except TransientError as exc:
             self._failed(job, str(exc), permanent=False)
         finally:
@@ -308,6 +330,7 @@ class Fetch:
             confirmed = self.ranged is None and job.source is self.sources[0]
             if confirmed:
                 self.ranged = True
+                self.decided.set()
             if job.split:
                 victim = job.piece
                 if victim.end != job.end or victim.pos + 2 * self.options.chunk_size > job.start:
@@ -319,9 +342,10 @@ class Fetch:
             self._more()
         return True
 
-    def _read(self, job: Job, r: requests.Response) -> None:
+    def _read(self, job: Job, r: requests.Response, reach: int = 0) -> None:
         """Copy the response's body into the piece at its offset, up to the piece's end (which
-        may come nearer while reading: another connection took the tail)."""
+        may come nearer while reading: another connection took the tail), and on into the
+        pieces after it that nobody has taken, as far as the body goes (`reach`)."""
         piece, source = job.piece, job.source
         pace = self.pacing(source.url) if self.pacing is not None else None
         began, read = time.monotonic(), 0
@@ -329,7 +353,13 @@ class Fetch:
             while not self.stop.is_set():
                 with self.lock:
                     left = piece.end - piece.pos
+                    if left <= 0 and piece.end < reach:
+                        piece = job.piece = self._onward(piece)
+                        left = piece.end - piece.pos
                 if left <= 0:
+                    if piece.end < reach and self.ranged is None and self._busy_at(piece.end):
+                        self.decided.wait(1.0)  # the range asked there may be refused: then
+                        continue  # this body is the only one, and it goes on
                     break
                 chunk = self._chunk(r, min(self.options.chunk_size, left), source.url, read)
                 with self.lock:
@@ -354,6 +384,19 @@ class Fetch:
                 self.held_s += pace.held_s if pace is not None else 0.0
             if pace is not None:
                 pace.close()
+
+    def _onward(self, piece: Piece) -> Piece:
+        """Under the lock: the untaken piece right after `piece`, now this reader's (else
+        `piece` itself)."""
+        for nxt in self.pieces:
+            if nxt.pos == piece.end and nxt.pos < nxt.end and not nxt.busy:
+                piece.busy, nxt.busy = False, True
+                return nxt
+        return piece
+
+    def _busy_at(self, offset: int) -> bool:
+        with self.lock:
+            return any(p.pos == offset and p.busy for p in self.pieces)
 
     def _chunk(self, r: requests.Response, size: int, url: str, read: int) -> bytes:
         try:
@@ -398,6 +441,7 @@ class Fetch:
             source.dropped = why
             if source is self.sources[0] and self.ranged is None:
                 self.ranged = False
+                self.decided.set()
         log.info("source %s dropped: %s", redact_url(source.url), why)
 
     def close(self) -> None:

@@ -293,9 +293,9 @@ def _segmented(
     sources[0].requests = 1
     options = segments.Options(connections, limits.chunk_size, limits.timeout,
                                limits.segment_below)  # fmt: skip
-    fetch = segments.Fetch(f.fileno(), ranges.total, [segments.Piece(a, b) for a, b in
-                           ranges.missing], sources, options, net.session, net.pacing,
-                           net.spare, ranged=True if response.status_code == 206 else None,
+    fetch = segments.Fetch(f.fileno(), ranges.total, segments.pieces(ranges.missing, connections),
+                           sources, options, net.session, net.pacing, net.spare,
+                           ranged=True if response.status_code == 206 else None,
                            base=ranges.total - missing)  # fmt: skip
 
     def save(missing: list[tuple[int, int]]) -> None:
@@ -341,20 +341,23 @@ def _resume_segments(
 ) -> Outcome | None:
     """Resume a segmented partial, asking only for the ranges it misses; None when its origin
     no longer serves those bytes (the partial is dropped, and the body fetched whole)."""
-    first, end = ranges.missing[0]
-    headers = {**request.headers, "Range": f"bytes={first}-{end - 1}", "If-Range": ranges.validator}
+    missing = sum(b - a for a, b in ranges.missing)
+    limits = net.limits
+    connections = limits.segments if limits.segments > 1 and missing >= limits.segment_min else 1
+    piece = segments.pieces(ranges.missing, connections)[0]  # the first connection's
+    first = piece.pos
+    headers = {**request.headers, "Range": f"bytes={first}-{piece.end - 1}",
+               "If-Range": ranges.validator}  # fmt: skip
     with _first_response(net, request, headers) as response:
         responses.raise_for_status(response, first)
         found = responses.content_range(response) if response.status_code == 206 else None
         if found is None or found[0] != first or found[2] != ranges.total:
             target.discard()
             return None
-        missing = sum(b - a for a, b in ranges.missing)
         if space is not None:
             space.reserve(ranges.total - missing, ranges.total, True)
         ranges.url = response.url  # where the saved validator was just answered
         record = _record_of(response, request.url)
-        connections = _connections(request, net.limits, record, 0, missing) or 1
         f = target.open_segments()
         hasher = segments.PrefixHash(f.fileno())
         return _segmented(net, request, target, f, ranges, response, record, hasher,
