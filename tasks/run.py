@@ -213,9 +213,21 @@ class Run:
                 return None  # the fleet's count cannot be read: no more than the one slot
             if lease is None:
                 return None
-            return lambda: seat.give_back(lease)
+            return lambda: self._publish_now(seat.give_back(lease))
 
         return take
+
+    def _publish_now(self, woken: list[str]) -> None:
+        """Publish what a slot given back mid-run woke (a slot is kept for each until then);
+        what cannot be published now goes with the run's last round trip."""
+        for i, raw in enumerate(woken):
+            try:
+                parking.publish_one(self.task.app, raw)
+            except Exception as exc:
+                log.warning("woken downloads not published yet (%s)", exc)
+                if self.seat is not None:
+                    self.seat.took_back(woken[i:])
+                return
 
     def running(self) -> None:
         """The run's first request is about to go out: after a wait, say so, once

@@ -9,6 +9,7 @@ Last-Modified, Range/If-Range and If-None-Match support. Query parameters switch
                        (cut_times=<n>: only the first n requests; default every request)
   reset=1              with cut: end the connection with a TCP reset instead of a close
   drop_after=<k>       every response sends k bytes of its body (or of its range), then resets
+                       (drop_times=<n>: only the first n requests)
   short=<k>            Content-Length says n, the body stops at k and the connection closes
   stall=<s>            sleep s seconds after the headers, before the body (stall_times=<n>:
                        only the first n requests)
@@ -212,7 +213,7 @@ class Handler(BaseHTTPRequestHandler):
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{n}"
         data = body(n, seed) if status == 200 else body_range(n, seed, start, end)
         cut = int(q["cut"]) if "cut" in q and hit <= int(q.get("cut_times", "1000000")) else None
-        if "drop_after" in q:
+        if "drop_after" in q and hit <= int(q.get("drop_times", "1000000")):
             cut, start = int(q["drop_after"]), 0
         short = int(q["short"]) if "short" in q else None
         stalls = "stall" in q and hit <= int(q.get("stall_times", "1000000"))
@@ -221,7 +222,7 @@ class Handler(BaseHTTPRequestHandler):
             data,
             headers,
             cut=cut if cut is None else max(0, cut - start),
-            reset="reset" in q or "drop_after" in q,
+            reset="reset" in q or ("drop_after" in q and cut is not None),
             short=short,
             stall=float(q["stall"]) if stalls else 0,
             rate=float(q.get("rate", "0")),

@@ -22,7 +22,7 @@ from download_client import records
 from download_client.client import BatchProgress, connect, submit_many, wait
 from download_client.settings import Settings
 from tests.harness import ROOT, TASK, cli, free_port, wait_for, worker_env
-from tests.server import body
+from tests.server import body, body_sha256
 
 
 @pytest.fixture
@@ -560,3 +560,21 @@ def test_submit_group_sends_to_the_groups_queue_and_status_counts_it(
     waited = cli(env, "wait", "--json", "--timeout", "60", *ids)
     assert {r["state"] for r in json.loads(waited.stdout)} == {"SUCCESS"}, waited.stdout
     assert w.queue == queue
+
+
+def test_submit_with_a_mirror_reports_which_url_served(env, worker, origin):
+    seed = uuid.uuid4().hex
+    dead, alive = f"{origin.url}/bytes/300000?status=404", f"{origin.url}/bytes/300000?seed={seed}"
+    sha = body_sha256(300000, seed)
+    done = cli(env, "submit", dead, "--sha256", sha, "--mirror", alive, "--wait", "--json")
+    assert done.returncode == 0, done.stderr
+    [row] = json.loads(done.stdout)
+    assert row["result"]["sha256"] == sha and row["result"]["final_url"] == alive
+    assert row["result"]["sources"] == [{"url": alive, "bytes": 300000, "requests": 1}]
+    for bad, why in (
+        ([dead, "--mirror", alive], "mirrors: a sha256 is required"),
+        ([dead, dead, "--sha256", sha, "--mirror", alive], "give one URL with them"),
+        ([dead, "--sha256", sha, "--mirror", "ftp://x/y"], "mirrors[0]: scheme must be http"),
+    ):
+        refused = cli(env, "submit", *bad)
+        assert refused.returncode == 2 and why in refused.stderr, (bad, refused.stderr)

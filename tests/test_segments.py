@@ -268,3 +268,38 @@ def test_a_mirror_passes_the_same_address_checks_as_the_url(tmp_path, mirror):
         strict.close()
         origin.stop()
     assert origin.stats.connections == 0 and mirror.stats.connections == 0
+
+
+def test_a_failed_range_is_asked_again_from_where_it_stopped(session, tmp_path, origin):
+    url = f"{origin.url}/bytes/{SIZE}?seed=r&rate=8000000&drop_after={MIB}&drop_times=3&key=r"
+    out = fetch(session, tmp_path, url)
+    assert out.sha256 == body_sha256(SIZE, "r")
+    asked = ranges_asked(origin, "r")
+    cut_at = {(r[0] if r else 0) + MIB for r in asked[:3]}  # where the first three stopped
+    assert cut_at <= {r[0] for r in asked[3:] if r}  # each asked again from there, not before
+
+
+def test_a_mirror_that_ignores_ranges_or_crawls_is_dropped(session, tmp_path, origin, mirror):
+    good = f"{origin.url}/bytes/{SIZE}?seed=q&rate=3000000&key=q1"
+    whole = f"{mirror.url}/bytes/{SIZE}?seed=q&norange=1&key=q2"
+    crawl = f"{mirror.url}/bytes/{SIZE}?seed=q&rate=100000&key=q3"
+    out = fetch(session, tmp_path, good, sha256=body_sha256(SIZE, "q"), mirrors=(whole, crawl))
+    assert out.sha256 == body_sha256(SIZE, "q")
+    served = {u: n for u, n, _ in out.sources}
+    assert served.get(whole, 0) == 0 and served.get(crawl, 0) < MIB
+    assert 1 <= len(mirror.stats.for_key("q2")) <= LIMITS.segments - 1
+
+
+@pytest.mark.parametrize("part", [None, b"x" * MIB], ids=["no partial", "a short partial"])
+def test_ranges_without_the_bytes_they_describe_are_not_trusted(session, tmp_path, origin, part):
+    """A list of ranges whose partial is gone, or shorter than the bytes it says it holds (a
+    crash between removals, a hand-made mess), is dropped and the body fetched whole."""
+    url = f"{origin.url}/bytes/{SIZE}?seed=g&key=g-{part is None}"
+    target = Target(tmp_path, "big.bin", url)
+    (tmp_path / ".partial").mkdir()
+    if part is not None:
+        target.part_path.write_bytes(part)
+    target.save_ranges(Ranges(SIZE, '"g-%d"' % SIZE, url, [(2 * MIB, 3 * MIB)]))
+    out = fetch(session, tmp_path, url)
+    assert out.sha256 == body_sha256(SIZE, "g") and out.resumed_from == 0
+    assert (tmp_path / "big.bin").read_bytes() == body(SIZE, "g")

@@ -128,7 +128,7 @@ def parse(
 
 def _check_mirrors(value: Any, url: str, sha256: str | None) -> tuple[str, ...]:
     """Other URLs of the same bytes, each checked as `url` is; a sha256 must say which bytes."""
-    if value is None or value == []:
+    if value is None or (isinstance(value, list | tuple) and not value):
         return ()
     if not isinstance(value, list | tuple):
         raise PermanentError(f"mirrors: expected a list of URLs, got {type(value).__name__}")

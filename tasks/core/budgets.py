@@ -190,15 +190,16 @@ class Seat:
         _renewer.hold(self.ledger, lease)
         return lease
 
-    def give_back(self, lease: Lease) -> None:
-        """A spare slot goes back now; what its release wakes is published with the run's end."""
+    def give_back(self, lease: Lease) -> list[str]:
+        """A spare slot goes back now: the messages its release woke (to publish)."""
         if lease is _UNLIMITED:
-            return
+            return []
         _renewer.drop(lease)
         try:
-            self.took_back(self.ledger.release(lease))
+            return self.ledger.release(lease)
         except Exception as exc:  # Redis away: the lease ends on its own
             log.warning("spare %s slot not given back (%s)", self.budget.kind, exc)
+            return []
 
     def letting_go(self) -> list[Lease]:
         """The leases to release in the run's last round trip: the slot it holds (no longer

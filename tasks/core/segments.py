@@ -46,9 +46,10 @@ MIN_SPLIT = 4 * 1024 * 1024  # a range is split only when both halves keep at le
 # complete prefix (what the sha256 has been fed) trails the connections by a few pieces and the
 # end costs little hashing.
 MIN_PIECE, MAX_PIECE = 4 * 1024 * 1024, 16 * 1024 * 1024
-MAX_FAILS = 3  # a source failing this many times is dropped
+MAX_FAILS = 3  # failures in a row that drop a source while another is left
+LAST_FAILS = 8  # failures of the last source left in one attempt: the attempt ends (a retry)
 SLOW_RATIO = 8  # a source under 1/8 of the best source's rate is dropped (when there are others)
-SLOW_AFTER_S = 3.0  # a source's rate counts once it has been measured this long
+SLOW_AFTER_S = 3.0  # a connection's rate counts once it has read this long
 SAVE_EVERY_S = 1.0  # how often the missing ranges are written beside the partial
 TICK_S = 0.25  # how often the coordinator reports progress and feeds the hash
 HASH_BLOCK = 1024 * 1024
@@ -59,29 +60,32 @@ Pacing = Callable[[str], Pacer | None]
 Progress = Callable[[int, int | None, float], None]
 
 
-@dataclass
+@dataclass(eq=False)
 class Piece:
     """A range of the body: bytes [pos, end) still to fetch. `end` is lowered when another
-    connection takes the range's tail; `busy` while a connection writes it."""
+    connection takes the range's tail; `owner` is the job writing it (only it may)."""
 
     pos: int
     end: int
-    busy: bool = False
+    owner: Job | None = None
 
 
-@dataclass
+@dataclass(eq=False)
 class Source:
     """One URL the body can come from, and what it served."""
 
     url: str
     headers: dict[str, str]
     if_range: str | None = None  # its own validator; None: a mirror, checked by the sha256
+    own_slot: bool = False  # at the origin of the run's own slot: the first connection's
     bytes: int = 0
     requests: int = 0
     active: int = 0
-    fails: int = 0
+    fails: int = 0  # in a row
+    failed: int = 0  # in this attempt
     dropped: str | None = None  # why it is no longer asked
-    busy_s: float = 0.0  # seconds its connections spent reading
+    slow: bool = False  # dropped for its rate: its connections stop reading too
+    busy_s: float = 0.0  # seconds its connections spent reading, added up: rate per connection
 
     @property
     def rate(self) -> float:
@@ -97,7 +101,7 @@ class Options:
     slow_below: int = 0
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
     piece: Piece
     start: int
@@ -113,7 +117,7 @@ def pieces(missing: list[tuple[int, int]], connections: int) -> list[Piece]:
     return [Piece(x, min(b, x + step)) for a, b in missing for x in range(a, b, step)]
 
 
-@dataclass
+@dataclass(eq=False)
 class Fetch:
     """The ranges of one body being fetched, shared by its connections under one lock."""
 
@@ -126,11 +130,12 @@ class Fetch:
     pacing: Pacing | None = None
     spare: Spare | None = None
     ranged: bool | None = None  # the main source answered a range with 206 (None: not asked)
-    decided: threading.Event = field(default_factory=threading.Event)  # `ranged` is known
     base: int = 0  # bytes in the file before this run
     done: int = 0  # bytes written by this run
     held_s: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # Set when a piece is given back or `ranged` is decided: who waits for either looks again.
+    changed: threading.Event = field(default_factory=threading.Event)
     stop: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
     threads: list[threading.Thread] = field(default_factory=list)
@@ -167,15 +172,16 @@ class Fetch:
         return min(found, key=lambda s: s.active) if found else None
 
     def _next(self, exclude: set[int]) -> Job | None:
-        """Under the lock: a piece nobody writes, else the tail of the largest one being written
-        (committed when its answer comes), else None."""
+        """Under the lock: the first piece nobody writes, else the tail of the largest one being
+        written (committed when its answer comes), else None."""
         source = self._source(exclude)
         if source is None:
             return None
         for piece in self.pieces:
-            if not piece.busy and piece.pos < piece.end:
-                piece.busy = True
-                return Job(piece, piece.pos, piece.end, source, split=False)
+            if piece.owner is None and piece.pos < piece.end:
+                job = Job(piece, piece.pos, piece.end, source, split=False)
+                piece.owner = job
+                return job
         if self.ranged is False:
             return None
         margin = 2 * self.options.chunk_size  # past what its writer may be writing right now
@@ -184,6 +190,14 @@ class Fetch:
             return None
         mid = widest.pos + (widest.end - widest.pos) // 2
         return Job(widest, mid, widest.end, source, split=True)
+
+    def _release(self, job: Job) -> None:
+        """Under the lock: the job's piece, if it still holds it, goes back to be taken."""
+        piece = job.piece
+        if piece.owner is job:
+            piece.owner = None
+            if piece.pos < piece.end:
+                self.changed.set()
 
     # -- connections -----------------------------------------------------------------------
     def start(self, first: tuple[requests.Response, Source] | None) -> None:
@@ -204,8 +218,13 @@ class Fetch:
                                   name=f"segment-{len(self.threads)}", daemon=True)  # fmt: skip
         with self.lock:
             self.alive += 1
+        try:
+            thread.start()
+        except BaseException:
+            with self.lock:
+                self.alive -= 1
+            raise
         self.threads.append(thread)
-        thread.start()
 
     def _more(self) -> None:
         """Ranges work: open the remaining connections."""
@@ -231,24 +250,28 @@ class Fetch:
                 self.alive -= 1
                 if not self.alive:
                     self.finished.set()
+            self.changed.set()
 
     def _first(self, response: requests.Response, source: Source) -> None:
         """The response the download opened with: read into the first missing piece."""
         with self.lock:
             piece = next(p for p in self.pieces if p.pos < p.end)
-            piece.busy = True
+            job = Job(piece, piece.pos, piece.end, source, split=False)
+            piece.owner = job
             source.active += 1
-        job = Job(piece, piece.pos, piece.end, source, split=False)
+            source.requests += 1
         found = responses.content_range(response) if response.status_code == 206 else None
         reach = found[1] + 1 if found is not None else self.total
         try:
             self._read(job, response, reach)
+            self._succeeded(job)
         except TransientError as exc:
             self._failed(job, str(exc), permanent=False)
         finally:
             response.close()  # what is left unread of it belongs to other connections now
             with self.lock:
                 source.active -= 1
+                self._release(job)
 
     def _proves_slow(self) -> bool:
         """With DOWNLOAD_SEGMENT_BELOW: the first connection ran under it for a second."""
@@ -262,18 +285,27 @@ class Fetch:
         return rate < below
 
     def _loop(self, slot: bool) -> None:
-        """Take jobs until nothing is left that this connection can take."""
+        """Take jobs until nothing is left that this connection can take. The first connection
+        (`slot` False: it has the run's own) stays while others run: a piece one of them gives
+        back (it failed, or was too slow) must not be left without a connection."""
         refused: set[int] = set()  # sources without a free slot for this connection
         while not self.stop.is_set():
             with self.lock:
+                self.changed.clear()
                 job = self._next(refused)
-                if job is None:
+                if job is not None:
+                    job.source.active += 1
+                elif slot or self.alive <= 1 or not self._healthy():
                     return
-                job.source.active += 1
+            if job is None:
+                self.changed.wait(1.0)
+                refused.clear()
+                continue
             try:
-                give_back = self._slot(job.source) if slot else _nothing
+                give_back = self._slot(job.source, slot)
                 if give_back is None:
-                    self._unassign(job)
+                    with self.lock:
+                        self._release(job)
                     refused.add(id(job.source))
                     continue
                 try:
@@ -283,14 +315,14 @@ class Fetch:
             finally:
                 with self.lock:
                     job.source.active -= 1
+                    self._release(job)
 
-    def _slot(self, source: Source) -> Callable[[], None] | None:
-        return self.spare(source.url) if self.spare is not None else _nothing
-
-    def _unassign(self, job: Job) -> None:
-        if not job.split:
-            with self.lock:
-                job.piece.busy = False
+    def _slot(self, source: Source, slot: bool) -> Callable[[], None] | None:
+        """A slot at the source's origin for this request: none needed where the run's own
+        covers it (the first connection, at the run's origin) or nothing limits origins."""
+        if (not slot and source.own_slot) or self.spare is None:
+            return _nothing
+        return self.spare(source.url)
 
     def _run(self, job: Job) -> None:
         """One range request; a failure counts against its source and leaves the piece to the
@@ -304,9 +336,9 @@ class Fetch:
                 with self.lock:
                     source.requests += 1
                 if not self._answered(job, r):
-                    self._unassign(job)
                     return
-                self._read(job, r)
+                self._read(job, r, job.end)
+            self._succeeded(job)
         except _DiskError:
             raise
         except DownloadError as exc:
@@ -316,87 +348,95 @@ class Fetch:
         """A 206 with the range asked, of a body of the same size: the job is on (a split is
         committed); else the source is dropped or the split given up."""
         if r.status_code == 200:
-            self._drop(job.source, "it answers a range with the whole body")
+            self._drop(job.source, "it answers a range with the whole body", job)
             return False
         responses.raise_for_status(r, job.start)
-        match = responses.content_range(r)
-        if r.status_code != 206 or match is None or match[2] != self.total:
-            self._drop(job.source, "its ranges are not of a body of the same size")
+        found = responses.content_range(r)
+        if r.status_code != 206 or found is None or found[2] != self.total:
+            self._drop(job.source, "its ranges are not of a body of the same size", job)
             return False
-        if match[0] != job.start:
-            self._drop(job.source, "it answered a range other than the one asked")
+        if found[0] != job.start or found[1] != job.end - 1:
+            self._drop(job.source, "it answered a range other than the one asked", job)
             return False
         with self.lock:
             confirmed = self.ranged is None and job.source is self.sources[0]
             if confirmed:
                 self.ranged = True
-                self.decided.set()
+                self.changed.set()
             if job.split:
                 victim = job.piece
                 if victim.end != job.end or victim.pos + 2 * self.options.chunk_size > job.start:
                     return False  # its writer has come too near meanwhile: pick again
                 victim.end = job.start
-                job.piece = Piece(job.start, job.end, busy=True)
+                job.piece = Piece(job.start, job.end, owner=job)
                 self.pieces.append(job.piece)
         if confirmed:
             self._more()
         return True
 
-    def _read(self, job: Job, r: requests.Response, reach: int = 0) -> None:
-        """Copy the response's body into the piece at its offset, up to the piece's end (which
-        may come nearer while reading: another connection took the tail), and on into the
-        pieces after it that nobody has taken, as far as the body goes (`reach`)."""
-        piece, source = job.piece, job.source
+    def _read(self, job: Job, r: requests.Response, reach: int) -> None:
+        """Copy the response's body into the job's piece at its offset, up to the piece's end
+        (which may come nearer while reading: another connection took the tail), and on into
+        the pieces after it that nobody has taken, as far as the body goes (`reach`)."""
+        source = job.source
         pace = self.pacing(source.url) if self.pacing is not None else None
         began, read = time.monotonic(), 0
+        last, check_at = began, began + SLOW_AFTER_S
         try:
-            while not self.stop.is_set():
+            while not self.stop.is_set() and not source.slow:
                 with self.lock:
+                    piece = self._onward(job, reach)
                     left = piece.end - piece.pos
-                    if left <= 0 and piece.end < reach:
-                        piece = job.piece = self._onward(piece)
-                        left = piece.end - piece.pos
                 if left <= 0:
-                    if piece.end < reach and self.ranged is None and self._busy_at(piece.end):
-                        self.decided.wait(1.0)  # the range asked there may be refused: then
-                        continue  # this body is the only one, and it goes on
+                    if self.ranged is not True and self._next_busy(piece.end, reach):
+                        # The range asked there may yet be refused: then this body is the only
+                        # one, and it goes on (the probe gives the piece back first).
+                        self.changed.wait(0.5)
+                        continue
                     break
                 chunk = self._chunk(r, min(self.options.chunk_size, left), source.url, read)
                 with self.lock:
                     n = min(len(chunk), piece.end - piece.pos)
-                try:
-                    os.pwrite(self.fd, memoryview(chunk)[:n], piece.pos)
-                except OSError as exc:
-                    raise _DiskError(str(disk_error(exc, "writing the body"))) from exc
+                    at = piece.pos
+                _write_at(self.fd, memoryview(chunk)[:n], at)
                 read += n
+                now = time.monotonic()
                 with self.lock:
                     piece.pos += n
                     source.bytes += n
+                    source.busy_s += now - last
                     self.done += n
+                last = now
                 if pace is not None:
                     pace(n)
-                if read >= MIN_SPLIT and self._too_slow(source, time.monotonic() - began, read):
-                    break
+                if now >= check_at:
+                    check_at = now + 0.5
+                    if self._too_slow(source, now - began, read):
+                        break
         finally:
             with self.lock:
-                piece.busy = False
-                source.busy_s += time.monotonic() - began
+                source.busy_s += time.monotonic() - last
                 self.held_s += pace.held_s if pace is not None else 0.0
             if pace is not None:
                 pace.close()
 
-    def _onward(self, piece: Piece) -> Piece:
-        """Under the lock: the untaken piece right after `piece`, now this reader's (else
-        `piece` itself)."""
+    def _onward(self, job: Job, reach: int) -> Piece:
+        """Under the lock: the job's piece; once it is done, the untaken piece right after it
+        (within `reach`), which becomes the job's."""
+        piece = job.piece
+        if piece.pos < piece.end or piece.end >= reach:
+            return piece
         for nxt in self.pieces:
-            if nxt.pos == piece.end and nxt.pos < nxt.end and not nxt.busy:
-                piece.busy, nxt.busy = False, True
+            if nxt.pos == piece.end and nxt.pos < nxt.end and nxt.owner is None:
+                piece.owner, nxt.owner, job.piece = None, job, nxt
                 return nxt
         return piece
 
-    def _busy_at(self, offset: int) -> bool:
+    def _next_busy(self, offset: int, reach: int) -> bool:
         with self.lock:
-            return any(p.pos == offset and p.busy for p in self.pieces)
+            return offset < reach and any(
+                p.pos == offset and p.owner is not None for p in self.pieces
+            )
 
     def _chunk(self, r: requests.Response, size: int, url: str, read: int) -> bytes:
         try:
@@ -411,44 +451,71 @@ class Fetch:
         return chunk
 
     def _too_slow(self, source: Source, spent: float, read: int) -> bool:
-        """Drop a source far slower than the best one, if it is not the only one left."""
-        if spent < SLOW_AFTER_S:
-            return False
+        """Drop a source far slower than the best one (a connection's rate against the best
+        source's per connection), if it is not the only one left."""
         with self.lock:
             healthy = self._healthy()
             best = max((s.rate for s in healthy if s is not source), default=0.0)
         if len(healthy) < 2 or read / spent * SLOW_RATIO >= best:
             return False
+        source.slow = True
         self._drop(source, f"it ran at {read / spent / 1e6:.2f} MB/s, under 1/{SLOW_RATIO} of "
                            f"the best source's {best / 1e6:.2f} MB/s")  # fmt: skip
         return True
 
-    def _failed(self, job: Job, why: str, permanent: bool) -> None:
-        self._unassign(job)
+    def _succeeded(self, job: Job) -> None:
         with self.lock:
-            job.source.fails += 1
-            spent = permanent or job.source.fails >= MAX_FAILS
-        log.info("range from %s failed: %s", redact_url(job.source.url), why)
-        if spent:
-            self._drop(job.source, why)
-        else:
-            self.stop.wait(0.2 * job.source.fails)  # a moment before asking it again
+            if job.piece.pos >= job.piece.end:
+                job.source.fails = 0
 
-    def _drop(self, source: Source, why: str) -> None:
+    def _failed(self, job: Job, why: str, permanent: bool) -> None:
+        """A permanent failure drops the source; a transient one does after MAX_FAILS in a row,
+        or, for the last source left, after LAST_FAILS in the attempt (the retry resumes)."""
+        source = job.source
         with self.lock:
+            self._release(job)
+            source.fails += 1
+            source.failed += 1
+            last = len(self._healthy()) == 1
+            spent = permanent or source.fails >= (LAST_FAILS if last else MAX_FAILS)
+            spent = spent or (last and source.failed >= LAST_FAILS)
+            pause = min(0.5, 0.1 * source.fails)
+        log.info("range from %s failed: %s", redact_url(source.url), why)
+        if spent:
+            self._drop(source, why)
+        else:
+            self.stop.wait(pause)  # a moment before asking it again
+
+    def _drop(self, source: Source, why: str, job: Job | None = None) -> None:
+        """No more requests to `source` (the job it refused gives its piece back first, so a
+        reader waiting for the answer finds it free)."""
+        with self.lock:
+            if job is not None:
+                self._release(job)
             if source.dropped is not None:
                 return
             source.dropped = why
             if source is self.sources[0] and self.ranged is None:
                 self.ranged = False
-                self.decided.set()
+            self.changed.set()
         log.info("source %s dropped: %s", redact_url(source.url), why)
 
     def close(self) -> None:
         """Stop every connection and wait for them (each ends within its read timeout)."""
         self.stop.set()
+        self.changed.set()
         for thread in self.threads:
             thread.join()
+
+
+def _write_at(fd: int, data: memoryview, offset: int) -> None:
+    """All of `data` at `offset` (pwrite may write less, as on a disk nearly full)."""
+    try:
+        while data:
+            n = os.pwrite(fd, data, offset)
+            data, offset = data[n:], offset + n
+    except OSError as exc:
+        raise _DiskError(str(disk_error(exc, "writing the body"))) from exc
 
 
 def _nothing() -> None:
@@ -467,8 +534,8 @@ class PrefixHash:
         self.fd, self.hasher, self.hashed = fd, hasher or hashlib.sha256(), hashed
         self.target = hashed
         self.cond = threading.Condition()
-        self.failed: OSError | None = None
-        self.ended = False
+        self.failed: BaseException | None = None
+        self.ended = self.abandoned = False
         self.thread = threading.Thread(target=self._run, name="sha256-prefix", daemon=True)
         self.thread.start()
 
@@ -487,13 +554,13 @@ class PrefixHash:
                     return
                 upto = self.target
             try:
-                while self.hashed < upto:
+                while self.hashed < upto and not self.abandoned:
                     block = os.pread(self.fd, min(HASH_BLOCK, upto - self.hashed), self.hashed)
                     if not block:
                         raise OSError(f"the file ended at {self.hashed} bytes")
                     self.hasher.update(block)
                     self.hashed += len(block)
-            except OSError as exc:
+            except BaseException as exc:  # finish() raises it
                 self.failed = exc
                 return
 
@@ -504,13 +571,17 @@ class PrefixHash:
             self.ended = True
             self.cond.notify()
         self.thread.join()
-        if self.failed is not None:
+        if isinstance(self.failed, OSError):
             raise disk_error(self.failed, "hashing the body")
+        if self.failed is not None:
+            raise self.failed
+        if self.hashed != upto:
+            raise PermanentError(f"hashing stopped at {self.hashed} of {upto} bytes")
         return str(self.hasher.hexdigest())
 
     def abandon(self) -> None:
         with self.cond:
-            self.ended, self.target = True, self.hashed
+            self.ended = self.abandoned = True
             self.cond.notify()
         self.thread.join()
 
@@ -525,9 +596,9 @@ def run(
     """Fetch every missing range: report progress, feed the hash and save what is missing as it
     goes; raise what failed the download, or TransientError when ranges are left that no source
     could serve (the next attempt resumes them)."""
-    fetch.start(first)
     saved_at = time.monotonic()
     try:
+        fetch.start(first)
         while not fetch.finished.wait(TICK_S):
             on_progress(fetch.base + fetch.done, fetch.total, fetch.held_s)
             hasher.advance(fetch.contiguous())

@@ -168,17 +168,24 @@ class Target:
                     os.unlink(sidecar)
             self._no_sidecar = True
 
-    def open_segments(self) -> Any:
-        """The partial opened for writing at any offset, as it is (nothing truncated)."""
+    def open_segments(self, ranges: Ranges) -> Any | None:
+        """The partial `ranges` describes, opened for writing at any offset as it is; None when
+        there is none, or it is shorter than the bytes `ranges` says it holds."""
         try:
-            fd = lock_current(self._part, os.O_RDWR | os.O_CREAT, time.monotonic() + 10, 0o666)
-            if fd is None:
-                raise PermanentError("the partial file stayed locked by another process")
-            self._no_partial = False
-            os.utime(fd)
-            return os.fdopen(fd, "r+b", buffering=0)
+            fd = lock_current(self._part, os.O_RDWR, time.monotonic() + 10)
+        except FileNotFoundError:
+            return None
         except OSError as exc:
             raise disk_error(exc, "opening the partial file") from exc
+        if fd is None:
+            raise PermanentError("the partial file stayed locked by another process")
+        start, end = ranges.missing[-1]
+        present_to = ranges.total if end < ranges.total else start  # the end of its last bytes
+        if os.fstat(fd).st_size < present_to:
+            os.close(fd)
+            return None
+        os.utime(fd)
+        return os.fdopen(fd, "r+b", buffering=0)
 
     # -- the partial file ------------------------------------------------------------------
     def partial_size(self) -> int:
@@ -228,7 +235,8 @@ class Target:
     def discard(self) -> None:
         if self._no_partial and self._no_sidecar and self._no_ranges:
             return  # seen missing under the lock: nothing to remove
-        for path in (self._part, self._sidecar, self._sidecar_tmp, self._ranges, self._ranges_tmp):
+        # The part goes last: a list of ranges must never outlive the bytes it describes.
+        for path in (self._ranges, self._ranges_tmp, self._sidecar, self._sidecar_tmp, self._part):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
 
@@ -330,6 +338,13 @@ class Target:
             if record is not None:
                 attach(f.fileno(), record)
             os.fsync(f.fileno())
+            if not self._no_ranges:
+                # Before the rename: a list of ranges must never outlive its bytes, and a run
+                # killed from here on publishes the partial by its record (arrived_record).
+                for path in (self._ranges, self._ranges_tmp):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+                self._no_ranges = True
             with self._parent_fd(create=True) as parent:
                 self._refuse_directory(parent)
                 # Renamed while still open: the partial's lock keeps the sweep off until then.
@@ -341,10 +356,9 @@ class Target:
             raise disk_error(exc, f"moving the file to {self.dest}") from exc
         finally:
             f.close()
-        companions: tuple[str, ...] = () if self._no_sidecar else (self._sidecar, self._sidecar_tmp)
-        if not self._no_ranges:
-            companions += (self._ranges, self._ranges_tmp)
-        for sidecar in companions:  # its partial is now the file
+        if self._no_sidecar:
+            return  # none was read or written by this run
+        for sidecar in (self._sidecar, self._sidecar_tmp):  # its partial is now the file
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(sidecar)
 

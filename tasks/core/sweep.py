@@ -50,7 +50,8 @@ def _remove_unlocked(path: Path, abandoned: Callable[[os.stat_result], bool]) ->
         if not flock(fd, deadline=0) or not names(path, fd) or not abandoned(os.fstat(fd)):
             return 0
         removed = 0
-        victims = [str(path), *companions(path)] if path.suffix == ".part" else [str(path)]
+        # A partial's companions go first: a list of ranges must never outlive its bytes.
+        victims = [*companions(path), str(path)] if path.suffix == ".part" else [str(path)]
         for victim in victims:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(victim)

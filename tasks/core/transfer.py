@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -160,7 +161,7 @@ def _transfer(
         return _already_published(request, finished)
     headers = {**request.headers, **_condition_headers(validators, offset, finished)}
 
-    with _first_response(net, request, headers) as response:
+    with _first_response(net, request, headers) as (response, _):
         if response.status_code == 304 and finished is not None:
             return _unchanged(response.url, request.dest, finished)
         start, total, cap = _admit(response, request, target, limits, offset, space is None)
@@ -175,7 +176,7 @@ def _transfer(
         if connections and total is not None and record.validator:
             f, hasher = target.open_partial(start)
             ranges = Ranges(total, record.validator, response.url, [(start, total)])
-            return _segmented(net, request, target, f, ranges, response, record,
+            return _segmented(net, request, target, f, ranges, (response, ranges.url), record,
                               segments.PrefixHash(f.fileno(), hasher, start), connections,
                               download_id)  # fmt: skip
         if resumable:
@@ -215,9 +216,10 @@ def _transfer(
 @contextlib.contextmanager
 def _first_response(
     net: _Net, request: DownloadRequest, headers: dict[str, str]
-) -> Iterator[requests.Response]:
-    """The response to the download's first request: from its URL, or, where that fails before
-    its body, from each mirror in turn (with the caller's headers only at the URL's origin)."""
+) -> Iterator[tuple[requests.Response, str]]:
+    """The response to the download's first request, and the URL asked: the download's, or,
+    where that fails before its body, each mirror in turn (with the caller's headers only at
+    the URL's origin, and no If-Range: a validator is the URL's)."""
     urls = [request.url, *request.mirrors]
     for i, url in enumerate(urls):
         last = i + 1 == len(urls)
@@ -237,7 +239,7 @@ def _first_response(
                      response.status_code)  # fmt: skip
             continue
         with stack:
-            yield response
+            yield response, url
         return
 
 
@@ -247,10 +249,12 @@ def _failed_status(response: requests.Response) -> bool:
 
 def _headers_for(request: DownloadRequest, url: str, ours: dict[str, str]) -> dict[str, str]:
     """The caller's headers go only to the origin they were given for (the URL's); a mirror
-    gets only the downloader's own (Range, If-Range)."""
-    if url == request.url or origins.origin_of(url) == origins.origin_of(request.url):
+    gets only the downloader's own, and no If-Range (the validator is the URL's)."""
+    if url == request.url:
         return ours
-    return {k: v for k, v in ours.items() if k not in request.headers}
+    same = origins.origin_of(url) == origins.origin_of(request.url)
+    return {k: v for k, v in ours.items()
+            if k != "If-Range" and (same or k not in request.headers)}  # fmt: skip
 
 
 def _connections(
@@ -268,9 +272,11 @@ def _connections(
 def _sources(request: DownloadRequest, ranges: Ranges, ours: dict[str, str]) -> list[Source]:
     """The main source (where the validator came from: asked with If-Range), then the mirrors
     (checked by the sha256 the request must give with them)."""
-    main = Source(ranges.url, _headers_for(request, ranges.url, ours), ranges.validator)
+    own = origins.origin_of(ranges.url)  # where the run holds its slot
+    main = Source(ranges.url, _headers_for(request, ranges.url, ours), ranges.validator, True)
     mirrors = [m for m in request.mirrors if m != ranges.url]
-    return [main, *(Source(m, _headers_for(request, m, ours)) for m in mirrors)]
+    return [main, *(Source(m, _headers_for(request, m, ours), None, origins.origin_of(m) == own)
+                    for m in mirrors)]  # fmt: skip
 
 
 def _segmented(
@@ -279,18 +285,18 @@ def _segmented(
     target: Target,
     f: Any,
     ranges: Ranges,
-    response: requests.Response,
+    first: tuple[requests.Response, str],
     record: Record,
     hasher: segments.PrefixHash,
     connections: int,
     download_id: str | None,
 ) -> Outcome:
-    """Fetch what `ranges` misses over several connections, the open `response` the first's;
-    then verify and publish as a single stream would."""
+    """Fetch what `ranges` misses over several connections, the first's with an open response
+    (and the source it came from); then verify and publish as a single stream would."""
+    response, asked = first
     limits = net.limits
     missing = sum(b - a for a, b in ranges.missing)
     sources = _sources(request, ranges, dict(request.headers))
-    sources[0].requests = 1
     options = segments.Options(connections, limits.chunk_size, limits.timeout,
                                limits.segment_below)  # fmt: skip
     fetch = segments.Fetch(f.fileno(), ranges.total, segments.pieces(ranges.missing, connections),
@@ -299,12 +305,19 @@ def _segmented(
                            base=ranges.total - missing)  # fmt: skip
 
     def save(missing: list[tuple[int, int]]) -> None:
+        # The bytes go to the disk before the list that says they are there: after a power
+        # loss too, what it lists as present is.
+        try:
+            os.fdatasync(f.fileno())
+        except OSError as exc:
+            raise disk_error(exc, "syncing the partial file") from exc
         ranges.missing = missing
         target.save_ranges(ranges)
 
     try:
         target.save_ranges(ranges)
-        segments.run(fetch, (response, sources[0]), hasher, save, net.on_progress)
+        source = next((s for s in sources if s.url == asked), sources[0])
+        segments.run(fetch, (response, source), hasher, save, net.on_progress)
         digest = hasher.finish(ranges.total)
     except BaseException as exc:
         hasher.abandon()
@@ -348,20 +361,30 @@ def _resume_segments(
     first = piece.pos
     headers = {**request.headers, "Range": f"bytes={first}-{piece.end - 1}",
                "If-Range": ranges.validator}  # fmt: skip
-    with _first_response(net, request, headers) as response:
-        responses.raise_for_status(response, first)
-        found = responses.content_range(response) if response.status_code == 206 else None
-        if found is None or found[0] != first or found[2] != ranges.total:
-            target.discard()
-            return None
-        if space is not None:
-            space.reserve(ranges.total - missing, ranges.total, True)
-        ranges.url = response.url  # where the saved validator was just answered
-        record = _record_of(response, request.url)
-        f = target.open_segments()
-        hasher = segments.PrefixHash(f.fileno())
-        return _segmented(net, request, target, f, ranges, response, record, hasher,
-                          connections, download_id)  # fmt: skip
+    cap = min(limits.max_bytes, request.max_bytes or limits.max_bytes)
+    f = target.open_segments(ranges) if ranges.total <= cap else None
+    if f is None:  # a partial that is not what `ranges` says (or a body now over the cap)
+        target.discard()
+        return None
+    try:
+        with _first_response(net, request, headers) as (response, asked):
+            responses.raise_for_status(response, first)
+            found = responses.content_range(response) if response.status_code == 206 else None
+            if found != (first, piece.end - 1, ranges.total):
+                f.close()
+                target.discard()  # another body now: fetched whole
+                return None
+            if space is not None:
+                space.reserve(ranges.total - missing, ranges.total, True)
+            if asked == request.url:  # not a mirror: the saved validator was answered there
+                ranges.url = asked = response.url
+            record = _record_of(response, request.url)
+            hasher = segments.PrefixHash(f.fileno())
+            return _segmented(net, request, target, f, ranges, (response, asked), record,
+                              hasher, connections, download_id)  # fmt: skip
+    except BaseException:
+        f.close()  # already closed where _segmented failed: closing again does nothing
+        raise
 
 
 def _meets(finished: Record, request: DownloadRequest, limits: Limits) -> bool:
