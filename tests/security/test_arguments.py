@@ -68,10 +68,10 @@ def test_too_many_positional_arguments(client: Celery, sec: Worker, sandbox: San
     tag = mark()
     res = client.send_task(
         "downloads.fetch",
-        args=[f"{sandbox.origin.url}/bytes/1?m={tag}", *"abcdefgh"],
+        args=[f"{sandbox.origin.url}/bytes/1?m={tag}", *"abcdefghi"],
         queue=sec.queue,
     )
-    with pytest.raises(Exception, match="at most 8 positional arguments"):
+    with pytest.raises(Exception, match="at most 9 positional arguments"):
         res.get(timeout=30)
     assert sandbox.requests(tag) == 0
     sandbox.assert_contained()
