@@ -299,7 +299,7 @@ def test_ranges_without_the_bytes_they_describe_are_not_trusted(session, tmp_pat
     (tmp_path / ".partial").mkdir()
     if part is not None:
         target.part_path.write_bytes(part)
-    target.save_ranges(Ranges(SIZE, '"g-%d"' % SIZE, url, [(2 * MIB, 3 * MIB)]))
+    target.save_ranges(Ranges(SIZE, f'"g-{SIZE}"', url, [(2 * MIB, 3 * MIB)]))
     out = fetch(session, tmp_path, url)
     assert out.sha256 == body_sha256(SIZE, "g") and out.resumed_from == 0
     assert (tmp_path / "big.bin").read_bytes() == body(SIZE, "g")
