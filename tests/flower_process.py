@@ -19,6 +19,10 @@ from tests.harness import ROOT, free_port, wait_for
 
 USER = "ops"
 
+# Flower answers HTTP on the one thread that also takes in the event stream: on a loaded
+# 2-core machine, after a whole suite's events, one answer has taken over 10 s.
+ANSWER_S = 30
+
 
 def make_run_default(var: str) -> str:
     """The value scripts/stack.sh (`make run`) gives a FLOWER_* variable left unset."""
@@ -96,7 +100,7 @@ class Flower:
             f"{self.url}{path}",
             params=params,
             auth=self.auth if auth == "default" else auth,
-            timeout=10,
+            timeout=ANSWER_S,
         )
 
     def post(self, path: str, body: Any = None, auth: Any = "default") -> requests.Response:
@@ -104,7 +108,7 @@ class Flower:
             f"{self.url}{path}",
             json=body,
             auth=self.auth if auth == "default" else auth,
-            timeout=10,
+            timeout=ANSWER_S,
         )
 
     def info(self, task_id: str) -> dict[str, Any] | None:
@@ -136,7 +140,7 @@ class Flower:
 
     def metric(self, name: str, **labels: str) -> float | None:
         """The sum of the samples of `name` whose labels include `labels` (None: no sample)."""
-        text = requests.get(f"{self.url}/metrics", timeout=10).text
+        text = requests.get(f"{self.url}/metrics", timeout=ANSWER_S).text
         found = [
             s.value
             for family in text_string_to_metric_families(text)

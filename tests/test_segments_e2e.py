@@ -12,11 +12,12 @@ import uuid
 from tasks.core.storage import Target
 from tests.conftest import active_pid, submit
 from tests.harness import wait_for
-from tests.server import body_sha256
+from tests.server import OriginServer, body_sha256
 
 MiB = 2**20
 SIZE = 48 * MiB
-SEGMENTED = {"DOWNLOAD_SEGMENTS": "4", "DOWNLOAD_SEGMENT_MIN": "8Mi"}
+SEGMENTS = 4
+SEGMENTED = {"DOWNLOAD_SEGMENTS": str(SEGMENTS), "DOWNLOAD_SEGMENT_MIN": "8Mi"}
 
 
 def _ranges(origin, key: str, after: int = 0) -> list[tuple[int, int] | None]:
@@ -108,3 +109,32 @@ def test_extra_connections_take_only_free_origin_slots_and_report_as_one_downloa
     result = submit(client, w, url=url2, dest="four.bin").get(timeout=120)
     assert result["sha256"] == body_sha256(SIZE, f"{tag}2")
     assert _most_at_once(origin, f"four-{tag}") == 2  # the origin's cap, fleet-wide
+
+
+def test_a_resetting_mirror_and_an_origin_ignoring_ranges(start_worker, client, origin, tmp_path):
+    """Two URLs for one body, the download's own resetting every connection after 1 MiB: the
+    healthy one serves nearly all of it. Then an origin that answers a range with the whole
+    body: one range asked, the body written once, from the first response."""
+    w = start_worker(download_dir=tmp_path, queue=f"seg-{uuid.uuid4().hex[:6]}", **SEGMENTED)
+    tag = uuid.uuid4().hex[:8]
+    mirror = OriginServer().start()
+    try:
+        bad = f"{mirror.url}/bytes/{SIZE}?seed={tag}&drop_after={MiB}&key=bad-{tag}"
+        good = f"{origin.url}/bytes/{SIZE}?seed={tag}&rate=16000000&key=good-{tag}"
+        sha = body_sha256(SIZE, tag)
+        result = submit(client, w, url=bad, sha256=sha, mirrors=[good], dest="m.bin").get(
+            timeout=120
+        )
+    finally:
+        mirror.stop()
+    assert result["sha256"] == sha
+    served = {s["url"]: s["bytes"] for s in result["sources"]}
+    # The resetting one is dropped after 3 failures in a row (and those asking it meanwhile).
+    assert sum(served.values()) == SIZE and len(served) == 2
+    assert served[result["url"]] <= 2 * SEGMENTS * MiB  # the rest from the healthy one
+
+    whole = f"{origin.url}/bytes/{SIZE}?seed={tag}&norange=1&rate=32000000&key=whole-{tag}"
+    result = submit(client, w, url=whole, dest="w.bin").get(timeout=120)
+    assert result["sha256"] == body_sha256(SIZE, tag)
+    assert [r is None for r in _ranges(origin, f"whole-{tag}")] == [True, False]
+    assert [(s["bytes"], s["requests"]) for s in result["sources"]] == [(SIZE, 2)]
