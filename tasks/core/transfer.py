@@ -1,13 +1,14 @@
 """Stream one URL into one file with a given session: redirects checked hop by hop, resume with
-Range + If-Range, bytes hashed on the way, size caps, and the file published only when complete."""
+Range + If-Range, bytes hashed on the way, size caps, and the file published only when complete.
+A large body goes over several connections (tasks/core/segments.py), from the URL and its
+mirrors (tasks/core/mirrors.py)."""
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,17 +16,13 @@ from typing import Any
 import requests
 
 from download_client.arguments import DownloadRequest
-from download_client.errors import DownloadError, PermanentError, TransientError
-from download_client.redact import redact_url
-from tasks.core import origins, redirects, responses, segments
+from download_client.errors import PermanentError, TransientError
+from tasks.core import mirrors, redirects, responses, segments
 from tasks.core.bandwidth import Pacer
 from tasks.core.disk import Space
 from tasks.core.hashing import StreamHasher
 from tasks.core.records import Record, attach
-from tasks.core.segments import Source
 from tasks.core.storage import Ranges, Target, disk_error
-
-log = logging.getLogger(__name__)
 
 # Called with the bytes so far, the expected total and the seconds held back by a bandwidth budget.
 Progress = Callable[[int, int | None, float], None]
@@ -129,6 +126,17 @@ class _Net:
     spare: segments.Spare | None
     on_progress: Progress
 
+    def first(
+        self, request: DownloadRequest, headers: dict[str, str]
+    ) -> AbstractContextManager[tuple[requests.Response, str]]:
+        """The download's first response (from a mirror where its URL fails before its body),
+        and the URL asked."""
+
+        def open_url(url: str, sent: dict[str, str]) -> AbstractContextManager[requests.Response]:
+            return redirects.opened(self.session, url, sent, self.limits.timeout, self.gate)
+
+        return mirrors.first_response(request, headers, open_url)
+
 
 def _transfer(
     net: _Net,
@@ -161,7 +169,7 @@ def _transfer(
         return _already_published(request, finished)
     headers = {**request.headers, **_condition_headers(validators, offset, finished)}
 
-    with _first_response(net, request, headers) as (response, _):
+    with net.first(request, headers) as (response, _):
         if response.status_code == 304 and finished is not None:
             return _unchanged(response.url, request.dest, finished)
         start, total, cap = _admit(response, request, target, limits, offset, space is None)
@@ -213,50 +221,6 @@ def _transfer(
     )
 
 
-@contextlib.contextmanager
-def _first_response(
-    net: _Net, request: DownloadRequest, headers: dict[str, str]
-) -> Iterator[tuple[requests.Response, str]]:
-    """The response to the download's first request, and the URL asked: the download's, or,
-    where that fails before its body, each mirror in turn (with the caller's headers only at
-    the URL's origin, and no If-Range: a validator is the URL's)."""
-    urls = [request.url, *request.mirrors]
-    for i, url in enumerate(urls):
-        last = i + 1 == len(urls)
-        stack = contextlib.ExitStack()
-        try:
-            response = stack.enter_context(redirects.opened(
-                net.session, url, _headers_for(request, url, headers), net.limits.timeout,
-                net.gate))  # fmt: skip
-        except DownloadError as exc:
-            if last:
-                raise
-            log.info("%s failed (%s); trying the next mirror", redact_url(url), exc)
-            continue
-        if not last and _failed_status(response):
-            stack.close()
-            log.info("%s answered %s; trying the next mirror", redact_url(url),
-                     response.status_code)  # fmt: skip
-            continue
-        with stack:
-            yield response, url
-        return
-
-
-def _failed_status(response: requests.Response) -> bool:
-    return response.status_code >= 400
-
-
-def _headers_for(request: DownloadRequest, url: str, ours: dict[str, str]) -> dict[str, str]:
-    """The caller's headers go only to the origin they were given for (the URL's); a mirror
-    gets only the downloader's own, and no If-Range (the validator is the URL's)."""
-    if url == request.url:
-        return ours
-    same = origins.origin_of(url) == origins.origin_of(request.url)
-    return {k: v for k, v in ours.items()
-            if k != "If-Range" and (same or k not in request.headers)}  # fmt: skip
-
-
 def _connections(
     request: DownloadRequest, limits: Limits, record: Record, start: int, total: int | None
 ) -> int:
@@ -267,16 +231,6 @@ def _connections(
     if limits.segments > 1 and total - start >= limits.segment_min:
         return limits.segments
     return 1 if request.mirrors else 0
-
-
-def _sources(request: DownloadRequest, ranges: Ranges, ours: dict[str, str]) -> list[Source]:
-    """The main source (where the validator came from: asked with If-Range), then the mirrors
-    (checked by the sha256 the request must give with them)."""
-    own = origins.origin_of(ranges.url)  # where the run holds its slot
-    main = Source(ranges.url, _headers_for(request, ranges.url, ours), ranges.validator, True)
-    mirrors = [m for m in request.mirrors if m != ranges.url]
-    return [main, *(Source(m, _headers_for(request, m, ours), None, origins.origin_of(m) == own)
-                    for m in mirrors)]  # fmt: skip
 
 
 def _segmented(
@@ -296,7 +250,7 @@ def _segmented(
     response, asked = first
     limits = net.limits
     missing = sum(b - a for a, b in ranges.missing)
-    sources = _sources(request, ranges, dict(request.headers))
+    sources = mirrors.sources(request, ranges)
     options = segments.Options(connections, limits.chunk_size, limits.timeout,
                                limits.segment_below)  # fmt: skip
     fetch = segments.Fetch(f.fileno(), ranges.total, segments.pieces(ranges.missing, connections),
@@ -367,7 +321,7 @@ def _resume_segments(
         target.discard()
         return None
     try:
-        with _first_response(net, request, headers) as (response, asked):
+        with net.first(request, headers) as (response, asked):
             responses.raise_for_status(response, first)
             found = responses.content_range(response) if response.status_code == 206 else None
             if found != (first, piece.end - 1, ranges.total):
