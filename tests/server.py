@@ -108,11 +108,13 @@ class Stats:
         with self.lock:
             return sum(1 for r in self.requests if r.path.startswith(path_prefix))
 
-    def most_at_once(self, key_prefix: str) -> int:
-        """The most requests whose key starts with `key_prefix` served at one moment."""
+    def most_at_once(self, key_prefix: str, grace: float = 0.0) -> int:
+        """The most requests whose key starts with `key_prefix` served at one moment. A response
+        its client closed early ends here only at the handler's next write: `grace` is taken
+        off each one's end."""
         with self.lock:
             mine = [r for r in self.requests if r.query.get("key", "").startswith(key_prefix)]
-            spans = [(r.at, r.end or float("inf")) for r in mine]
+            spans = [(r.at, max(r.at, (r.end or float("inf")) - grace)) for r in mine]
         edges = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans])
         most = now = 0
         for _, step in edges:
@@ -124,6 +126,19 @@ class Stats:
         """When each request whose ?key= starts with `prefix` arrived, in order."""
         with self.lock:
             return [r.at for r in self.requests if r.query.get("key", "").startswith(prefix)]
+
+    def ranges(self, key: str, size: int) -> list[tuple[int, int] | None]:
+        """The byte ranges asked with ?key=<key>, in order: [start, end), or None for the whole
+        body (`size`: where an open range ends)."""
+        out: list[tuple[int, int] | None] = []
+        for r in self.for_key(key):
+            value = r.headers.get("Range")
+            if value is None:
+                out.append(None)
+                continue
+            first, _, last = value.removeprefix("bytes=").partition("-")
+            out.append((int(first), int(last) + 1 if last else size))
+        return out
 
     def for_key(self, key: str) -> list[Logged]:
         """The requests made with ?key=<key>, in order."""

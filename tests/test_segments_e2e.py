@@ -17,32 +17,14 @@ from tests.server import OriginServer, body_sha256
 MiB = 2**20
 SIZE = 48 * MiB
 SEGMENTS = 4
+# A response closed early (its range taken by another connection) ends at the origin only at
+# its next write, within 50 ms at these rates: not a connection more.
+GRACE = 0.25
 SEGMENTED = {"DOWNLOAD_SEGMENTS": str(SEGMENTS), "DOWNLOAD_SEGMENT_MIN": "8Mi"}
 
 
 def _ranges(origin, key: str, after: int = 0) -> list[tuple[int, int] | None]:
-    out: list[tuple[int, int] | None] = []
-    for r in origin.stats.for_key(key)[after:]:
-        value = r.headers.get("Range")
-        if value is None:
-            out.append(None)
-            continue
-        first, _, last = value.removeprefix("bytes=").partition("-")
-        out.append((int(first), int(last) + 1 if last else SIZE))
-    return out
-
-
-def _most_at_once(origin, key: str, grace: float = 0.25) -> int:
-    """The most requests of `key` the origin served at one moment. A response the downloader
-    closes early (its range taken by another connection) ends at the origin only at its next
-    write (within 50 ms at these rates): `grace` is taken off each one's end."""
-    spans = [(r.at, max(r.at, r.end - grace)) for r in origin.stats.for_key(key)]
-    edges = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans])
-    most = now = 0
-    for _, step in edges:
-        now += step
-        most = max(most, now)
-    return most
+    return origin.stats.ranges(key, SIZE)[after:]
 
 
 def test_a_killed_child_leaves_its_ranges_and_the_next_run_asks_only_for_them(
@@ -99,7 +81,7 @@ def test_extra_connections_take_only_free_origin_slots_and_report_as_one_downloa
     origin.release(tag)
     holder.get(timeout=60)
     assert "WAITING" not in seen  # it never waited for the slots it could not have
-    assert _most_at_once(origin, f"one-{tag}") == 1  # the one slot left, and no more
+    assert origin.stats.most_at_once(f"one-{tag}", GRACE) == 1  # the one slot left, and no more
     assert result["sha256"] == body_sha256(SIZE, tag)
     assert progress and all(p["total"] == SIZE for p in progress)  # one download's progress
     assert result["sources"] == [{"url": result["url"], "bytes": SIZE, "requests": 1}]
@@ -108,7 +90,7 @@ def test_extra_connections_take_only_free_origin_slots_and_report_as_one_downloa
     url2 = f"{origin.url}/bytes/{SIZE}?seed={tag}2&rate=8000000&key=four-{tag}"
     result = submit(client, w, url=url2, dest="four.bin").get(timeout=120)
     assert result["sha256"] == body_sha256(SIZE, f"{tag}2")
-    assert _most_at_once(origin, f"four-{tag}") == 2  # the origin's cap, fleet-wide
+    assert origin.stats.most_at_once(f"four-{tag}", GRACE) == 2  # the origin's cap, fleet-wide
 
 
 def test_a_resetting_mirror_and_an_origin_ignoring_ranges(start_worker, client, origin, tmp_path):

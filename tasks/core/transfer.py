@@ -202,8 +202,29 @@ def _transfer(
                 target.discard()
             raise
 
-    record.sha256 = _verify(f, target, request, record, hasher.hexdigest(), done, total,
-                            download_id)  # fmt: skip
+    return _publish_body(target, request, record, response, download_id, f,
+                         hasher.hexdigest(), done, total, start,
+                         pace.held_s if pace is not None else 0.0,
+                         ((response.url, done - start, 1),))  # fmt: skip
+
+
+def _publish_body(
+    target: Target,
+    request: DownloadRequest,
+    record: Record,
+    response: requests.Response,
+    download_id: str | None,
+    f: Any,
+    digest: str,
+    done: int,
+    total: int | None,
+    start: int,
+    held_s: float,
+    sources: tuple[tuple[str, int, int], ...],
+) -> Outcome:
+    """Verify the body in the partial `f` (`done` bytes, from `start` on in this run), publish
+    it, and say what this run did."""
+    record.sha256 = _verify(f, target, request, record, digest, done, total, download_id)
     record.published_for = download_id
     target.publish(f, record)
     return Outcome(
@@ -216,8 +237,8 @@ def _transfer(
         http_status=response.status_code,
         resumed_from=start,
         skipped=False,
-        throttled_s=round(pace.held_s, 3) if pace is not None else 0.0,
-        sources=((response.url, done - start, 1),),
+        throttled_s=round(held_s, 3),
+        sources=sources,
     )
 
 
@@ -279,23 +300,9 @@ def _segmented(
         if isinstance(exc, PermanentError):
             target.discard()
         raise
-    record.sha256 = _verify(f, target, request, record, digest, ranges.total, ranges.total,
-                            download_id)  # fmt: skip
-    record.published_for = download_id
-    target.publish(f, record)
-    return Outcome(
-        final_url=response.url,
-        path=request.dest,
-        size=ranges.total,
-        sha256=record.sha256,
-        content_type=record.content_type,
-        content_encoding=record.content_encoding,
-        http_status=response.status_code,
-        resumed_from=ranges.total - missing,
-        skipped=False,
-        throttled_s=round(fetch.held_s, 3),
-        sources=segments.served(fetch),
-    )
+    return _publish_body(target, request, record, response, download_id, f, digest,
+                         ranges.total, ranges.total, ranges.total - missing, fetch.held_s,
+                         segments.served(fetch))  # fmt: skip
 
 
 def _resume_segments(
