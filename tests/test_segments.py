@@ -3,6 +3,7 @@ the requests each origin saw counted there."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections.abc import Iterator
@@ -43,16 +44,7 @@ def mirror() -> Iterator[OriginServer]:
 
 
 def ranges_asked(origin: OriginServer, key: str) -> list[tuple[int, int] | None]:
-    """The byte ranges the origin was asked for with ?key=<key> ([start, end); None: whole)."""
-    out: list[tuple[int, int] | None] = []
-    for r in origin.stats.for_key(key):
-        value = r.headers.get("Range")
-        if value is None:
-            out.append(None)
-            continue
-        first, _, last = value.removeprefix("bytes=").partition("-")
-        out.append((int(first), int(last) + 1 if last else SIZE))
-    return out
+    return origin.stats.ranges(key, SIZE)
 
 
 def fetch(session, root: Path, url: str, limits: Limits = LIMITS, **kw):
@@ -303,3 +295,26 @@ def test_ranges_without_the_bytes_they_describe_are_not_trusted(session, tmp_pat
     out = fetch(session, tmp_path, url)
     assert out.sha256 == body_sha256(SIZE, "g") and out.resumed_from == 0
     assert (tmp_path / "big.bin").read_bytes() == body(SIZE, "g")
+
+
+def test_a_full_disk_mid_body_fails_clearly_and_leaves_nothing(session, tmp_path, origin):
+    """ENOSPC from one connection's write (the disk filled by something else after the body
+    was admitted): the download fails for good with the reason, every connection stops, and
+    neither the partial nor its ranges stay."""
+    url = f"{origin.url}/bytes/{SIZE}?seed=f&rate=8000000"
+    real, written = os.pwrite, [0]
+
+    def filling(fd: int, data, offset: int) -> int:
+        written[0] += len(data)
+        if written[0] > SIZE // 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, offset)
+
+    segments.os.pwrite = filling  # type: ignore[attr-defined]
+    try:
+        with pytest.raises(PermanentError, match="disk full while writing the body"):
+            fetch(session, tmp_path, url)
+    finally:
+        segments.os.pwrite = real  # type: ignore[attr-defined]
+    assert sorted(p.name for p in (tmp_path / ".partial").iterdir()) == ["locks"]
+    assert not (tmp_path / "big.bin").exists()
